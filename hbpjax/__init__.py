@@ -1,0 +1,30 @@
+"""hbpjax: Highway backpropagation for JAX.
+
+``hbpjax.highway_grad`` is ``jax.grad`` for residual networks and RNNs: inside every
+:func:`hbpjax.residual_scan` the backward pass runs a few parallel sweeps instead of walking the
+layers one by one. ``iterations=k`` sweeps count every gradient path through at most ``k`` blocks
+exactly; ``k >= L`` is exact backprop.
+"""
+
+import importlib.metadata
+
+from . import residual as residual
+from ._diagnostics import GradientAgreement as GradientAgreement
+from ._diagnostics import gradient_agreement as gradient_agreement
+from ._scan import residual_scan as residual_scan
+from ._transform import highway_grad as highway_grad
+from ._transform import highway_value_and_grad as highway_value_and_grad
+
+try:
+    __version__ = importlib.metadata.version("hbpjax")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "GradientAgreement",
+    "gradient_agreement",
+    "highway_grad",
+    "highway_value_and_grad",
+    "residual",
+    "residual_scan",
+]

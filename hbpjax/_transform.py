@@ -1,0 +1,208 @@
+"""``highway_grad`` and ``highway_value_and_grad``: ``jax.grad`` with Highway-BP inside residual stacks."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from . import _context
+
+DEFAULT_ITERATIONS = 4
+
+
+def highway_value_and_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    *,
+    iterations: int | None = DEFAULT_ITERATIONS,
+    tol: float | None = None,
+) -> Callable[..., tuple[Any, Any]]:
+    """Like ``jax.value_and_grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
+
+    Every residual stack that ``fun`` runs (directly, under ``jax.jit``, inside Flax modules)
+    computes its backward with ``iterations`` parallel sweeps instead of one sequential pass over its
+    layers. Everything outside the stacks is differentiated by JAX as usual, so a function without
+    a ``residual_scan`` gets exactly ``jax.value_and_grad``'s result.
+
+    Args:
+      fun: function to differentiate, returning a real scalar (or ``(scalar, aux)`` with
+        ``has_aux``).
+      argnums: int or sequence of ints: which positional arguments to differentiate.
+      has_aux: whether ``fun`` returns ``(value, aux)``; ``aux`` is returned, not differentiated.
+      holomorphic: as in ``jax.value_and_grad``.
+      allow_int: as in ``jax.value_and_grad``: integer inputs get ``float0`` zero gradients.
+      iterations: the number of sweeps ``k`` (an int >= 0). Paths through at most ``k`` blocks are
+        counted exactly; ``k >= L`` equals backprop for a stack of length ``L``; ``k = 0`` is the
+        residual path alone. ``None`` runs exact backprop (plain ``lax.scan``) through the same code.
+        Use :func:`hbpjax.gradient_agreement` to choose ``k`` for your model.
+      tol: optional; stop sweeping a stack once the relative change of its carry cotangents is
+        ``<= tol``, after at most ``iterations`` sweeps.
+
+    Returns:
+      A function with ``fun``'s positional signature returning ``(value, grad)`` (or
+      ``((value, aux), grad)``), ``grad`` shaped like the ``argnums`` arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> def loss(w, h0):
+      ...     h, _ = hbpjax.residual_scan(lambda h, x: jnp.sin(w * h), h0, length=32)
+      ...     return jnp.sum(h)
+      >>> exact = jax.grad(loss)(0.1, jnp.ones(4))
+      >>> for k in (0, 2, 32):  # sweeps: the gradient fills in as k grows, exact at k >= 32
+      ...     value, g = hbpjax.highway_value_and_grad(loss, iterations=k)(0.1, jnp.ones(4))
+      ...     print(k, f"{g / exact:.2f}")
+      0 0.42
+      2 0.88
+      32 1.00
+    """
+    return _value_and_grad(
+        "hbpjax.highway_value_and_grad", fun, argnums, has_aux, holomorphic, allow_int, iterations, tol
+    )
+
+
+def highway_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    *,
+    iterations: int | None = DEFAULT_ITERATIONS,
+    tol: float | None = None,
+) -> Callable:
+    """Like ``jax.grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
+
+    Same arguments as :func:`highway_value_and_grad`; returns ``grad`` (or ``(grad, aux)`` with
+    ``has_aux``), exactly like ``jax.grad``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> W = 0.3 * jnp.ones((16, 4))                  # 16 layers, per-layer weights
+      >>> def loss(W):
+      ...     h, _ = hbpjax.residual_scan(lambda h, w: jnp.tanh(w * h), jnp.ones(4), W)
+      ...     return jnp.sum(h)
+      >>> g = hbpjax.highway_grad(loss, iterations=16)(W)    # k >= L: exact
+      >>> bool(jnp.allclose(g, jax.grad(loss)(W), rtol=1e-5))
+      True
+    """
+    value_and_grad = _value_and_grad(
+        "hbpjax.highway_grad", fun, argnums, has_aux, holomorphic, allow_int, iterations, tol
+    )
+
+    @functools.wraps(fun)
+    def grad_fun(*args, **kwargs):
+        value, g = value_and_grad(*args, **kwargs)
+        return (g, value[1]) if has_aux else g
+
+    return grad_fun
+
+
+def _value_and_grad(name, fun, argnums, has_aux, holomorphic, allow_int, iterations, tol):
+    if not callable(fun):
+        raise TypeError(f"{name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
+    argnums = normalize_argnums(name, argnums)
+    settings = _context.settings(name, iterations, tol)
+    checked = _checked_output(name, fun, has_aux, holomorphic)
+    value_and_grad = jax.value_and_grad(
+        checked, argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int
+    )
+
+    @functools.wraps(fun)
+    def value_and_grad_fun(*args, **kwargs):
+        check_args(name, argnums, args, allow_int, holomorphic)
+        with _context.active(settings):
+            return value_and_grad(*args, **kwargs)
+
+    return value_and_grad_fun
+
+
+def normalize_argnums(name: str, argnums) -> int | tuple[int, ...]:
+    """Checks ``argnums`` at wrap time, as ``jax.grad`` does: an int or a non-empty int sequence."""
+
+    def as_int(a):
+        if isinstance(a, bool):
+            raise TypeError
+        return operator.index(a)
+
+    try:
+        if isinstance(argnums, Sequence) and not isinstance(argnums, str):
+            out = tuple(as_int(a) for a in argnums)
+        else:
+            return as_int(argnums)
+    except TypeError:
+        raise TypeError(
+            f"{name}: `argnums` must be an int or a sequence of ints; got {argnums!r}."
+        ) from None
+    if not out:
+        raise ValueError(f"{name}: `argnums` must name at least one argument; got {argnums!r}.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: `argnums` must not repeat an argument; got {argnums!r}.")
+    return out
+
+
+def check_args(name: str, argnums, args, allow_int: bool, holomorphic: bool = False) -> None:
+    """Call-time checks on the differentiated positional arguments."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    for a in nums:
+        if not -len(args) <= a < len(args):
+            raise TypeError(
+                f"{name}: differentiating with respect to argnums={argnums} requires at least "
+                f"{max(a + 1, -a)} positional arguments to be passed by the caller, but got only "
+                f"{len(args)} positional arguments. Pass the argument positionally or change argnums."
+            )
+    if allow_int or holomorphic:
+        return
+    for a in nums:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(args[a])[0]:
+            dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                raise TypeError(
+                    f"{name}: argument {a} has a leaf{jax.tree_util.keystr(path)} of dtype "
+                    f"{dtype}, but gradients need real or complex floating-point inputs. Cast it "
+                    "to float, move it out of argnums, or pass allow_int=True (float0 gradients)."
+                )
+
+
+def _checked_output(name: str, fun: Callable, has_aux: bool, holomorphic: bool) -> Callable:
+    """Wraps ``fun`` so a misshapen output is reported under our name before JAX sees it."""
+
+    @functools.wraps(fun)
+    def checked(*args, **kwargs):
+        out = fun(*args, **kwargs)
+        value = out
+        if has_aux:
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError(
+                    f"{name}: with has_aux=True the function must return a pair (value, aux); "
+                    f"got {type(out).__name__}{_describe(out)}."
+                )
+            value = out[0]
+        shape = jnp.shape(value) if hasattr(value, "shape") or jnp.isscalar(value) else None
+        if shape != ():
+            raise TypeError(
+                f"{name}: gradients are only defined for scalar-output functions; the function "
+                f"returned {_describe(value) or type(value).__name__}. Reduce it to a scalar (e.g. "
+                "jnp.mean), return extra outputs with has_aux=True, or use jax.vjp."
+            )
+        dtype = jnp.result_type(value)
+        if not holomorphic and not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name}: gradients need a real floating-point output; the function returned "
+                f"dtype {dtype}. Cast the loss to float (or use jax.vjp for integer outputs)."
+            )
+        return out
+
+    return checked
+
+
+def _describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f" with shape {tuple(x.shape)} and dtype {x.dtype}"
+    return ""

@@ -1,0 +1,172 @@
+"""Shared test utilities: reference models, tolerances and jaxpr inspection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import jaxprs_in_params
+
+import hbpjax
+
+# Per-dtype tolerances (as in lineax's tests/helpers.py).
+TOL = {jnp.dtype("float64"): dict(rtol=1e-10, atol=1e-12), jnp.dtype("float32"): dict(rtol=2e-5, atol=2e-6)}
+
+
+def assert_trees_close(actual, expected, rtol=None, atol=None):
+    """Leafwise ``np.testing.assert_allclose`` with per-dtype default tolerances."""
+    a_leaves, a_tree = jax.tree.flatten(actual)
+    e_leaves, e_tree = jax.tree.flatten(expected)
+    assert a_tree == e_tree, f"tree mismatch: {a_tree} vs {e_tree}"
+    for a, e in zip(a_leaves, e_leaves):
+        assert jnp.shape(a) == jnp.shape(e)
+        tol = TOL.get(jnp.result_type(e), dict(rtol=1e-6, atol=1e-7))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(e), rtol=rtol or tol["rtol"], atol=atol or tol["atol"]
+        )
+
+
+def tree_rel_error(a, b) -> float:
+    """``|a - b| / |b|`` over all leaves, in float64 on the host."""
+    fa = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(a)])
+    fb = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(b)])
+    return float(np.linalg.norm(fa - fb) / np.linalg.norm(fb))
+
+
+def loops(closed_jaxpr):
+    """All ``(primitive name, length)`` of scans and while loops, searched recursively."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                found.append(("scan", eqn.params["length"]))
+            elif eqn.primitive.name == "while":
+                found.append(("while", None))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+# ----------------------------------------------------------------------------- reference models
+# Each builder returns ``(loss, args)``; every positional argument is differentiable, so tests take
+# ``argnums=tuple(range(len(args)))`` and compare highway against jax.grad on all of them.
+
+
+def _readout(h_final, carries, loss_on):
+    """Loss on the final carry only, or on every carry (an RNN's per-step loss)."""
+    if loss_on == "final":
+        return sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(h_final))
+    total = 0.0
+    for x in jax.tree.leaves(carries):  # a different weight per step, so every e_i differs
+        steps = jnp.arange(1, x.shape[0] + 1, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        total = total + jnp.sum(jnp.cos(x) * steps)
+    return total
+
+
+def mlp_stack(key, *, residual="additive", gamma=0.0, loss_on="final", L=7, d=4, batch=3, dtype=jnp.float64):
+    """Per-layer weights in ``xs`` plus a shared (closed-over) scale; residual additive/relu/custom."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    W = (0.6 / np.sqrt(d)) * jax.random.normal(k1, (L, d, d), dtype)
+    b = 0.1 * jax.random.normal(k2, (L, d), dtype)
+    scale = 1.0 + 0.1 * jax.random.normal(k3, (d,), dtype)
+    h0 = jax.random.normal(k4, (batch, d), dtype)
+    residuals = {
+        "additive": hbpjax.residual.additive,
+        "relu": hbpjax.residual.relu,
+        "custom": custom_residual,
+    }
+
+    def loss(W, b, scale, h0):
+        def block(h, wb):
+            w, bias = wb
+            return jnp.tanh((h * scale) @ w + bias)
+
+        hL, hs = hbpjax.residual_scan(block, h0, (W, b), residual=residuals[residual], gamma=gamma)
+        return _readout(hL, hs, loss_on)
+
+    return loss, (W, b, scale, h0)
+
+
+def custom_residual(h, z):
+    """A user residual, elementwise in h with a non-constant diagonal: 0.5 sin(h) + h z + z."""
+    return 0.5 * jnp.sin(h) + h * z + z
+
+
+def gru_stack(key, *, gamma=0.0, loss_on="all", T=9, d=4, d_in=3, batch=2, dtype=jnp.float64):
+    """A GRU: shared weights closed over, per-step inputs in ``xs``, ``gated`` residual."""
+    ks = jax.random.split(key, 6)
+    s = 1.0 / np.sqrt(d)
+    params = {
+        "Wz": s * jax.random.normal(ks[0], (d_in, d), dtype),
+        "Uz": s * jax.random.normal(ks[1], (d, d), dtype),
+        "Wh": s * jax.random.normal(ks[2], (d_in, d), dtype),
+        "Uh": s * jax.random.normal(ks[3], (d, d), dtype),
+    }
+    xs = jax.random.normal(ks[4], (T, batch, d_in), dtype)
+    h0 = 0.5 * jax.random.normal(ks[5], (batch, d), dtype)
+
+    def loss(params, xs, h0):
+        def cell(h, x):
+            u = jax.nn.sigmoid(x @ params["Wz"] + h @ params["Uz"])
+            c = jnp.tanh(x @ params["Wh"] + h @ params["Uh"])
+            return 1.0 - u, u * c
+
+        hT, hs = hbpjax.residual_scan(cell, h0, xs, residual=hbpjax.residual.gated, gamma=gamma)
+        return _readout(hT, hs, loss_on)
+
+    return loss, (params, xs, h0)
+
+
+def lstm_residual(carry, z):
+    """LSTM combine on the carry (c, h) with z = (f, i*g, h_new): K = (f, 0)."""
+    c, _ = carry
+    f, ig, h_new = z
+    return f * c + ig, h_new
+
+
+def lstm_stack(key, *, residual="custom", gamma=0.0, loss_on="all", T=8, d=3, d_in=2, batch=2, dtype=jnp.float64):
+    """An LSTM with a pytree carry ``(c, h)``; residual written by hand or as ``gated``."""
+    ks = jax.random.split(key, 4)
+    W = jax.random.normal(ks[0], (d_in, 4 * d), dtype) / np.sqrt(d_in)
+    U = jax.random.normal(ks[1], (d, 4 * d), dtype) / np.sqrt(d)
+    xs = jax.random.normal(ks[2], (T, batch, d_in), dtype)
+    c0 = 0.3 * jax.random.normal(ks[3], (batch, d), dtype)
+    h0 = jnp.tanh(c0)
+
+    def loss(W, U, xs, c0, h0):
+        def cell(carry, x):
+            c, h = carry
+            gates = x @ W + h @ U
+            i, f, g, o = jnp.split(gates, 4, axis=-1)
+            i, f, o, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f + 1.0), jax.nn.sigmoid(o), jnp.tanh(g)
+            c_new = f * c + i * g
+            h_new = o * jnp.tanh(c_new)
+            if residual == "custom":
+                return f, i * g, h_new
+            return (f, jnp.zeros_like(h)), (i * g, h_new)  # gated: a = (f, 0), b = (i g, h_new)
+
+        r = lstm_residual if residual == "custom" else hbpjax.residual.gated
+        (cT, hT), (cs, hs) = hbpjax.residual_scan(cell, (c0, h0), xs, residual=r, gamma=gamma)
+        return _readout((cT, hT), (cs, hs), loss_on)
+
+    return loss, (W, U, xs, c0, h0)
+
+
+def two_stacks(key, *, gamma=0.0, dtype=jnp.float64):
+    """Two stacks in one function, the second fed by the first and sharing a weight with it."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    W1 = 0.5 * jax.random.normal(k1, (5, 3, 3), dtype)
+    shared = 0.5 * jax.random.normal(k2, (3, 3), dtype)
+    h0 = jax.random.normal(k3, (2, 3), dtype)
+
+    def loss(W1, shared, h0):
+        h, _ = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w + h @ shared), h0, W1, gamma=gamma)
+        h2, hs2 = hbpjax.residual_scan(
+            lambda h, _: jnp.sin(h @ shared), h, length=6, residual=hbpjax.residual.relu, gamma=gamma
+        )
+        return jnp.sum(h2**2) + jnp.mean(hs2)
+
+    return loss, (W1, shared, h0)
