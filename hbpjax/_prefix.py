@@ -6,11 +6,13 @@ Highway-BP repeatedly solves the backward recurrence of the residual path alone,
 
 where ``k[j]`` is the diagonal of a layer's residual Jacobian (so ``*`` is elementwise) and ``u[j]``
 collects everything else that reaches carry ``j``. Each step is the affine map ``w -> u + k * w``;
-composing those maps is associative, so the whole recurrence is one ``lax.associative_scan`` with
-``O(log L)`` sequential depth instead of ``L`` dependent steps.
+composing those maps is associative, so the recurrence is a parallel scan with ``O(log L)``
+sequential depth instead of ``L`` dependent steps.
 
-This module is deliberately small and self-contained so the scan can be swapped (for instance for a
-sequential ``lax.scan``, which is cheaper on a CPU for short stacks) without touching the sweeps.
+Within one backward the coefficients ``k`` stay fixed while ``u`` changes from sweep to sweep, so the
+scan is split in two: :func:`plan` does the ``k``-only work once (the products of neighbouring
+coefficients at every level of the recursion), :func:`solve` does the ``u`` work per sweep. The
+module is self-contained so the method can be swapped without touching the sweeps.
 """
 
 from __future__ import annotations
@@ -19,52 +21,66 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 PyTree = Any
 
-__all__ = ["affine_scan", "PREFIX_METHODS"]
+__all__ = ["METHODS", "affine_scan", "plan", "solve"]
 
-PREFIX_METHODS = ("associative", "sequential")
+METHODS = ("parallel", "sequential")
 
 
-def _compose(higher, lower):
-    """Composes two affine maps ``T_lower o T_higher`` given as ``(k, u)`` pairs of pytrees.
+def _pad_to_even(a):
+    return jnp.concatenate([a, jnp.zeros_like(a[:1])]) if a.shape[0] % 2 else a
 
-    With ``reverse=True``, ``lax.associative_scan`` passes the accumulated element of the *higher*
-    indices as the left operand. ``T_lo(T_hi(w)) = u_lo + k_lo * (u_hi + k_hi * w)``.
+
+def _plan_leaf(k):
+    """Coefficients of every level of the recursive doubling for one leaf.
+
+    Level ``l`` pairs elements ``(2i, 2i+1)``; the pair acts as one affine map with coefficient
+    ``k[2i] * k[2i+1]``, which is the next level's ``k``. Odd lengths get a zero element appended
+    (``w`` beyond the stack is zero, so it changes nothing).
     """
-    k_hi, u_hi = higher
-    k_lo, u_lo = lower
-    k = jax.tree.map(lambda a, b: a * b, k_lo, k_hi)
-    u = jax.tree.map(lambda ul, kl, uh: ul + kl * uh, u_lo, k_lo, u_hi)
-    return k, u
+    levels = []
+    while k.shape[0] > 1:
+        pairs = _pad_to_even(k).reshape((-1, 2) + k.shape[1:])
+        k_even, k_odd = pairs[:, 0], pairs[:, 1]
+        levels.append((k_even, k_odd))
+        k = k_even * k_odd
+    return levels
 
 
-# Jitted so that eager (un-jitted) gradients compile the O(log L) slicing levels once per shape
-# instead of dispatching them op by op; under an outer jit this is simply inlined.
-@functools.partial(jax.jit, static_argnames="method")
-def affine_scan(k: PyTree, u: PyTree, *, method: str = "associative") -> PyTree:
-    """Solves ``w[j] = u[j] + k[j] * w[j + 1]`` (with ``w[L] = 0``) along the leading axis.
+def _solve_leaf(levels, u):
+    if not levels:
+        return u
+    (k_even, k_odd), rest = levels[0], levels[1:]
+    n = u.shape[0]
+    pairs = _pad_to_even(u).reshape((-1, 2) + u.shape[1:])
+    u_even, u_odd = pairs[:, 0], pairs[:, 1]
+    # The reduced problem: w at the even positions.
+    w_even = _solve_leaf(rest, u_even + k_even * u_odd)
+    # Odd positions follow from the next even one: w[2i+1] = u[2i+1] + k[2i+1] * w[2i+2].
+    w_next = jnp.concatenate([w_even[1:], jnp.zeros_like(w_even[:1])])
+    w_odd = u_odd + k_odd * w_next
+    return jnp.stack([w_even, w_odd], axis=1).reshape((-1,) + u.shape[1:])[:n]
 
-    Args:
-      k: pytree of arrays with a leading axis of length ``L``; the diagonal coefficients.
-        ``k[L - 1]`` is multiplied by ``w[L] = 0`` and so never matters.
-      u: pytree with the same structure and shapes as ``k``.
-      method: ``"associative"`` (parallel, depth ``O(log L)``) or ``"sequential"`` (a reverse
-        ``lax.scan``; depth ``L``, provided for comparison).
 
-    Returns:
-      ``w``, a pytree like ``u``.
+def plan(k: PyTree, *, method: str = "parallel") -> PyTree:
+    """Precomputes the ``k``-only part of the scan; pass the result to :func:`solve`."""
+    if method == "parallel":
+        return jax.tree.map(_plan_leaf, k)
+    if method == "sequential":
+        return k
+    raise ValueError(f"hbpjax: unknown prefix scan method {method!r}; use one of {METHODS}.")
 
-    Example:
-      >>> import jax.numpy as jnp
-      >>> affine_scan(jnp.array([2.0, 3.0, 5.0]), jnp.array([1.0, 1.0, 1.0]))
-      Array([9., 4., 1.], dtype=float32)
-    """
-    if method == "associative":
-        _, w = lax.associative_scan(_compose, (k, u), reverse=True)
-        return w
+
+def solve(planned: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
+    """Solves ``w[j] = u[j] + k[j] * w[j + 1]`` along the leading axis, given ``plan(k)``."""
+    if method == "parallel":
+        leaves, treedef = jax.tree.flatten(u)
+        levels = treedef.flatten_up_to(planned)
+        return treedef.unflatten([_solve_leaf(lv, leaf) for lv, leaf in zip(levels, leaves)])
     if method == "sequential":
 
         def step(w_next, ku):
@@ -72,7 +88,28 @@ def affine_scan(k: PyTree, u: PyTree, *, method: str = "associative") -> PyTree:
             w = jax.tree.map(lambda a, b, c: a + b * c, uj, kj, w_next)
             return w, w
 
-        zero = jax.tree.map(lambda a: jax.numpy.zeros_like(a[0]), u)
-        _, w = lax.scan(step, zero, (k, u), reverse=True)
-        return w
-    raise ValueError(f"hbpjax: unknown prefix scan method {method!r}; use one of {PREFIX_METHODS}.")
+        zero = jax.tree.map(lambda a: jnp.zeros_like(a[0]), u)
+        return lax.scan(step, zero, (planned, u), reverse=True)[1]
+    raise ValueError(f"hbpjax: unknown prefix scan method {method!r}; use one of {METHODS}.")
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def affine_scan(k: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
+    """Solves ``w[j] = u[j] + k[j] * w[j + 1]`` (with ``w[L] = 0``) along the leading axis.
+
+    Args:
+      k: pytree of arrays with a leading axis of length ``L``: the diagonal coefficients.
+        ``k[L - 1]`` multiplies ``w[L] = 0`` and so never matters.
+      u: pytree with the same structure and shapes as ``k``.
+      method: ``"parallel"`` (recursive doubling, depth ``O(log L)``) or ``"sequential"`` (a reverse
+        ``lax.scan``, depth ``L``, for comparison).
+
+    Returns:
+      ``w``, a pytree like ``u``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> affine_scan(jnp.array([2.0, 3.0, 5.0]), jnp.array([1.0, 1.0, 1.0])).tolist()
+      [9.0, 4.0, 1.0]
+    """
+    return solve(plan(k, method=method), u, method=method)

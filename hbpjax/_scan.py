@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _context
-from ._prefix import affine_scan
+from . import _prefix
 from .residual import additive
 
 PyTree = Any
@@ -116,7 +116,7 @@ def _highway_scan(block, residual, gamma, settings, length, unroll, init, xs):
 
     def forward(init, xs, consts):
         def step(h, x):
-            h_new = residual(h, converted(h, x, *consts))
+            h_new = _apply_residual(residual, h, converted(h, x, *consts))
             return h_new, h_new
 
         return lax.scan(step, init, xs, length=length, unroll=unroll)
@@ -170,10 +170,12 @@ def _highway_backward(block, residual, gamma, settings, init, carries, xs, const
     # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
     k_next = tmap(lambda k: (1.0 - gamma) * shift_up(k, jnp.zeros_like(k[0])), k_diag)
 
+    planned = _plan(k_next)  # the k-only half of the prefix scan, shared by every sweep
+
     def solve(v):
         """One prefix scan along the residual path given the block-path terms ``v``."""
         u = e if v is None else tmap(lambda ej, vj: ej + shift_up(vj, jnp.zeros_like(vj[0])), e, v)
-        return affine_scan(k_next, u)
+        return _solve(planned, u)
 
     def sweep(w):
         v = layer_vjp(w)[0]
@@ -195,6 +197,12 @@ def _highway_backward(block, residual, gamma, settings, init, carries, xs, const
     ct_xs = tmap(_none_if_float0, ct_xs)
     ct_consts = tuple(_none_if_float0(c) for c in ct_consts)
     return ct_init, ct_xs, ct_consts
+
+
+# Jitted so that eager (un-jitted) gradients compile the O(log L) levels once per shape instead of
+# dispatching them op by op; under an outer jit they are simply inlined.
+_plan = jax.jit(_prefix.plan)
+_solve = jax.jit(_prefix.solve)
 
 
 def _sweep_until(sweep, w, max_sweeps, tol):

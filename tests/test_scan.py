@@ -1,0 +1,143 @@
+"""``residual_scan`` under plain JAX is ``lax.scan``; its arguments are checked with clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import hbpjax
+from helpers import assert_trees_close, gru_stack, lstm_stack
+
+
+def _reference_scan(block, residual, init, xs):
+    def step(h, x):
+        h = residual(h, block(h, x))
+        return h, h
+
+    return jax.lax.scan(step, init, xs)
+
+
+@pytest.mark.parametrize("unroll", [1, 3, True])
+def test_forward_equals_lax_scan(unroll):
+    W = 0.4 * jax.random.normal(jax.random.key(0), (7, 3, 3))
+    block = lambda h, w: jnp.tanh(h @ w)
+    got = hbpjax.residual_scan(block, jnp.ones(3), W, residual=hbpjax.residual.relu, unroll=unroll)
+    np.testing.assert_allclose(got[1], _reference_scan(block, hbpjax.residual.relu, jnp.ones(3), W)[1], rtol=1e-6)
+    assert got[1].shape == (7, 3)
+    np.testing.assert_array_equal(got[0], got[1][-1])
+
+
+def test_plain_mode_is_lax_scan_in_the_jaxpr():
+    """Without highway_grad there is no custom_vjp: forward mode and higher order just work."""
+    W = 0.4 * jnp.ones((4, 2, 2))
+    f = lambda W: hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), jnp.ones(2), W)[0]
+    names = {eqn.primitive.name for eqn in jax.make_jaxpr(f)(W).jaxpr.eqns}
+    assert "scan" in names and not any("custom" in n for n in names)
+
+
+@pytest.mark.parametrize("builder", [gru_stack, lstm_stack])
+def test_check_grads_exact_mode(builder):
+    """Forward and reverse mode, first and second order, against finite differences."""
+    with jax.enable_x64(True):
+        loss, args = builder(jax.random.key(3), T=4)
+        check_grads(jax.jit(loss), args, order=2, modes=("fwd", "rev"))
+
+
+def test_highway_forward_value_unchanged():
+    """The value computed under highway_grad is the plain forward, for every k."""
+    loss, args = gru_stack(jax.random.key(4), dtype=jnp.float32)
+    value = loss(*args)
+    for k in (0, 3):
+        v, _ = hbpjax.highway_value_and_grad(loss, iterations=k)(*args)
+        np.testing.assert_allclose(v, value, rtol=1e-6)
+
+
+def test_xs_none_and_zero_length():
+    h, hs = hbpjax.residual_scan(lambda h, _: 0.5 * h, jnp.ones(2), length=3)
+    np.testing.assert_allclose(h, 1.5**3 * jnp.ones(2))
+    f = lambda h0: jnp.sum(hbpjax.residual_scan(lambda h, _: jnp.sin(h), h0, length=0)[0])
+    np.testing.assert_allclose(hbpjax.highway_grad(f, iterations=2)(jnp.ones(2)), jnp.ones(2))
+
+
+def test_length_one_stack():
+    f = lambda W: jnp.sum(hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), jnp.ones(3), W)[0] ** 2)
+    W = 0.3 * jnp.ones((1, 3, 3))
+    for k in (0, 1, 5):
+        assert_trees_close(hbpjax.highway_grad(f, iterations=k)(W), jax.grad(f)(W))
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def _run(block, init, xs=None, **kw):
+    """Trace residual_scan both plainly and under highway_grad: both must raise the same error."""
+    hbpjax.residual_scan(block, init, xs, **kw)
+
+
+def test_additive_shape_mismatch():
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`additive`.*shape \(3,\), got \(4,\)"):
+        _run(lambda h, x: jnp.ones(4), jnp.ones(3), length=2)
+
+
+def test_additive_structure_mismatch():
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`additive`.*same pytree structure"):
+        _run(lambda h, x: (h, h), jnp.ones(3), length=2)
+
+
+def test_gated_needs_a_pair():
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`gated`.*pair \(a, b\).*got a single array of shape \(3,\)"):
+        _run(lambda h, x: h, jnp.ones(3), length=2, residual=hbpjax.residual.gated)
+    with pytest.raises(ValueError, match=r"`gated`.*tuple of length 3"):
+        _run(lambda h, x: (h, h, h), jnp.ones(3), length=2, residual=hbpjax.residual.gated)
+    with pytest.raises(ValueError, match=r"gate a of a `gated` residual.*shape \(3,\), got \(2,\)"):
+        _run(lambda h, x: (jnp.ones(2), h), jnp.ones(3), length=2, residual=hbpjax.residual.gated)
+
+
+def test_custom_residual_must_return_the_carry_layout():
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: residual <lambda>\(h, z\) changed a carry shape"):
+        _run(lambda h, x: h, jnp.ones(3), length=2, residual=lambda h, z: jnp.concatenate([h, z]))
+    with pytest.raises(TypeError, match=r"changed a carry dtype from float32 to int32"):
+        _run(lambda h, x: h, jnp.ones(3), length=2, residual=lambda h, z: (h + z).astype(jnp.int32))
+
+
+def test_xs_lengths_must_agree():
+    xs = {"w": jnp.ones((4, 3)), "b": jnp.ones((5, 3))}
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*leading.*xs\['b'\]: 5.*xs\['w'\]: 4"):
+        _run(lambda h, x: h, jnp.ones(3), xs)
+    with pytest.raises(ValueError, match=r"`length=3` disagrees with the leading axis of `xs` \(4\)"):
+        _run(lambda h, x: h, jnp.ones(3), jnp.ones((4, 3)), length=3)
+    with pytest.raises(ValueError, match=r"xs\['s'\] is a scalar"):
+        _run(lambda h, x: h, jnp.ones(3), {"s": jnp.float32(1.0)})
+    with pytest.raises(ValueError, match=r"pass `length=L`"):
+        _run(lambda h, x: h, jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(gamma=1.5), ValueError, r"`gamma` must be in \[0, 1\].*1.5"),
+        (dict(gamma="x"), TypeError, r"`gamma` must be a Python float"),
+        (dict(residual=3), TypeError, r"`residual` must be callable"),
+        (dict(length=-1), ValueError, r"`length` must be >= 0"),
+        (dict(length=2.5), TypeError, r"`length` must be an int"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    kwargs.setdefault("length", 2)
+    with pytest.raises(error, match=r"hbpjax.residual_scan: " + match):
+        _run(lambda h, x: h, jnp.ones(3), **kwargs)
+    with pytest.raises(TypeError, match=r"hbpjax.residual_scan: `block` must be callable"):
+        _run(None, jnp.ones(3), length=2)
+
+
+def test_errors_also_under_highway_grad():
+    f = lambda h0: jnp.sum(hbpjax.residual_scan(lambda h, x: jnp.ones(4), h0, length=2)[0])
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*shape \(3,\), got \(4,\)"):
+        hbpjax.highway_grad(f, iterations=1)(jnp.ones(3))
+
+
+def test_integer_carry_under_highway():
+    f = lambda h0: jnp.sum(hbpjax.residual_scan(lambda h, x: h, h0, length=2)[0]).astype(jnp.float32)
+    with pytest.raises(TypeError, match=r"hbpjax.residual_scan: under hbpjax.highway_grad every carry leaf must be floating"):
+        hbpjax.highway_grad(lambda x: f(jnp.ones(3, jnp.int32)) * x, iterations=1)(1.0)

@@ -1,0 +1,94 @@
+"""The properties the method exists for, read off the jaxpr of the gradient.
+
+- The highway backward holds no sequential loop over the L layers: the only length-L loop in the
+  whole gradient is the forward scan (``jax.grad`` has two: forward and backward).
+- Each layer is linearized once per backward: the block's nonlinearities appear twice (forward scan
+  and one parallel linearization), however many sweeps run.
+- Shared (closed-over) weights get one summed gradient: no ``(T, *W.shape)`` array of per-step
+  weight gradients is ever materialised.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.extend.core import jaxprs_in_params
+
+import hbpjax
+from helpers import gru_stack, loops, lstm_stack, mlp_stack, two_stacks
+
+T = 11  # distinct from every other dimension and from the sweep counts used below
+
+
+def _eqns(closed_jaxpr):
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for sub in jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+
+    return list(walk(closed_jaxpr.jaxpr))
+
+
+def _count(closed_jaxpr, primitive):
+    return sum(eqn.primitive.name == primitive for eqn in _eqns(closed_jaxpr))
+
+
+def _shapes(closed_jaxpr):
+    return {tuple(getattr(v.aval, "shape", ())) for eqn in _eqns(closed_jaxpr) for v in eqn.outvars}
+
+
+MODELS = {
+    "mlp": lambda: mlp_stack(jax.random.key(0), dtype=jnp.float32, L=T),
+    "gru": lambda: gru_stack(jax.random.key(1), dtype=jnp.float32, T=T),
+    "lstm": lambda: lstm_stack(jax.random.key(2), dtype=jnp.float32, T=T),
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_backward_has_no_loop_over_layers(model, iterations):
+    loss, args = MODELS[model]()
+    argnums = tuple(range(len(args)))
+    exact = loops(jax.make_jaxpr(jax.grad(loss, argnums))(*args))
+    assert exact.count(("scan", T)) == 2  # the detector sees backprop's backward loop
+    highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, argnums, iterations=iterations))(*args))
+    assert highway.count(("scan", T)) == 1, highway  # the forward, nothing else
+    # Any other loop is the loop over sweeps, of length k; no while loop at all.
+    assert set(highway) <= {("scan", T), ("scan", iterations)}
+
+
+def test_tol_mode_loops_over_sweeps_only():
+    loss, args = MODELS["gru"]()
+    highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))
+    assert highway.count(("scan", T)) == 1
+    assert highway.count(("while", None)) == 1  # the sweep loop; its body holds no scan
+    assert len(highway) == 2
+
+
+def test_two_stacks_each_have_one_forward_loop():
+    loss, args = two_stacks(jax.random.key(3), dtype=jnp.float32)
+    highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, (0, 1, 2), iterations=2))(*args))
+    assert sorted(n for kind, n in highway if kind == "scan") == [2, 2, 5, 6]  # two sweep loops
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 4])
+def test_each_layer_linearized_once(iterations):
+    """The GRU cell has one tanh and one sigmoid: forward scan + one linearization, any k."""
+    loss, args = MODELS["gru"]()
+    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=iterations))(*args)
+    assert _count(jaxpr, "tanh") == 2
+    assert _count(jaxpr, "logistic") == 2
+
+
+def test_shared_weights_never_stacked_per_step():
+    loss, (params, xs, h0) = gru_stack(jax.random.key(4), dtype=jnp.float32, T=T, d=5, d_in=3, batch=2)
+    per_step_stacks = {(T,) + w.shape for w in jax.tree.leaves(params)}
+    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=3))(params, xs, h0)
+    assert not per_step_stacks & _shapes(jaxpr)
+
+    # Control: per-step weight gradients (what a naive vmap over time computes) are detected.
+    def one_step(params, x, h):
+        return loss(params, x[None], h)
+
+    naive = jax.make_jaxpr(jax.vmap(jax.grad(one_step), in_axes=(None, 0, None)))(params, xs, h0)
+    assert per_step_stacks & _shapes(naive)

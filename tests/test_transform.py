@@ -1,0 +1,218 @@
+"""``highway_grad`` / ``highway_value_and_grad`` behave like ``jax.grad`` / ``jax.value_and_grad``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hbpjax
+from helpers import assert_trees_close, gru_stack, mlp_stack, tree_rel_error
+
+
+def _mlp32():
+    return mlp_stack(jax.random.key(0), dtype=jnp.float32, L=6)
+
+
+def test_without_residual_scan_is_exactly_jax_grad():
+    def loss(x, y):
+        return jnp.sum(jnp.sin(x) * y) + jnp.sum(jax.lax.scan(lambda c, a: (c * a, c), 1.0, x)[1])
+
+    x, y = jnp.linspace(0.1, 1.0, 5), jnp.arange(5.0)
+    got = hbpjax.highway_value_and_grad(loss, (0, 1), iterations=0)(x, y)
+    expected = jax.value_and_grad(loss, (0, 1))(x, y)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("argnums", [0, 1, 3, -1, (0, 3), (3, 0, 2)])
+def test_argnums_structure_matches_jax(argnums):
+    loss, args = _mlp32()
+    got = hbpjax.highway_grad(loss, argnums, iterations=6)(*args)
+    expected = jax.grad(loss, argnums)(*args)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    assert_trees_close(got, expected, rtol=2e-4, atol=1e-5)
+
+
+def test_allow_int_gives_float0_like_jax():
+    def loss(x, n):
+        h, _ = hbpjax.residual_scan(lambda h, _: jnp.tanh(h) * n, x, length=3)
+        return jnp.sum(h)
+
+    x, n = jnp.ones(3), jnp.int32(2)
+    g = hbpjax.highway_grad(loss, (0, 1), allow_int=True, iterations=3)(x, n)
+    e = jax.grad(loss, (0, 1), allow_int=True)(x, n)
+    assert g[1].dtype == e[1].dtype == jax.dtypes.float0
+    np.testing.assert_allclose(g[0], e[0], rtol=1e-6)
+
+
+def test_int_and_key_inputs_in_xs_get_no_gradient():
+    """Per-layer integer indices and PRNG keys travel through ``xs`` (dropout keys, token ids)."""
+
+    def loss(W, tokens, keys):
+        emb = jnp.eye(4)
+
+        def block(h, x):
+            w, tok, key = x
+            mask = jax.random.bernoulli(key, 0.9, h.shape)
+            return jnp.where(mask, jnp.tanh(h @ w + emb[tok]), 0.0)
+
+        h, _ = hbpjax.residual_scan(block, jnp.ones(4), (W, tokens, keys))
+        return jnp.sum(h**2)
+
+    L = 5
+    W = 0.3 * jax.random.normal(jax.random.key(0), (L, 4, 4))
+    tokens = jnp.arange(L) % 4
+    keys = jax.random.split(jax.random.key(1), L)
+    g = jax.jit(hbpjax.highway_grad(loss, iterations=L))(W, tokens, keys)
+    assert_trees_close(g, jax.grad(loss)(W, tokens, keys), rtol=1e-5)
+
+
+def test_jit_equals_eager_and_does_not_recompile():
+    loss, args = _mlp32()
+    traces = []
+
+    def counted(*args):
+        traces.append(None)
+        return loss(*args)
+
+    step = jax.jit(hbpjax.highway_value_and_grad(counted, (0, 1), iterations=2))
+    first = step(*args)
+    second = step(*args)
+    assert len(traces) == 1
+    assert_trees_close(first, second)
+    assert_trees_close(first, hbpjax.highway_value_and_grad(loss, (0, 1), iterations=2)(*args), rtol=1e-5)
+
+
+def test_iterations_is_part_of_the_jit_cache_key_and_never_leaks():
+    """A function jitted once serves k=0, k=L and plain jax.grad, each with its own trace."""
+    loss, args = _mlp32()
+    f = jax.jit(loss)
+    exact = jax.grad(loss)(*args)
+    k0 = hbpjax.highway_grad(f, iterations=0)(*args)
+    kL = hbpjax.highway_grad(f, iterations=6)(*args)
+    plain = jax.grad(f)(*args)  # after highway calls on the same jitted function
+    assert_trees_close(kL, exact, rtol=2e-4, atol=1e-5)
+    assert_trees_close(plain, exact)
+    assert tree_rel_error(k0, exact) > 1e-3
+    assert_trees_close(k0, hbpjax.highway_grad(loss, iterations=0)(*args), rtol=1e-5)
+
+
+def test_context_restored_after_an_error():
+    loss, args = _mlp32()
+
+    def broken(*args):
+        loss(*args)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        hbpjax.highway_grad(broken, iterations=0)(*args)
+    assert_trees_close(jax.grad(loss)(*args), jax.grad(jax.jit(loss))(*args))
+    # The residual_scan traced now is a plain lax.scan: forward mode works (custom_vjp would fail).
+    jax.jvp(lambda W: loss(W, *args[1:]), (args[0],), (jnp.ones_like(args[0]),))
+
+
+def test_vmap_per_example_gradients():
+    loss, (params, xs, h0) = gru_stack(jax.random.key(1), dtype=jnp.float32, T=6, batch=5)
+
+    def per_example(params, x, h):  # one sequence: x (T, d_in), h (d,)
+        return loss(params, x[:, None], h[None])
+
+    def per_example_grads(grad_fn):
+        return jax.jit(jax.vmap(grad_fn, in_axes=(None, 1, 0)))(params, xs, h0)
+
+    vmapped = per_example_grads(hbpjax.highway_grad(per_example, iterations=1))
+    single = jax.jit(hbpjax.highway_grad(per_example, iterations=1))
+    for i in range(h0.shape[0]):
+        assert_trees_close(jax.tree.map(lambda a: a[i], vmapped), single(params, xs[:, i], h0[i]), rtol=1e-5, atol=1e-6)
+    exact = per_example_grads(jax.grad(per_example))
+    assert tree_rel_error(vmapped, exact) > 1e-4  # k=1 is an approximation here ...
+    full = per_example_grads(hbpjax.highway_grad(per_example, iterations=6))
+    assert_trees_close(full, exact, rtol=1e-4, atol=1e-6)  # ... and k >= T is exact
+
+
+def test_tol_stops_early_on_a_contractive_stack():
+    """Each sweep shrinks the change ~10x; tol=1e-4 stops after a few sweeps, well under the cap."""
+    with jax.enable_x64(True):
+        L, d = 16, 4
+        W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(2), (L, d, d), jnp.float64)
+        h0 = jnp.ones(d, jnp.float64)
+
+        def loss(W, h0):
+            _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
+            return jnp.sum(jnp.cos(hs))
+
+        def grad(**kw):
+            return jax.jit(hbpjax.highway_grad(loss, **kw))(W, h0)
+
+        fixed = [grad(iterations=k) for k in range(7)]
+        tol = grad(iterations=L, tol=1e-4)
+        stopped = [k for k, g in enumerate(fixed) if tree_rel_error(tol, g) < 1e-14]
+        assert stopped and 1 <= stopped[0] <= 5, stopped
+        assert tree_rel_error(tol, grad(iterations=L)) > 1e-9  # it did not run to the cap
+        # A cap below the stopping point wins.
+        assert tree_rel_error(grad(iterations=1, tol=1e-12), fixed[1]) < 1e-14
+        # Eager and vmapped (each example stops on its own) agree with the jitted result.
+        assert tree_rel_error(hbpjax.highway_grad(loss, iterations=L, tol=1e-4)(W, h0), tol) < 1e-12
+        batched = jax.vmap(hbpjax.highway_grad(loss, iterations=L, tol=1e-4), in_axes=(None, 0))(
+            W, jnp.stack([h0, 2 * h0])
+        )
+        assert tree_rel_error(batched[0], tol) < 1e-12
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def _simple_loss(x):
+    h, _ = hbpjax.residual_scan(lambda h, _: jnp.tanh(h), x, length=3)
+    return jnp.sum(h)
+
+
+@pytest.mark.parametrize("transform", [hbpjax.highway_grad, hbpjax.highway_value_and_grad])
+def test_non_scalar_output(transform):
+    name = transform.__name__
+    with pytest.raises(TypeError, match=rf"hbpjax.{name}: .*scalar.*shape \(3,\)"):
+        transform(lambda x: x * 2)(jnp.ones(3))
+    with pytest.raises(TypeError, match=rf"hbpjax.{name}: .*pair \(value, aux\)"):
+        transform(lambda x: jnp.sum(x), has_aux=True)(jnp.ones(3))
+    with pytest.raises(TypeError, match=rf"hbpjax.{name}: .*real floating-point output.*int32"):
+        transform(lambda x: jnp.sum(x).astype(jnp.int32))(jnp.ones(3))
+
+
+def test_argnums_errors():
+    with pytest.raises(TypeError, match=r"hbpjax.highway_grad: differentiating with respect to argnums=2 .*3 positional"):
+        hbpjax.highway_grad(lambda x, y: jnp.sum(x), argnums=2)(jnp.ones(2), jnp.ones(2))
+    with pytest.raises(TypeError, match=r"hbpjax.highway_grad: `argnums` must be an int.*'a'"):
+        hbpjax.highway_grad(_simple_loss, argnums="a")
+    with pytest.raises(ValueError, match=r"must not repeat.*\(0, 0\)"):
+        hbpjax.highway_grad(_simple_loss, argnums=(0, 0))
+    with pytest.raises(TypeError, match=r"`fun` must be callable"):
+        hbpjax.highway_grad(3)
+
+
+def test_integer_input_without_allow_int():
+    with pytest.raises(TypeError, match=r"hbpjax.highway_value_and_grad: argument 0 .*int32.*allow_int=True"):
+        hbpjax.highway_value_and_grad(lambda x: jnp.sum(x * 1.0))(jnp.arange(3, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(iterations=-1), ValueError, r"`iterations` must be >= 0.*got -1"),
+        (dict(iterations=1.5), TypeError, r"`iterations` must be a non-negative int.*1.5.*float"),
+        (dict(iterations=True), TypeError, r"`iterations` must be a non-negative int.*True"),
+        (dict(iterations="3"), TypeError, r"`iterations` must be a non-negative int.*'3'"),
+        (dict(iterations=4, tol=0.0), ValueError, r"`tol` must be > 0.*got 0.0"),
+        (dict(iterations=4, tol=-1e-3), ValueError, r"`tol` must be > 0"),
+        (dict(iterations=4, tol="small"), TypeError, r"`tol` must be a positive float"),
+        (dict(iterations=None, tol=1e-3), ValueError, r".*needs a cap.*iterations"),
+    ],
+)
+def test_bad_settings(kwargs, error, match):
+    for transform in (hbpjax.highway_grad, hbpjax.highway_value_and_grad):
+        with pytest.raises(error, match=rf"hbpjax.{transform.__name__}: " + match):
+            transform(_simple_loss, **kwargs)
+
+
+def test_numpy_integer_iterations_accepted():
+    g = hbpjax.highway_grad(_simple_loss, iterations=np.int64(3))(jnp.ones(2))
+    np.testing.assert_allclose(g, jax.grad(_simple_loss)(jnp.ones(2)), rtol=1e-6)
