@@ -31,38 +31,40 @@ __all__ = ["METHODS", "affine_scan", "plan", "solve"]
 METHODS = ("parallel", "sequential")
 
 
-def _pad_to_even(a):
-    return jnp.concatenate([a, jnp.zeros_like(a[:1])]) if a.shape[0] % 2 else a
+def _pairs(a):
+    """``a`` viewed as neighbouring pairs ``(2i, 2i+1)``: shape ``(ceil(n/2), 2, ...)``."""
+    if a.shape[0] % 2:  # w beyond the stack is zero, so an appended zero element changes nothing
+        a = jnp.concatenate([a, jnp.zeros_like(a[:1])])
+    return a.reshape((-1, 2) + a.shape[1:])
 
 
 def _plan_leaf(k):
-    """Coefficients of every level of the recursive doubling for one leaf.
+    """The coefficients at every level of the recursive doubling, for one leaf.
 
-    Level ``l`` pairs elements ``(2i, 2i+1)``; the pair acts as one affine map with coefficient
-    ``k[2i] * k[2i+1]``, which is the next level's ``k``. Odd lengths get a zero element appended
-    (``w`` beyond the stack is zero, so it changes nothing).
+    Level ``l`` pairs elements ``(2i, 2i+1)``; a pair acts as one affine map with coefficient
+    ``k[2i] * k[2i+1]``, which is the next level's ``k``. Each level is stored as its pairs (a free
+    reshape of the level's ``k``), so the whole plan costs about one extra copy of ``k``.
     """
     levels = []
     while k.shape[0] > 1:
-        pairs = _pad_to_even(k).reshape((-1, 2) + k.shape[1:])
-        k_even, k_odd = pairs[:, 0], pairs[:, 1]
-        levels.append((k_even, k_odd))
-        k = k_even * k_odd
+        pairs = _pairs(k)
+        levels.append(pairs)
+        k = pairs[:, 0] * pairs[:, 1]
     return levels
 
 
 def _solve_leaf(levels, u):
     if not levels:
         return u
-    (k_even, k_odd), rest = levels[0], levels[1:]
+    k_pairs, rest = levels[0], levels[1:]
     n = u.shape[0]
-    pairs = _pad_to_even(u).reshape((-1, 2) + u.shape[1:])
-    u_even, u_odd = pairs[:, 0], pairs[:, 1]
+    u_pairs = _pairs(u)
+    u_even, u_odd = u_pairs[:, 0], u_pairs[:, 1]
     # The reduced problem: w at the even positions.
-    w_even = _solve_leaf(rest, u_even + k_even * u_odd)
+    w_even = _solve_leaf(rest, u_even + k_pairs[:, 0] * u_odd)
     # Odd positions follow from the next even one: w[2i+1] = u[2i+1] + k[2i+1] * w[2i+2].
     w_next = jnp.concatenate([w_even[1:], jnp.zeros_like(w_even[:1])])
-    w_odd = u_odd + k_odd * w_next
+    w_odd = u_odd + k_pairs[:, 1] * w_next
     return jnp.stack([w_even, w_odd], axis=1).reshape((-1,) + u.shape[1:])[:n]
 
 

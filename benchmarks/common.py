@@ -1,0 +1,100 @@
+"""Shared helpers for the benchmark scripts: timing, memory, environment, tables and plots.
+
+Timing rules (the same in every script): everything is jitted and warmed up first (compilation is
+never timed), every call ends in ``block_until_ready()``, the methods being compared run
+round-robin in one process so machine noise hits all of them alike, and we report medians.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, progress=None) -> dict[str, np.ndarray]:
+    """Times each zero-argument function ``repeats`` times, interleaved; returns seconds per call."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress.update(1)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
+def compiled_memory(fn: Callable, *args) -> dict:
+    """Compiled memory of ``jax.jit(fn)(*args)`` from XLA's buffer assignment, in bytes."""
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return {
+        "temp": int(stats.temp_size_in_bytes),
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, markdown: str, data: dict) -> Path:
+    """Writes ``results/<name>.md`` and ``results/<name>.json``; returns the markdown path."""
+    RESULTS.mkdir(exist_ok=True)
+    md = RESULTS / f"{name}.md"
+    md.write_text(markdown.rstrip() + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return md
+
+
+def env_line(env: dict) -> str:
+    return (
+        f"Measured {env['date']} with jax {env['jax']} on {env['devices']} "
+        f"({env['cpu_cores']} CPU cores), Python {env['python']}."
+    )
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def quote_in_readme(name: str, snippet: str, readme: Path = README) -> bool:
+    """Replaces the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the README.
+
+    Benchmarks call this after writing their results, so the figures the README quotes always come
+    from the latest run of the code as it is. Returns False if the markers are missing.
+    """
+    text = readme.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{snippet.strip()}\n{end}{tail}")
+    return True
