@@ -54,14 +54,15 @@ def gradient_agreement(
     iterations: Sequence[int] = (0, 1, 2, 4, 8),
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
+    jit: bool = True,
 ) -> GradientAgreement:
     """Compares :func:`hbpjax.highway_grad` with exact ``jax.grad`` for several numbers of sweeps.
 
     Use it to choose ``iterations`` for *your* model and data: evaluate it on a real batch (at
     initialisation and again after some training, since agreement can drop as training goes on)
     and take the smallest ``k`` whose cosine similarity is close enough to 1 for your purpose
-    (0.99 and above usually trains like exact backprop). Wrapping ``fun`` in ``jax.jit`` makes
-    repeated calls cheaper; every ``k`` is traced separately.
+    (0.99 and above usually trains like exact backprop). Every ``k`` is traced and compiled
+    separately.
 
     Args:
       fun: the loss, as you would pass it to ``jax.grad``.
@@ -69,6 +70,8 @@ def gradient_agreement(
       iterations: the numbers of sweeps to compare.
       argnums: which positional arguments to differentiate, as in ``jax.grad``.
       has_aux: whether ``fun`` returns ``(loss, aux)``.
+      jit: compile each gradient with ``jax.jit`` (all ``args`` must then be arrays or pytrees of
+        arrays); ``False`` runs them eagerly.
 
     Returns:
       A :class:`GradientAgreement`; ``print`` it for a table.
@@ -95,7 +98,8 @@ def gradient_agreement(
     normalize_argnums(_NAME, argnums)
 
     def grads(k):
-        g = highway_grad(fun, argnums, has_aux, iterations=k)(*args)
+        grad_fn = highway_grad(fun, argnums, has_aux, iterations=k)
+        g = (jax.jit(grad_fn) if jit else grad_fn)(*args)
         return _flat(g[0] if has_aux else g)
 
     exact = grads(None)
