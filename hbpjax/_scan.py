@@ -20,6 +20,7 @@ Nothing in this backward loops over the layers; its sequential depth is about ``
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from jax import lax
 
 from . import _context
 from . import _prefix
+from ._util import describe
 from .residual import additive
 
 PyTree = Any
@@ -46,7 +48,8 @@ def residual_scan(
     gamma: float = 0.0,
     length: int | None = None,
     unroll: int | bool = 1,
-) -> tuple[PyTree, PyTree]:
+    has_aux: bool = False,
+) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, PyTree]:
     """Runs a residual stack ``h_i = residual(h_{i-1}, block(h_{i-1}, x_i))`` over ``L`` steps.
 
     This is ``lax.scan`` for residual networks and RNNs. Under ``jax.grad`` it is exactly
@@ -69,9 +72,13 @@ def residual_scan(
         ``1`` is fixed-point (Jacobi) iteration.
       length: number of steps ``L``; required when ``xs`` is ``None``, otherwise checked against it.
       unroll: forwarded to ``lax.scan`` (how many forward steps to unroll per loop iteration).
+      has_aux: if True, ``block`` returns ``(z, aux)`` and the per-step ``aux`` values are returned
+        stacked. ``aux`` is state, not a differentiable output: it is wrapped in
+        ``lax.stop_gradient`` (use it for updated BatchNorm statistics, RNG counters, metrics).
 
     Returns:
-      ``(final_carry, carries)``: ``h_L`` and ``h_1..h_L`` stacked on a leading axis of length ``L``.
+      ``(final_carry, carries)``: ``h_L`` and ``h_1..h_L`` stacked on a leading axis of length ``L``;
+      ``(final_carry, carries, aux)`` with ``has_aux=True``.
 
     Example:
       >>> import jax, jax.numpy as jnp, hbpjax
@@ -95,18 +102,36 @@ def residual_scan(
     gamma = _check_gamma(gamma)
     length = _scan_length(xs, length)
 
+    split = functools.partial(_split_aux, has_aux)
+
     def step(h, x):
-        h_new = _apply_residual(residual, h, block(h, x))
-        return h_new, h_new
+        z, aux = split(block(h, x))
+        h_new = _apply_residual(residual, h, z)
+        return h_new, (h_new, aux)
 
     settings = _context.current()
     if settings is None or settings.iterations is None or length == 0:
-        return lax.scan(step, init, xs, length=length, unroll=unroll)
-    _check_float_carry(init)
-    return _highway_scan(block, residual, gamma, settings, length, unroll, init, xs)
+        final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
+    else:
+        _check_float_carry(init)
+        final, carries, aux = _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs)
+    if has_aux:
+        return final, carries, lax.stop_gradient(aux)
+    return final, carries
 
 
-def _highway_scan(block, residual, gamma, settings, length, unroll, init, xs):
+def _split_aux(has_aux, out):
+    """``(z, aux)`` from a block's output (``aux`` is ``None`` without ``has_aux``)."""
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(
+            f"{_NAME}: with has_aux=True `block` must return a pair (z, aux); got {describe(out)}."
+        )
+    return out[0], out[1]
+
+
+def _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs):
     """The ``custom_vjp`` form of the scan, with the Highway-BP backward."""
     x0 = jax.tree.map(lambda a: a[0], xs)
     # Values `block` closes over may be tracers of an outer jax.grad / jit: hoist them into
@@ -116,22 +141,25 @@ def _highway_scan(block, residual, gamma, settings, length, unroll, init, xs):
 
     def forward(init, xs, consts):
         def step(h, x):
-            h_new = _apply_residual(residual, h, converted(h, x, *consts))
-            return h_new, h_new
+            z, aux = split(converted(h, x, *consts))
+            h_new = _apply_residual(residual, h, z)
+            return h_new, (h_new, aux)
 
-        return lax.scan(step, init, xs, length=length, unroll=unroll)
+        final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
+        return final, carries, aux
 
     run = jax.custom_vjp(forward)
 
     def fwd(init, xs, consts):
-        final, carries = forward(init, xs, consts)
-        return (final, carries), (init, carries, xs, consts)
+        final, carries, aux = forward(init, xs, consts)
+        return (final, carries, aux), (init, carries, xs, consts)
 
     def bwd(res, cts):
         init, carries, xs, consts = res
-        ct_final, ct_carries = cts
+        ct_final, ct_carries, _ = cts  # aux is stop_gradient-ed by the caller: no cotangent
+        block_z = lambda h, x, *c: split(converted(h, x, *c))[0]
         return _highway_backward(
-            converted, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries
+            block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries
         )
 
     run.defvjp(fwd, bwd)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _context
+from ._util import describe
 
 DEFAULT_ITERATIONS = 4
 
@@ -181,14 +182,14 @@ def _checked_output(name: str, fun: Callable, has_aux: bool, holomorphic: bool) 
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
                 raise TypeError(
                     f"{name}: with has_aux=True the function must return a pair (value, aux); "
-                    f"got {type(out).__name__}{_describe(out)}."
+                    f"got {describe(out)}."
                 )
             value = out[0]
         shape = jnp.shape(value) if hasattr(value, "shape") or jnp.isscalar(value) else None
         if shape != ():
             raise TypeError(
                 f"{name}: gradients are only defined for scalar-output functions; the function "
-                f"returned {_describe(value) or type(value).__name__}. Reduce it to a scalar (e.g. "
+                f"returned {describe(value)}. Reduce it to a scalar (e.g. "
                 "jnp.mean), return extra outputs with has_aux=True, or use jax.vjp."
             )
         dtype = jnp.result_type(value)
@@ -200,9 +201,3 @@ def _checked_output(name: str, fun: Callable, has_aux: bool, holomorphic: bool) 
         return out
 
     return checked
-
-
-def _describe(x) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f" with shape {tuple(x.shape)} and dtype {x.dtype}"
-    return ""

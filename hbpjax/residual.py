@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._util import describe
+
 PyTree = Any
 
 __all__ = ["additive", "gated", "relu"]
@@ -79,15 +81,9 @@ def gated(h: PyTree, z: tuple[PyTree, PyTree]) -> PyTree:
 
 def _check_gated(h: PyTree, z: Any) -> None:
     if not isinstance(z, (tuple, list)) or len(z) != 2:
-        if isinstance(z, (tuple, list)):
-            got = f"a {type(z).__name__} of length {len(z)}"
-        elif hasattr(z, "shape"):
-            got = f"a single array of shape {tuple(z.shape)}"
-        else:
-            got = f"a {type(z).__name__}"
         raise ValueError(
             "the block output z of a `gated` residual must be a pair (a, b) with "
-            f"h_new = a * h + b; got {got}. Return `(gate, update)` from the block."
+            f"h_new = a * h + b; got {describe(z)}. Return `(gate, update)` from the block."
         )
     _same_layout(h, z[0], "the gate a of a `gated` residual")
     _same_layout(h, z[1], "the update b of a `gated` residual")

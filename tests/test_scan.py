@@ -86,7 +86,7 @@ def test_additive_structure_mismatch():
 
 
 def test_gated_needs_a_pair():
-    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`gated`.*pair \(a, b\).*got a single array of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`gated`.*pair \(a, b\).*got an array of shape \(3,\)"):
         _run(lambda h, x: h, jnp.ones(3), length=2, residual=hbpjax.residual.gated)
     with pytest.raises(ValueError, match=r"`gated`.*tuple of length 3"):
         _run(lambda h, x: (h, h, h), jnp.ones(3), length=2, residual=hbpjax.residual.gated)
@@ -141,3 +141,31 @@ def test_integer_carry_under_highway():
     f = lambda h0: jnp.sum(hbpjax.residual_scan(lambda h, x: h, h0, length=2)[0]).astype(jnp.float32)
     with pytest.raises(TypeError, match=r"hbpjax.residual_scan: under hbpjax.highway_grad every carry leaf must be floating"):
         hbpjax.highway_grad(lambda x: f(jnp.ones(3, jnp.int32)) * x, iterations=1)(1.0)
+
+
+def test_has_aux_returns_stacked_state_without_gradient():
+    """Per-step aux (e.g. updated statistics) is returned stacked, identical in both modes."""
+    with jax.enable_x64(True):
+        W = 0.5 * jax.random.normal(jax.random.key(5), (6, 3, 3), jnp.float64)
+
+        def block(h, w):
+            z = jnp.tanh(h @ w)
+            return z, {"mean": jnp.mean(z), "step": jnp.int32(1)}
+
+        def loss(W, h0):
+            h, hs, aux = hbpjax.residual_scan(block, h0, W, has_aux=True)
+            return jnp.sum(h**2) + jnp.sum(aux["mean"]), aux  # aux contributes no gradient
+
+        h0 = jnp.ones(3, jnp.float64)
+        (value, aux), g = jax.value_and_grad(loss, has_aux=True)(W, h0)
+        (hvalue, haux), hg = hbpjax.highway_value_and_grad(loss, has_aux=True, iterations=6)(W, h0)
+        assert aux["mean"].shape == (6,) and aux["step"].dtype == jnp.int32
+        assert_trees_close((hvalue, haux, hg), (value, aux, g))
+
+        def no_aux(W, h0):
+            h, _ = hbpjax.residual_scan(lambda h, w: block(h, w)[0], h0, W)
+            return jnp.sum(h**2)
+
+        assert_trees_close(g, jax.grad(no_aux)(W, h0))  # stop_gradient: same as without the aux term
+        with pytest.raises(ValueError, match=r"has_aux=True `block` must return a pair \(z, aux\); got an array of shape \(3,\)"):
+            hbpjax.residual_scan(lambda h, w: h, h0, W, has_aux=True)
