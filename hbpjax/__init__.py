@@ -20,6 +20,17 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
+
+
+def __getattr__(name):
+    # `hbpjax.nnx` and `hbpjax.linen` import flax, so they load on first use only.
+    if name in ("nnx", "linen"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "GradientAgreement",
     "gradient_agreement",

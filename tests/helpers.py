@@ -20,9 +20,14 @@ def assert_trees_close(actual, expected, rtol=None, atol=None):
     assert a_tree == e_tree, f"tree mismatch: {a_tree} vs {e_tree}"
     for a, e in zip(a_leaves, e_leaves):
         assert jnp.shape(a) == jnp.shape(e)
+        if jnp.issubdtype(jnp.result_type(e), jax.dtypes.prng_key):
+            a, e = jax.random.key_data(a), jax.random.key_data(e)
         tol = TOL.get(jnp.result_type(e), dict(rtol=1e-6, atol=1e-7))
         np.testing.assert_allclose(
-            np.asarray(a), np.asarray(e), rtol=rtol or tol["rtol"], atol=atol or tol["atol"]
+            np.asarray(a),
+            np.asarray(e),
+            rtol=tol["rtol"] if rtol is None else rtol,
+            atol=tol["atol"] if atol is None else atol,
         )
 
 

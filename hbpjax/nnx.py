@@ -1,0 +1,439 @@
+"""Flax NNX adapters: residual stacks, RNNs with explicit residual splits, and gradient transforms.
+
+Swap the gradient call of an ordinary NNX training step and keep everything else::
+
+    grad_fn = nnx.value_and_grad(loss_fn)                              # before
+    grad_fn = hbpjax.nnx.value_and_grad(loss_fn, iterations=4)         # after
+
+Highway-BP applies inside the :class:`ResidualStack` and :class:`ResidualRNN` modules of the model
+(both built on :func:`hbpjax.residual_scan`); everything else is differentiated as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx as _nnx
+
+from . import _context
+from ._scan import residual_scan
+from ._transform import DEFAULT_ITERATIONS, normalize_argnums
+from ._util import describe
+from .residual import additive, gated
+
+__all__ = [
+    "GRUCell",
+    "LSTMCell",
+    "MinGRUCell",
+    "ResidualRNN",
+    "ResidualStack",
+    "grad",
+    "value_and_grad",
+]
+
+
+# ----------------------------------------------------------------------------- ResidualStack
+
+
+class ResidualStack(_nnx.Module):
+    """``num_layers`` independent copies of a block, run as one residual stack.
+
+    The blocks are created with ``nnx.split_rngs`` + ``nnx.vmap`` (parameters stacked on a leading
+    layer axis, each layer with its own random initialisation and its own RNG streams) and applied
+    with :func:`hbpjax.residual_scan`: ``h <- residual(h, block_l(h))`` for ``l = 1..num_layers``.
+    Under ``jax.grad`` / ``nnx.grad`` that is a plain scan; under :func:`hbpjax.nnx.grad` the backward
+    is Highway-BP.
+
+    Blocks may hold ``nnx.Param`` (stacked per layer, differentiated through the stack),
+    ``nnx.BatchNorm`` (statistics updated per layer in training mode, frozen in eval mode) and
+    ``nnx.Dropout`` (per-layer keys). Every Variable that is not an ``nnx.Param`` is treated as state:
+    each layer reads its own and the updated values are written back after the stack, without
+    gradient, exactly as under ``nnx.scan``.
+
+    Args:
+      make_block: ``make_block(rngs) -> nnx.Module``; the block maps the carry ``h`` (plus any extra
+        call arguments) to ``z``.
+      num_layers: number of layers ``L >= 1``.
+      rngs: ``nnx.Rngs`` for the blocks' initialisation (split per layer).
+      residual: the residual combine ``r(h, z)`` (default :func:`hbpjax.residual.additive`).
+      gamma: backward-only split (see :func:`hbpjax.residual_scan`).
+      unroll: forward scan unrolling.
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax
+      >>> from flax import nnx
+      >>> class Block(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.norm = nnx.LayerNorm(8, rngs=rngs)
+      ...         self.linear = nnx.Linear(8, 8, rngs=rngs)
+      ...     def __call__(self, h):
+      ...         return self.linear(jnp.tanh(self.norm(h)))
+      >>> stack = hbpjax.nnx.ResidualStack(Block, 6, rngs=nnx.Rngs(0))
+      >>> stack(jnp.ones((2, 8))).shape
+      (2, 8)
+      >>> stack.layers.linear.kernel.shape      # parameters stacked per layer
+      (6, 8, 8)
+    """
+
+    def __init__(
+        self,
+        make_block: Callable[[_nnx.Rngs], _nnx.Module],
+        num_layers: int,
+        *,
+        rngs: _nnx.Rngs,
+        residual: Callable = additive,
+        gamma: float = 0.0,
+        unroll: int | bool = 1,
+    ):
+        name = "hbpjax.nnx.ResidualStack"
+        if not callable(make_block):
+            raise TypeError(f"{name}: `make_block` must be callable as make_block(rngs) -> Module; got {make_block!r}.")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+            raise TypeError(f"{name}: `num_layers` must be an int >= 1; got {num_layers!r}.")
+        if num_layers < 1:
+            raise ValueError(f"{name}: `num_layers` must be >= 1; got {num_layers}.")
+        if not isinstance(rngs, _nnx.Rngs):
+            raise TypeError(f"{name}: `rngs` must be an nnx.Rngs; got {describe(rngs)}.")
+
+        @_nnx.split_rngs(splits=num_layers)
+        @_nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return make_block(rngs)
+
+        self.layers = create(rngs)
+        self.num_layers = num_layers
+        self.residual = residual
+        self.gamma = gamma
+        self.unroll = unroll
+
+    def __call__(self, h, *args, **kwargs):
+        """Runs the stack on carry ``h``; extra arguments are passed unchanged to every layer."""
+        graphdef, params, state = _nnx.split(self.layers, _nnx.Param, ...)
+
+        def block(h, layer):
+            layer_params, layer_state = layer
+            module = _nnx.merge(graphdef, layer_params, layer_state)
+            z = module(h, *args, **kwargs)
+            _, _, new_state = _nnx.split(module, _nnx.Param, ...)
+            return z, new_state
+
+        try:
+            h, _, new_state = residual_scan(
+                block, h, (params, state), residual=self.residual, gamma=self.gamma, unroll=self.unroll, has_aux=True
+            )
+        except ValueError as err:
+            if not str(err).startswith("hbpjax."):
+                raise
+            raise ValueError(f"hbpjax.nnx.ResidualStack: the block does not fit the residual. {err}") from None
+        _nnx.update(self.layers, new_state)
+        return h
+
+
+# ------------------------------------------------------------------------------------- cells
+
+
+class GRUCell(_nnx.GRUCell):
+    """``nnx.GRUCell`` with its update written as a residual split (same parameters, same values).
+
+    ``h' = z * h + (1 - z) * n`` is :func:`hbpjax.residual.gated` with ``block(h, x) = (z, (1-z) n)``,
+    so :class:`ResidualRNN` can run it with Highway-BP. Constructor and parameters are those of
+    ``nnx.GRUCell``.
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax
+      >>> from flax import nnx
+      >>> cell = hbpjax.nnx.GRUCell(3, 5, rngs=nnx.Rngs(0))
+      >>> h, y = cell(jnp.zeros((2, 5)), jnp.ones((2, 3)))
+      >>> h.shape
+      (2, 5)
+    """
+
+    residual = staticmethod(gated)
+
+    def block(self, carry, inputs):
+        """The block of the residual split: ``(a, b)`` with ``h' = a * h + b``."""
+        xi_r, xi_z, xi_n = jnp.split(self.dense_i(inputs), 3, axis=-1)
+        hh_r, hh_z, hh_n = jnp.split(self.dense_h(carry), 3, axis=-1)
+        r = self.gate_fn(xi_r + hh_r)
+        z = self.gate_fn(xi_z + hh_z)
+        n = self.activation_fn(xi_n + r * hh_n)
+        return z, (1.0 - z) * n
+
+    def output(self, carry):
+        return carry
+
+    def __call__(self, carry, inputs):
+        new = self.residual(carry, self.block(carry, inputs))
+        return new, self.output(new)
+
+
+class LSTMCell(_nnx.OptimizedLSTMCell):
+    """``nnx.OptimizedLSTMCell`` with its update written as a residual split (same parameters).
+
+    On the carry ``(c, h)``: ``c' = f * c + i * g`` and ``h' = o * tanh(c')`` is
+    :func:`hbpjax.residual.gated` with ``a = (f, 0)``, ``b = (i * g, h')``: the cell state is the
+    residual path (``K = (f, 0)``), everything else is the block.
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax
+      >>> from flax import nnx
+      >>> cell = hbpjax.nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+      >>> (c, h), y = cell((jnp.zeros((2, 4)), jnp.zeros((2, 4))), jnp.ones((2, 3)))
+      >>> y.shape
+      (2, 4)
+    """
+
+    residual = staticmethod(gated)
+
+    def block(self, carry, inputs):
+        c, h = carry
+        i, f, g, o = jnp.split(self.dense_i(inputs) + self.dense_h(h), 4, axis=-1)
+        i, f, g, o = self.gate_fn(i), self.gate_fn(f), self.activation_fn(g), self.gate_fn(o)
+        h_new = o * self.activation_fn(f * c + i * g)
+        return (f, jnp.zeros_like(h)), (i * g, h_new)
+
+    def output(self, carry):
+        return carry[1]
+
+    def __call__(self, carry, inputs):
+        new = self.residual(carry, self.block(carry, inputs))
+        return new, self.output(new)
+
+
+class MinGRUCell(_nnx.Module):
+    """A minimal linear diagonal recurrence (minGRU): ``h' = (1 - z) * h + z * h~``.
+
+    ``z = sigmoid(W_z x + b_z)`` and ``h~ = W_h x + b_h`` read only the input, so the block does not
+    depend on the carry: ``J = 0`` and Highway-BP with ``iterations=0`` is *exact* — an exact,
+    parallel backward for a linear RNN.
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax
+      >>> from flax import nnx
+      >>> cell = hbpjax.nnx.MinGRUCell(3, 4, rngs=nnx.Rngs(0))
+      >>> cell.initialize_carry((2, 3)).shape
+      (2, 4)
+    """
+
+    residual = staticmethod(gated)
+
+    def __init__(self, in_features: int, hidden_features: int, *, rngs: _nnx.Rngs, param_dtype=jnp.float32):
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.param_dtype = param_dtype
+        self.dense_z = _nnx.Linear(in_features, hidden_features, param_dtype=param_dtype, rngs=rngs)
+        self.dense_h = _nnx.Linear(in_features, hidden_features, param_dtype=param_dtype, rngs=rngs)
+
+    def block(self, carry, inputs):
+        z = jax.nn.sigmoid(self.dense_z(inputs))
+        return 1.0 - z, z * self.dense_h(inputs)
+
+    def output(self, carry):
+        return carry
+
+    def __call__(self, carry, inputs):
+        new = self.residual(carry, self.block(carry, inputs))
+        return new, new
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return jnp.zeros(tuple(input_shape[:-1]) + (self.hidden_features,), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+# ------------------------------------------------------------------------------- ResidualRNN
+
+
+class ResidualRNN(_nnx.Module):
+    """Runs one shared cell over the time axis, like ``nnx.RNN``, as a :func:`hbpjax.residual_scan`.
+
+    The cell must spell out its residual split: a ``block(carry, x) -> z`` method and a
+    ``residual`` (as :class:`GRUCell`, :class:`LSTMCell` and :class:`MinGRUCell` do), plus
+    ``initialize_carry(input_shape, rngs)`` and optionally ``output(carry) -> y``. The cell's
+    parameters are shared by all steps and get their summed gradient.
+
+    Args:
+      cell: the cell module.
+      time_major: inputs are ``(time, *batch, features)`` instead of ``(*batch, time, features)``.
+      return_carry: also return the final carry: ``(carry, outputs)``.
+      reverse: run from the last step to the first.
+      keep_order: with ``reverse``, return outputs in the original time order.
+      unroll: forward scan unrolling.
+      gamma: backward-only split (see :func:`hbpjax.residual_scan`).
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax
+      >>> from flax import nnx
+      >>> rnn = hbpjax.nnx.ResidualRNN(hbpjax.nnx.GRUCell(3, 5, rngs=nnx.Rngs(0)))
+      >>> rnn(jnp.ones((2, 7, 3))).shape                     # (batch, time, hidden)
+      (2, 7, 5)
+    """
+
+    def __init__(
+        self,
+        cell: _nnx.Module,
+        *,
+        time_major: bool = False,
+        return_carry: bool = False,
+        reverse: bool = False,
+        keep_order: bool = False,
+        unroll: int | bool = 1,
+        gamma: float = 0.0,
+    ):
+        missing = [m for m in ("block", "residual", "initialize_carry") if not hasattr(cell, m)]
+        if missing:
+            raise TypeError(
+                f"hbpjax.nnx.ResidualRNN: the cell must split its update into `block(carry, x) -> z` "
+                f"and a `residual`, and provide `initialize_carry`; {type(cell).__name__} lacks "
+                f"{', '.join(missing)}. Use hbpjax.nnx.GRUCell, LSTMCell or MinGRUCell, or add them."
+            )
+        self.cell = cell
+        self.time_major = time_major
+        self.return_carry = return_carry
+        self.reverse = reverse
+        self.keep_order = keep_order
+        self.unroll = unroll
+        self.gamma = gamma
+
+    def __call__(self, inputs, *, initial_carry=None, return_carry=None, time_major=None, reverse=None, keep_order=None):
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        time_axis = 0 if time_major else inputs.ndim - 2
+        xs = jnp.moveaxis(inputs, time_axis, 0)
+        if reverse:
+            xs = jnp.flip(xs, 0)
+        if initial_carry is None:
+            # The built-in cells start from zeros; the key only matters for random carry inits.
+            initial_carry = self.cell.initialize_carry(xs.shape[1:], _nnx.Rngs(carry=0))
+        output = getattr(self.cell, "output", lambda carry: carry)
+        carry, carries = residual_scan(
+            self.cell.block, initial_carry, xs, residual=self.cell.residual, gamma=self.gamma, unroll=self.unroll
+        )
+        outputs = output(carries)
+        if reverse and keep_order:
+            outputs = jnp.flip(outputs, 0)
+        outputs = jnp.moveaxis(outputs, 0, time_axis)
+        return (carry, outputs) if return_carry else outputs
+
+
+# ------------------------------------------------------------------------ gradient transforms
+
+
+def _diff_argnums(argnums) -> tuple[int, ...]:
+    nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
+    return tuple(a.argnum if isinstance(a, _nnx.DiffState) else a for a in nums)
+
+
+def _check_nnx_args(name: str, argnums, args) -> None:
+    for a in _diff_argnums(argnums):
+        if not -len(args) <= a < len(args):
+            raise TypeError(
+                f"{name}: differentiating with respect to argnums={a} requires at least "
+                f"{max(a + 1, -a)} positional arguments, but got only {len(args)}."
+            )
+        if not isinstance(args[a], (_nnx.Module, _nnx.State)):
+            raise TypeError(
+                f"{name}: argument {a} must be an nnx.Module or an nnx.State (the model whose "
+                f"nnx.Param gradients you want); got {describe(args[a])}. For plain pytrees of "
+                "arrays use hbpjax.highway_value_and_grad."
+            )
+
+
+def value_and_grad(
+    f: Callable | None = None,
+    *,
+    argnums: int | Any = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+    iterations: int | None = DEFAULT_ITERATIONS,
+    tol: float | None = None,
+) -> Callable:
+    """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
+
+    Same arguments and results as ``nnx.value_and_grad``: ``nnx.Param`` of the Module arguments are
+    differentiated by default (``nnx.DiffState`` selects others), gradients come back as an
+    ``nnx.State`` that ``nnx.Optimizer.update`` accepts, and non-parameter state (BatchNorm
+    statistics, RNG counters) is written back to the model. ``iterations`` and ``tol`` are as in
+    :func:`hbpjax.highway_value_and_grad`. Usable as a decorator, inside ``nnx.jit``, in graph and
+    tree mode.
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax
+      >>> from flax import nnx
+      >>> model = hbpjax.nnx.ResidualRNN(hbpjax.nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))
+      >>> loss_fn = lambda model, x: jnp.mean(model(x) ** 2)
+      >>> loss, grads = hbpjax.nnx.value_and_grad(loss_fn, iterations=2)(model, jnp.ones((3, 10, 2)))
+      >>> grads["cell"]["dense_h"]["kernel"].shape
+      (4, 12)
+    """
+    name = "hbpjax.nnx.value_and_grad"
+    settings = _context.settings(name, iterations, tol)
+    if f is None:
+        return functools.partial(
+            value_and_grad, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
+            graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
+        )
+    return _wrap(name, f, _nnx.value_and_grad, settings, argnums, has_aux, holomorphic, allow_int, graph, graph_updates)
+
+
+def grad(
+    f: Callable | None = None,
+    *,
+    argnums: int | Any = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+    iterations: int | None = DEFAULT_ITERATIONS,
+    tol: float | None = None,
+) -> Callable:
+    """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
+
+    See :func:`value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
+
+    Example:
+      >>> import jax.numpy as jnp, hbpjax, optax
+      >>> from flax import nnx
+      >>> model = hbpjax.nnx.ResidualRNN(hbpjax.nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))
+      >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+      >>> grads = hbpjax.nnx.grad(lambda m, x: jnp.mean(m(x) ** 2), iterations=2)(model, jnp.ones((3, 10, 2)))
+      >>> _ = optimizer.update(model, grads)   # a standard optax step
+    """
+    name = "hbpjax.nnx.grad"
+    settings = _context.settings(name, iterations, tol)
+    if f is None:
+        return functools.partial(
+            grad, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
+            graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
+        )
+    return _wrap(name, f, _nnx.grad, settings, argnums, has_aux, holomorphic, allow_int, graph, graph_updates)
+
+
+def _wrap(name, f, transform, settings, argnums, has_aux, holomorphic, allow_int, graph, graph_updates):
+    if not callable(f):
+        raise TypeError(f"{name}: `f` must be callable; got {describe(f)}.")
+    plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
+    normalize_argnums(name, tuple(plain))
+    inner = transform(
+        f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
+        graph=graph, graph_updates=graph_updates,
+    )
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        _check_nnx_args(name, argnums, args)
+        with _context.active(settings):
+            return inner(*args, **kwargs)
+
+    return wrapper
