@@ -5,17 +5,13 @@ Forward: ``z_i = block(h_{i-1}, x_i)``, ``h_i = residual(h_{i-1}, z_i)`` for ``i
 Under plain ``jax.grad`` (no :func:`hbpjax.highway_grad` active, or ``iterations=None``) this *is*
 ``lax.scan``: forward mode, higher order and everything else JAX does with a scan apply unchanged.
 
-Under ``highway_grad(..., iterations=k)`` it is a ``jax.custom_vjp`` whose backward
+Under ``highway_grad(..., iterations=k)`` it is a ``jax.custom_vjp`` whose backward is Highway-BP
+(:mod:`hbpjax._backward`): every layer linearized once in parallel, then ``k`` sweeps of "all layers'
+VJPs at once, then one prefix scan". Nothing in this backward loops over the layers; its sequential
+depth is about ``(k+1)(1+log2 L)``.
 
-1. linearizes every layer once, in parallel: one ``jax.vjp`` of ``vmap(block)`` over all layers,
-   with per-step ``xs`` mapped and closed-over (shared) values broadcast, so shared weights get one
-   summed gradient instead of a ``(L, ...)`` stack of per-step gradients;
-2. takes the diagonal ``K`` of the residual's carry Jacobian (one ``jvp`` with ones);
-3. solves the residual-path-only recurrence with one associative prefix scan, then runs ``k`` sweeps
-   of "all layers' VJPs at once, then one prefix scan";
-4. reads parameter, input and initial-carry cotangents off one last VJP at the final estimate.
-
-Nothing in this backward loops over the layers; its sequential depth is about ``(k+1)(1+log2 L)``.
+With ``layer_axis`` the layers are split in contiguous chunks over a mesh axis
+(:mod:`hbpjax._layers`).
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _context
-from . import _prefix
+from ._backward import highway_backward
 from ._util import describe
 from .residual import additive
 
@@ -158,111 +154,12 @@ def _highway_scan(block, split, residual, gamma, settings, length, unroll, init,
         init, carries, xs, consts = res
         ct_final, ct_carries, _ = cts  # aux is stop_gradient-ed by the caller: no cotangent
         block_z = lambda h, x, *c: split(converted(h, x, *c))[0]
-        return _highway_backward(
+        return highway_backward(
             block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries
         )
 
     run.defvjp(fwd, bwd)
     return run(init, xs, consts)
-
-
-def _highway_backward(block, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries):
-    """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps."""
-    tmap = jax.tree.map
-    length = jax.tree.leaves(carries)[0].shape[0]
-
-    def shift_up(a, fill):
-        """``out[j] = a[j + 1]``, ``out[L - 1] = fill``."""
-        return jnp.concatenate([a[1:], fill[None]], axis=0)
-
-    # Cotangent arriving from outside at each carry h_1..h_L (the final carry is h_L).
-    e = tmap(lambda c, f: c.at[-1].add(f), ct_carries, ct_final)
-    # Inputs of each layer: h_0..h_{L-1}.
-    h_prev = tmap(lambda h0, c: jnp.concatenate([h0[None], c[:-1]], axis=0), init, carries)
-
-    # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
-    # their cotangent is summed inside the transposed ops, never stacked per step.
-    n_consts = len(consts)
-    all_blocks = jax.vmap(block, in_axes=(0, 0) + (None,) * n_consts)
-    z, vjp_block = jax.vjp(lambda h, x, c: all_blocks(h, x, *c), h_prev, xs, consts)
-    all_residuals = jax.vmap(residual)
-    _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
-    ones = tmap(jnp.ones_like, h_prev)
-    _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (ones,))
-
-    def layer_vjp(w):
-        """(d carry, d x, d consts) of every layer's block path for carry cotangents ``w``."""
-        (ct_z,) = vjp_res_z(w)
-        return vjp_block(ct_z)
-
-    # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
-    k_next = tmap(lambda k: (1.0 - gamma) * shift_up(k, jnp.zeros_like(k[0])), k_diag)
-
-    planned = _plan(k_next)  # the k-only half of the prefix scan, shared by every sweep
-
-    def solve(v):
-        """One prefix scan along the residual path given the block-path terms ``v``."""
-        u = e if v is None else tmap(lambda ej, vj: ej + shift_up(vj, jnp.zeros_like(vj[0])), e, v)
-        return _solve(planned, u)
-
-    def sweep(w):
-        v = layer_vjp(w)[0]
-        if gamma:
-            v = tmap(lambda vj, kj, wj: vj + gamma * kj * wj, v, k_diag, w)
-        return solve(v)
-
-    w = solve(None)
-    sweeps = min(settings.iterations, max(length - 1, 0))  # L-1 sweeps are already exact
-    if settings.tol is None:
-        # A loop over the k sweeps (never over the L layers): compile time does not grow with k.
-        w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
-    elif sweeps > 0:
-        w = _sweep_until(sweep, w, sweeps, settings.tol)
-
-    ct_h, ct_xs, ct_consts = layer_vjp(w)
-    # The initial carry gets the full Jacobian of layer 1: (K_1 + J_1)^T w_1.
-    ct_init = tmap(lambda k, wj, g: k[0] * wj[0] + g[0], k_diag, w, ct_h)
-    ct_xs = tmap(_none_if_float0, ct_xs)
-    ct_consts = tuple(_none_if_float0(c) for c in ct_consts)
-    return ct_init, ct_xs, ct_consts
-
-
-# Jitted so that eager (un-jitted) gradients compile the O(log L) levels once per shape instead of
-# dispatching them op by op; under an outer jit they are simply inlined.
-_plan = jax.jit(_prefix.plan)
-_solve = jax.jit(_prefix.solve)
-
-
-def _sweep_until(sweep, w, max_sweeps, tol):
-    """Sweeps until the relative change of ``w`` is ``<= tol``, at most ``max_sweeps`` times."""
-
-    def sq_norm(tree):
-        return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
-
-    def cond(state):
-        i, _, change = state
-        return (i < max_sweeps) & (change > tol)
-
-    def body(state):
-        i, w_old, _ = state
-        w_new = sweep(w_old)
-        diff = sq_norm(jax.tree.map(jnp.subtract, w_new, w_old))
-        size = sq_norm(w_new)
-        change = jnp.where(size > 0, jnp.sqrt(diff / jnp.where(size > 0, size, 1.0)), 0.0)
-        return i + 1, w_new, change.astype(jnp.float32)
-
-    state = (jnp.int32(0), w, jnp.float32(jnp.inf))
-    _, w, _ = lax.while_loop(cond, body, state)
-    return w
-
-
-def _none_if_float0(ct):
-    """Integer / key inputs get a ``None`` (zero) cotangent from the custom_vjp."""
-    if ct is None:
-        return None
-    if getattr(ct, "dtype", None) == jax.dtypes.float0:
-        return None
-    return ct
 
 
 # --------------------------------------------------------------------------- validation

@@ -1,0 +1,203 @@
+"""The Highway-BP backward of a residual stack, for a stack on one device or split over devices.
+
+Given the saved carries and the cotangents arriving from outside, it
+
+1. linearizes every layer once, in parallel: one ``jax.vjp`` of ``vmap(block)`` over all layers,
+   per-step ``xs`` mapped and closed-over (shared) values broadcast, so shared weights get one summed
+   gradient instead of a ``(L, ...)`` stack of per-step gradients;
+2. takes the diagonal ``K`` of the residual's carry Jacobian (one ``jvp`` with ones);
+3. solves the residual-path-only recurrence with one prefix scan, then runs ``k`` sweeps of "all
+   layers' VJPs at once, then one prefix scan";
+4. reads parameter, input and initial-carry cotangents off one last VJP at the final estimate.
+
+Everything that crosses the boundary of the stack's chunk goes through a *chain*: :class:`Local`
+for a whole stack on one device, or :class:`DeviceChain` for a stack whose layers are split in
+contiguous chunks over a mesh axis (inside ``shard_map``). The chain's neighbours exchange one
+carry-sized value per sweep and join the prefix scan with one ``all_gather`` of per-device summaries,
+so the backward holds no loop over layers or devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _prefix
+
+# Jitted so that eager (un-jitted) gradients compile the O(log L) levels once per shape instead of
+# dispatching them op by op; under an outer jit they are simply inlined.
+_plan = jax.jit(_prefix.plan)
+_solve = jax.jit(_prefix.solve)
+
+tmap = jax.tree.map
+
+
+class Local:
+    """The whole stack is here: nothing before it but ``init``, nothing after it."""
+
+    def total_length(self, local_length: int) -> int:
+        return local_length
+
+    def from_previous(self, last, init):
+        """The carry entering this chunk."""
+        return init
+
+    def from_next(self, first):
+        """The next chunk's first value of a per-layer quantity (zero past the end)."""
+        return tmap(jnp.zeros_like, first)
+
+    def on_last(self, x):
+        """``x`` where this chunk ends the stack, zero elsewhere."""
+        return x
+
+    def solver(self, planned, k_next):
+        return lambda u: _solve(planned, u)
+
+    def reduce_first(self, x):
+        """A value that only the chunk holding layer 1 computes, made available everywhere."""
+        return x
+
+    def reduce_shared(self, x):
+        """Sum of per-chunk contributions (shared-parameter cotangents, norms)."""
+        return x
+
+
+class DeviceChain:
+    """This chunk is one of ``size`` contiguous chunks along the manual mesh axis ``axis``."""
+
+    def __init__(self, axis: str, size: int):
+        self.axis, self.size = axis, size
+        self.index = lax.axis_index(axis)
+
+    def total_length(self, local_length):
+        return local_length * self.size
+
+    def _shift(self, x, step):
+        pairs = [(i, i + step) for i in range(self.size) if 0 <= i + step < self.size]
+        return tmap(lambda a: lax.ppermute(a, self.axis, perm=pairs), x)
+
+    def from_previous(self, last, init):
+        received = self._shift(last, +1)
+        return tmap(lambda i, r: jnp.where(self.index == 0, i, r), init, received)
+
+    def from_next(self, first):
+        return self._shift(first, -1)  # the last chunk receives zeros
+
+    def on_last(self, x):
+        return tmap(lambda a: jnp.where(self.index == self.size - 1, a, jnp.zeros_like(a)), x)
+
+    def solver(self, planned, k_next):
+        # Within the chunk w = w_local + P * W_next, where W_next is w at the first layer of the next
+        # chunk and P[j] = prod_{m >= j} k_next[m] (k only: computed once per backward).
+        last_only = tmap(lambda k: jnp.zeros_like(k).at[-1].set(k[-1]), k_next)
+        P = _solve(planned, last_only)
+        A_all = tmap(lambda p: lax.all_gather(p[0], self.axis), P)  # each chunk's transfer coefficient
+
+        def solve(u):
+            w_local = _solve(planned, u)
+            b_all = tmap(lambda w: lax.all_gather(w[0], self.axis), w_local)
+            # The scan over the chunks' summaries: w_first[c] = b[c] + A[c] * w_first[c + 1].
+            w_first = _solve(_prefix.plan(A_all), b_all)
+            w_next = tmap(
+                lambda wf: lax.dynamic_index_in_dim(
+                    jnp.concatenate([wf[1:], jnp.zeros_like(wf[:1])]), self.index, keepdims=False
+                ),
+                w_first,
+            )
+            return tmap(lambda wl, p, wn: wl + p * wn[None], w_local, P, w_next)
+
+        return solve
+
+    def reduce_first(self, x):
+        return tmap(lambda a: lax.psum(jnp.where(self.index == 0, a, jnp.zeros_like(a)), self.axis), x)
+
+    def reduce_shared(self, x):
+        return tmap(lambda a: lax.psum(a, self.axis), x)
+
+
+def highway_backward(block, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain=None):
+    """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps."""
+    chain = Local() if chain is None else chain
+
+    def shift_up(a, fill):
+        """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
+        return jnp.concatenate([a[1:], fill[None]], axis=0)
+
+    # Cotangent arriving from outside at each carry h_1..h_L (the final carry is h_L).
+    e = tmap(lambda c, f: c.at[-1].add(f), ct_carries, chain.on_last(ct_final))
+    # Inputs of each layer: h_0..h_{L-1}.
+    first = chain.from_previous(tmap(lambda c: c[-1], carries), init)
+    h_prev = tmap(lambda h0, c: jnp.concatenate([h0[None], c[:-1]], axis=0), first, carries)
+
+    # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
+    # their cotangent is summed inside the transposed ops, never stacked per step.
+    all_blocks = jax.vmap(block, in_axes=(0, 0) + (None,) * len(consts))
+    z, vjp_block = jax.vjp(lambda h, x, c: all_blocks(h, x, *c), h_prev, xs, consts)
+    all_residuals = jax.vmap(residual)
+    _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
+    _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
+
+    def layer_vjp(w):
+        """(d carry, d x, d consts) of every layer's block path for carry cotangents ``w``."""
+        (ct_z,) = vjp_res_z(w)
+        return vjp_block(ct_z)
+
+    # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
+    k_after = chain.from_next(tmap(lambda k: k[0], k_diag))
+    k_next = tmap(lambda k, ka: (1.0 - gamma) * shift_up(k, ka), k_diag, k_after)
+    planned = _plan(k_next)  # the k-only half of the prefix scan, shared by every sweep
+    solve = chain.solver(planned, k_next)
+
+    def sweep(w):
+        v = layer_vjp(w)[0]
+        if gamma:
+            v = tmap(lambda vj, kj, wj: vj + gamma * kj * wj, v, k_diag, w)
+        v_after = chain.from_next(tmap(lambda a: a[0], v))
+        return solve(tmap(lambda ej, vj, va: ej + shift_up(vj, va), e, v, v_after))
+
+    w = solve(e)
+    length = chain.total_length(jax.tree.leaves(carries)[0].shape[0])
+    sweeps = min(settings.iterations, max(length - 1, 0))  # L-1 sweeps are already exact
+    if settings.tol is None:
+        # A loop over the k sweeps (never over the L layers): compile time does not grow with k.
+        w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
+    elif sweeps > 0:
+        w = _sweep_until(sweep, w, sweeps, settings.tol, chain)
+
+    ct_h, ct_xs, ct_consts = layer_vjp(w)
+    # The initial carry gets the full Jacobian of layer 1: (K_1 + J_1)^T w_1.
+    ct_init = chain.reduce_first(tmap(lambda k, wj, g: k[0] * wj[0] + g[0], k_diag, w, ct_h))
+    ct_xs = tmap(_none_if_float0, ct_xs)
+    ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
+    return ct_init, ct_xs, ct_consts
+
+
+def _sweep_until(sweep, w, max_sweeps, tol, chain):
+    """Sweeps until the relative change of ``w`` is ``<= tol``, at most ``max_sweeps`` times."""
+
+    def sq_norm(tree):
+        return chain.reduce_shared(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+
+    def cond(state):
+        i, _, change = state
+        return (i < max_sweeps) & (change > tol)
+
+    def body(state):
+        i, w_old, _ = state
+        w_new = sweep(w_old)
+        diff = sq_norm(tmap(jnp.subtract, w_new, w_old))
+        size = sq_norm(w_new)
+        change = jnp.where(size > 0, jnp.sqrt(diff / jnp.where(size > 0, size, 1.0)), 0.0)
+        return i + 1, w_new, change.astype(jnp.float32)
+
+    state = (jnp.int32(0), w, jnp.float32(jnp.inf))
+    _, w, _ = lax.while_loop(cond, body, state)
+    return w
+
+
+def _none_if_float0(ct):
+    """Integer / key inputs get a ``None`` (zero) cotangent from the custom_vjp."""
+    if ct is None or getattr(ct, "dtype", None) == jax.dtypes.float0:
+        return None
+    return ct
