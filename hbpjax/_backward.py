@@ -13,8 +13,8 @@ Given the saved carries and the cotangents arriving from outside, it
 Everything that crosses the boundary of the stack's chunk goes through a *chain*: :class:`Local`
 for a whole stack on one device, or :class:`DeviceChain` for a stack whose layers are split in
 contiguous chunks over a mesh axis (inside ``shard_map``). The chain's neighbours exchange one
-carry-sized value per sweep and join the prefix scan with one ``all_gather`` of per-device summaries,
-so the backward holds no loop over layers or devices.
+carry-sized value per sweep and join the prefix scan with one gather of per-device summaries, so
+the backward holds no loop over layers or devices.
 """
 
 from __future__ import annotations
@@ -55,11 +55,15 @@ class Local:
         return lambda u: _solve(planned, u)
 
     def reduce_first(self, x):
-        """A value that only the chunk holding layer 1 computes, made available everywhere."""
+        """The cotangent of ``init``: only the chunk holding layer 1 contributes."""
         return x
 
     def reduce_shared(self, x):
-        """Sum of per-chunk contributions (shared-parameter cotangents, norms)."""
+        """This chunk's contribution to the cotangent of a shared (replicated) value."""
+        return x
+
+    def total(self, x):
+        """A sum over all chunks (norms)."""
         return x
 
 
@@ -85,20 +89,23 @@ class DeviceChain:
         return self._shift(first, -1)  # the last chunk receives zeros
 
     def on_last(self, x):
-        return tmap(lambda a: jnp.where(self.index == self.size - 1, a, jnp.zeros_like(a)), x)
+        # The cotangent of a replicated output reaches the devices in parts (shard_map splits it);
+        # their sum is the whole cotangent, which belongs to the chunk that computed the output.
+        return tmap(lambda a: jnp.where(self.index == self.size - 1, lax.psum(a, self.axis), jnp.zeros_like(a)), x)
 
     def solver(self, planned, k_next):
         # Within the chunk w = w_local + P * W_next, where W_next is w at the first layer of the next
         # chunk and P[j] = prod_{m >= j} k_next[m] (k only: computed once per backward).
         last_only = tmap(lambda k: jnp.zeros_like(k).at[-1].set(k[-1]), k_next)
         P = _solve(planned, last_only)
-        A_all = tmap(lambda p: lax.all_gather(p[0], self.axis), P)  # each chunk's transfer coefficient
+        A_all = self._gather(tmap(lambda p: p[0], P))  # each chunk's transfer coefficient
+        A_plan = _plan(A_all)
 
         def solve(u):
             w_local = _solve(planned, u)
-            b_all = tmap(lambda w: lax.all_gather(w[0], self.axis), w_local)
+            b_all = self._gather(tmap(lambda w: w[0], w_local))
             # The scan over the chunks' summaries: w_first[c] = b[c] + A[c] * w_first[c + 1].
-            w_first = _solve(_prefix.plan(A_all), b_all)
+            w_first = _solve(A_plan, b_all)
             w_next = tmap(
                 lambda wf: lax.dynamic_index_in_dim(
                     jnp.concatenate([wf[1:], jnp.zeros_like(wf[:1])]), self.index, keepdims=False
@@ -109,11 +116,29 @@ class DeviceChain:
 
         return solve
 
+    def _gather(self, x):
+        """Every chunk's ``x`` stacked on a new leading axis, on every device (one collective).
+
+        A psum of one-hot rows rather than ``all_gather``, whose result can carry an explicit data
+        sharding on the new axis under a partially manual shard_map.
+        """
+
+        def one(a):
+            mine = (jnp.arange(self.size) == self.index).reshape((self.size,) + (1,) * a.ndim)
+            return lax.psum(jnp.where(mine, a[None], jnp.zeros_like(a)[None]), self.axis)
+
+        return tmap(one, x)
+
+    # Inside shard_map(check_vma=False) the cotangent of a replicated input is summed over the
+    # devices by shard_map itself: each chunk returns its own contribution.
     def reduce_first(self, x):
-        return tmap(lambda a: lax.psum(jnp.where(self.index == 0, a, jnp.zeros_like(a)), self.axis), x)
+        return tmap(lambda a: jnp.where(self.index == 0, a, jnp.zeros_like(a)), x)
 
     def reduce_shared(self, x):
-        return tmap(lambda a: lax.psum(a, self.axis), x)
+        return x
+
+    def total(self, x):
+        return lax.psum(x, self.axis)
 
 
 def highway_backward(block, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain=None):
@@ -177,7 +202,7 @@ def _sweep_until(sweep, w, max_sweeps, tol, chain):
     """Sweeps until the relative change of ``w`` is ``<= tol``, at most ``max_sweeps`` times."""
 
     def sq_norm(tree):
-        return chain.reduce_shared(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+        return chain.total(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
 
     def cond(state):
         i, _, change = state

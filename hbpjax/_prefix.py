@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 PyTree = Any
 
@@ -31,11 +32,22 @@ __all__ = ["METHODS", "affine_scan", "plan", "solve"]
 METHODS = ("parallel", "sequential")
 
 
+def _reshape_leading(a, shape):
+    """``a.reshape(shape)`` for a change of the leading axes only, keeping the trailing axes'
+    sharding when it is explicit (a plain reshape may move it onto the new leading axes)."""
+    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
+    trailing = spec[1:] if len(spec) == a.ndim else ()
+    if any(s is not None for s in trailing):
+        lead = len(shape) - (a.ndim - 1)
+        return a.reshape(shape, out_sharding=PartitionSpec(*((None,) * lead + trailing)))
+    return a.reshape(shape)
+
+
 def _pairs(a):
     """``a`` viewed as neighbouring pairs ``(2i, 2i+1)``: shape ``(ceil(n/2), 2, ...)``."""
     if a.shape[0] % 2:  # w beyond the stack is zero, so an appended zero element changes nothing
         a = jnp.concatenate([a, jnp.zeros_like(a[:1])])
-    return a.reshape((-1, 2) + a.shape[1:])
+    return _reshape_leading(a, (-1, 2) + a.shape[1:])
 
 
 def _plan_leaf(k):
@@ -65,7 +77,7 @@ def _solve_leaf(levels, u):
     # Odd positions follow from the next even one: w[2i+1] = u[2i+1] + k[2i+1] * w[2i+2].
     w_next = jnp.concatenate([w_even[1:], jnp.zeros_like(w_even[:1])])
     w_odd = u_odd + k_pairs[:, 1] * w_next
-    return jnp.stack([w_even, w_odd], axis=1).reshape((-1,) + u.shape[1:])[:n]
+    return _reshape_leading(jnp.stack([w_even, w_odd], axis=1), (-1,) + u.shape[1:])[:n]
 
 
 def plan(k: PyTree, *, method: str = "parallel") -> PyTree:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _context
+from . import _context, _layers
 from ._backward import highway_backward
 from ._util import describe
 from .residual import additive
@@ -45,6 +45,8 @@ def residual_scan(
     length: int | None = None,
     unroll: int | bool = 1,
     has_aux: bool = False,
+    layer_axis: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, PyTree]:
     """Runs a residual stack ``h_i = residual(h_{i-1}, block(h_{i-1}, x_i))`` over ``L`` steps.
 
@@ -71,6 +73,12 @@ def residual_scan(
       has_aux: if True, ``block`` returns ``(z, aux)`` and the per-step ``aux`` values are returned
         stacked. ``aux`` is state, not a differentiable output: it is wrapped in
         ``lax.stop_gradient`` (use it for updated BatchNorm statistics, RNG counters, metrics).
+      layer_axis: name of a mesh axis to split the ``L`` layers over, in contiguous chunks (layer
+        parallelism). Each device keeps its chunk's ``xs`` and saved carries; the forward passes the
+        carry from device to device; the highway backward sweeps locally with O(1) collective rounds
+        per sweep. ``L`` must be a multiple of the axis size. ``carries`` come back sharded over the
+        axis. Other mesh axes (a data axis) stay automatic.
+      mesh: the mesh for ``layer_axis``; defaults to the one set with ``jax.set_mesh``.
 
     Returns:
       ``(final_carry, carries)``: ``h_L`` and ``h_1..h_L`` stacked on a leading axis of length ``L``;
@@ -106,7 +114,14 @@ def residual_scan(
         return h_new, (h_new, aux)
 
     settings = _context.current()
-    if settings is None or settings.iterations is None or length == 0:
+    if layer_axis is not None:
+        mesh, size = _layers.resolve(layer_axis, mesh, length)
+        if settings is not None and settings.iterations is not None:
+            _check_float_carry(init)
+        final, carries, aux = _layers.layer_parallel_scan(
+            block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, _apply_residual
+        )
+    elif settings is None or settings.iterations is None or length == 0:
         final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
     else:
         _check_float_carry(init)
