@@ -80,12 +80,18 @@ def layer_parallel_scan(block, split, residual, gamma, settings, length, unroll,
         carries, aux = outs
         return final, carries, aux
 
-    def local(init, xs):
-        # Traced here, inside the shard_map, so the block's jaxpr has this device's types; the values
-        # it closes over become explicit inputs of the custom_vjp.
+    # The values the block closes over enter the shard_map as explicit (replicated) arguments: a
+    # closed-over array would keep the outer mesh in its type inside the manual region.
+    example = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
+    outer_consts = tuple(jax.closure_convert(block, init, example)[1])
+
+    def local(init, xs, const_args):
+        # Traced again here, inside the shard_map, so the block's jaxpr has this device's types; the
+        # closed-over values it finds are the same objects as outside: swap in the arguments.
         x0 = jax.tree.map(lambda a: a[0], xs)
-        converted, consts = jax.closure_convert(block, init, x0)
-        consts = tuple(consts)
+        converted, inner = jax.closure_convert(block, init, x0)
+        by_id = {id(c): a for c, a in zip(outer_consts, const_args)}
+        consts = tuple(by_id.get(id(c), c) for c in inner)
 
         def forward(init, xs, consts):
             return pipeline(lambda h, x: converted(h, x, *consts), init, xs)
@@ -108,14 +114,28 @@ def layer_parallel_scan(block, split, residual, gamma, settings, length, unroll,
         run.defvjp(fwd, bwd)
         return run(init, xs, consts)
 
+    if _is_explicit(mesh, layer_axis):
+        # Explicit axes do not reshard implicitly: put each leaf's layer axis on the mesh axis,
+        # keeping how its other axes are sharded (a no-op for layer-sharded parameters).
+        xs = jax.tree.map(lambda a: jax.sharding.reshard(a, P(layer_axis, *_spec(a)[1:])), xs)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(layer_axis)),
+        in_specs=(P(), P(layer_axis), P()),
         out_specs=(P(), P(layer_axis), P(layer_axis)),
         axis_names={layer_axis},
         # Without replication types the transpose of an unmapped input is one psum at the boundary,
         # never inside the device-dependent `cond` of the pipeline (where only some devices would
         # reach it). Per-device cotangents of replicated inputs are therefore returned unreduced.
         check_vma=False,
-    )(init, xs)
+    )(init, xs, outer_consts)
+
+
+def _is_explicit(mesh, axis):
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
+    return types.get(axis) == jax.sharding.AxisType.Explicit
+
+
+def _spec(a):
+    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
+    return spec + (None,) * (a.ndim - len(spec))

@@ -77,7 +77,9 @@ def residual_scan(
         parallelism). Each device keeps its chunk's ``xs`` and saved carries; the forward passes the
         carry from device to device; the highway backward sweeps locally with O(1) collective rounds
         per sweep. ``L`` must be a multiple of the axis size. ``carries`` come back sharded over the
-        axis. Other mesh axes (a data axis) stay automatic.
+        axis. Other mesh axes (a data axis) stay automatic. With ``Explicit`` mesh axes, arrays the
+        block closes over must not carry an explicit sharding (JAX does not let a manual region
+        trace with them): use ``Auto`` axes, or pass per-layer values through ``xs``.
       mesh: the mesh for ``layer_axis``; defaults to the one set with ``jax.set_mesh``.
 
     Returns:

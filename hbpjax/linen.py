@@ -44,6 +44,8 @@ class ResidualStack(nn.Module):
       gamma: backward-only split (see :func:`hbpjax.residual_scan`).
       unroll: forward scan unrolling.
       rng_names: RNG streams split per layer and per call.
+      layer_axis: mesh axis to split the layers over (layer parallelism, see
+        :func:`hbpjax.residual_scan`); ``mesh`` defaults to the one set with ``jax.set_mesh``.
 
     Example:
       >>> import jax, jax.numpy as jnp, hbpjax
@@ -64,6 +66,8 @@ class ResidualStack(nn.Module):
     gamma: float = 0.0
     unroll: int | bool = 1
     rng_names: Sequence[str] = ("dropout",)
+    layer_axis: str | None = None
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, h, *args, **kwargs):
@@ -107,7 +111,8 @@ class ResidualStack(nn.Module):
 
         try:
             h, _, updates = residual_scan(
-                block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma, unroll=self.unroll, has_aux=True
+                block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma, unroll=self.unroll,
+                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh,
             )
         except ValueError as err:
             if not str(err).startswith("hbpjax."):

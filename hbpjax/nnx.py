@@ -61,6 +61,9 @@ class ResidualStack(_nnx.Module):
       residual: the residual combine ``r(h, z)`` (default :func:`hbpjax.residual.additive`).
       gamma: backward-only split (see :func:`hbpjax.residual_scan`).
       unroll: forward scan unrolling.
+      layer_axis: mesh axis to split the layers over (layer parallelism, see
+        :func:`hbpjax.residual_scan`); shard the stacked state along axis 0 over it.
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Example:
       >>> import jax.numpy as jnp, hbpjax
@@ -87,6 +90,8 @@ class ResidualStack(_nnx.Module):
         residual: Callable = additive,
         gamma: float = 0.0,
         unroll: int | bool = 1,
+        layer_axis: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         name = "hbpjax.nnx.ResidualStack"
         if not callable(make_block):
@@ -108,6 +113,8 @@ class ResidualStack(_nnx.Module):
         self.residual = residual
         self.gamma = gamma
         self.unroll = unroll
+        self.layer_axis = layer_axis
+        self.mesh = mesh
 
     def __call__(self, h, *args, **kwargs):
         """Runs the stack on carry ``h``; extra arguments are passed unchanged to every layer."""
@@ -122,7 +129,8 @@ class ResidualStack(_nnx.Module):
 
         try:
             h, _, new_state = residual_scan(
-                block, h, (params, state), residual=self.residual, gamma=self.gamma, unroll=self.unroll, has_aux=True
+                block, h, (params, state), residual=self.residual, gamma=self.gamma, unroll=self.unroll,
+                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh,
             )
         except ValueError as err:
             if not str(err).startswith("hbpjax."):

@@ -1,0 +1,8 @@
+"""Root conftest: runs before anything imports JAX (doctests of the package included)."""
+
+import os
+import sys
+
+# Sharding tests simulate 8 devices; XLA reads this once, when JAX initialises its CPU backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
