@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) benchmarks/toy_demo.py
+	$(PY) benchmarks/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/core_speed.py

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _prefix
@@ -141,7 +142,9 @@ class DeviceChain:
         return lax.psum(x, self.axis)
 
 
-def highway_backward(block, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain=None):
+def highway_backward(
+    block, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain=None, linearize="vmap"
+):
     """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps."""
     chain = Local() if chain is None else chain
 
@@ -157,8 +160,11 @@ def highway_backward(block, residual, gamma, settings, init, carries, xs, consts
 
     # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
     # their cotangent is summed inside the transposed ops, never stacked per step.
-    all_blocks = jax.vmap(block, in_axes=(0, 0) + (None,) * len(consts))
-    z, vjp_block = jax.vjp(lambda h, x, c: all_blocks(h, x, *c), h_prev, xs, consts)
+    if linearize == "unroll":
+        z, vjp_block = _linearize_unrolled(block, h_prev, xs, consts)
+    else:
+        all_blocks = jax.vmap(block, in_axes=(0, 0) + (None,) * len(consts))
+        z, vjp_block = jax.vjp(lambda h, x, c: all_blocks(h, x, *c), h_prev, xs, consts)
     all_residuals = jax.vmap(residual)
     _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
     _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
@@ -184,7 +190,10 @@ def highway_backward(block, residual, gamma, settings, init, carries, xs, consts
     w = solve(e)
     length = chain.total_length(jax.tree.leaves(carries)[0].shape[0])
     sweeps = min(settings.iterations, max(length - 1, 0))  # L-1 sweeps are already exact
-    if settings.tol is None:
+    if settings.tol is None and linearize == "unroll":
+        for _ in range(sweeps):  # straight-line code throughout, as the linearization
+            w = sweep(w)
+    elif settings.tol is None:
         # A loop over the k sweeps (never over the L layers): compile time does not grow with k.
         w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
     elif sweeps > 0:
@@ -196,6 +205,42 @@ def highway_backward(block, residual, gamma, settings, init, carries, xs, consts
     ct_xs = tmap(_none_if_float0, ct_xs)
     ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
     return ct_init, ct_xs, ct_consts
+
+
+def _linearize_unrolled(block, h_prev, xs, consts):
+    """One ``jax.vjp`` per layer instead of one of ``vmap(block)``: L independent linearizations.
+
+    Nothing chains them, so the backward stays parallel; XLA just sees L separate ops instead of
+    one batched op. That is faster where it executes the batched form poorly (convolutions with
+    per-layer kernels on a CPU become grouped convolutions), for stacks short enough that compile
+    time (linear in L) does not matter.
+    """
+    length = jax.tree.leaves(h_prev)[0].shape[0]
+    at = lambda tree, j: tmap(lambda a: a[j], tree)
+    zs, vjps = [], []
+    for j in range(length):
+        z_j, vjp_j = jax.vjp(lambda h, x, c: block(h, x, *c), at(h_prev, j), at(xs, j), consts)
+        zs.append(z_j)
+        vjps.append(vjp_j)
+    def stack(trees):
+        def one(*a):
+            if getattr(a[0], "dtype", None) == jax.dtypes.float0:  # integer inputs: no cotangent
+                return np.zeros((len(a),) + a[0].shape, jax.dtypes.float0)
+            return jnp.stack(a)
+
+        return tmap(one, *trees)
+
+    def total(*a):
+        return a[0] if getattr(a[0], "dtype", None) == jax.dtypes.float0 else sum(a[1:], a[0])
+
+    def vjp_block(ct_z):
+        outs = [vjp(at(ct_z, j)) for j, vjp in enumerate(vjps)]
+        ct_h = stack([o[0] for o in outs])
+        ct_xs = stack([o[1] for o in outs]) if jax.tree.leaves(xs) else xs
+        ct_consts = tmap(total, *[o[2] for o in outs])
+        return ct_h, ct_xs, ct_consts
+
+    return stack(zs), vjp_block
 
 
 def _sweep_until(sweep, w, max_sweeps, tol, chain):

@@ -50,7 +50,9 @@ def resolve(layer_axis, mesh, length):
     return mesh, size
 
 
-def layer_parallel_scan(block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, apply_residual):
+def layer_parallel_scan(
+    block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, apply_residual, linearize
+):
     """``(final, carries, aux)`` of the stack with its layers split over ``layer_axis``."""
     local_length = length // size
     highway = settings is not None and settings.iterations is not None
@@ -108,7 +110,9 @@ def layer_parallel_scan(block, split, residual, gamma, settings, length, unroll,
             init, carries, xs, consts = res
             ct_final, ct_carries, _ = cts
             chain = DeviceChain(layer_axis, size)
-            return highway_backward(block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain)
+            return highway_backward(
+                block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain, linearize
+            )
 
         run = jax.custom_vjp(forward)
         run.defvjp(fwd, bwd)

@@ -47,6 +47,7 @@ def residual_scan(
     has_aux: bool = False,
     layer_axis: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    linearize: str = "vmap",
 ) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, PyTree]:
     """Runs a residual stack ``h_i = residual(h_{i-1}, block(h_{i-1}, x_i))`` over ``L`` steps.
 
@@ -81,6 +82,10 @@ def residual_scan(
         block closes over must not carry an explicit sharding (JAX does not let a manual region
         trace with them): use ``Auto`` axes, or pass per-layer values through ``xs``.
       mesh: the mesh for ``layer_axis``; defaults to the one set with ``jax.set_mesh``.
+      linearize: how the highway backward linearizes the layers, all at once: ``"vmap"`` (one
+        ``jax.vjp`` of ``vmap(block)``; the default) or ``"unroll"`` (one ``jax.vjp`` per layer,
+        still independent of each other). ``"unroll"`` suits short stacks of ops that XLA batches
+        poorly (convolutions with per-layer kernels on a CPU); compile time grows with ``L``.
 
     Returns:
       ``(final_carry, carries)``: ``h_L`` and ``h_1..h_L`` stacked on a leading axis of length ``L``;
@@ -107,6 +112,8 @@ def residual_scan(
         )
     gamma = _check_gamma(gamma)
     length = _scan_length(xs, length)
+    if linearize not in ("vmap", "unroll"):
+        raise ValueError(f"{_NAME}: `linearize` must be 'vmap' or 'unroll'; got {linearize!r}.")
 
     split = functools.partial(_split_aux, has_aux)
 
@@ -121,13 +128,14 @@ def residual_scan(
         if settings is not None and settings.iterations is not None:
             _check_float_carry(init)
         final, carries, aux = _layers.layer_parallel_scan(
-            block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, _apply_residual
+            block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, _apply_residual,
+            linearize,
         )
     elif settings is None or settings.iterations is None or length == 0:
         final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
     else:
         _check_float_carry(init)
-        final, carries, aux = _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs)
+        final, carries, aux = _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs, linearize)
     if has_aux:
         return final, carries, lax.stop_gradient(aux)
     return final, carries
@@ -144,7 +152,7 @@ def _split_aux(has_aux, out):
     return out[0], out[1]
 
 
-def _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs):
+def _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs, linearize):
     """The ``custom_vjp`` form of the scan, with the Highway-BP backward."""
     x0 = jax.tree.map(lambda a: a[0], xs)
     # Values `block` closes over may be tracers of an outer jax.grad / jit: hoist them into
@@ -172,7 +180,7 @@ def _highway_scan(block, split, residual, gamma, settings, length, unroll, init,
         ct_final, ct_carries, _ = cts  # aux is stop_gradient-ed by the caller: no cotangent
         block_z = lambda h, x, *c: split(converted(h, x, *c))[0]
         return highway_backward(
-            block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries
+            block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, linearize=linearize
         )
 
     run.defvjp(fwd, bwd)

@@ -46,6 +46,7 @@ class ResidualStack(nn.Module):
       rng_names: RNG streams split per layer and per call.
       layer_axis: mesh axis to split the layers over (layer parallelism, see
         :func:`hbpjax.residual_scan`); ``mesh`` defaults to the one set with ``jax.set_mesh``.
+      linearize: ``"vmap"`` or ``"unroll"`` (see :func:`hbpjax.residual_scan`).
 
     Example:
       >>> import jax, jax.numpy as jnp, hbpjax
@@ -68,6 +69,7 @@ class ResidualStack(nn.Module):
     rng_names: Sequence[str] = ("dropout",)
     layer_axis: str | None = None
     mesh: Any = None
+    linearize: str = "vmap"
 
     @nn.compact
     def __call__(self, h, *args, **kwargs):
@@ -112,7 +114,7 @@ class ResidualStack(nn.Module):
         try:
             h, _, updates = residual_scan(
                 block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma, unroll=self.unroll,
-                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh,
+                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
             )
         except ValueError as err:
             if not str(err).startswith("hbpjax."):

@@ -64,6 +64,7 @@ class ResidualStack(_nnx.Module):
       layer_axis: mesh axis to split the layers over (layer parallelism, see
         :func:`hbpjax.residual_scan`); shard the stacked state along axis 0 over it.
       mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
+      linearize: ``"vmap"`` or ``"unroll"`` (see :func:`hbpjax.residual_scan`).
 
     Example:
       >>> import jax.numpy as jnp, hbpjax
@@ -92,6 +93,7 @@ class ResidualStack(_nnx.Module):
         unroll: int | bool = 1,
         layer_axis: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        linearize: str = "vmap",
     ):
         name = "hbpjax.nnx.ResidualStack"
         if not callable(make_block):
@@ -115,6 +117,7 @@ class ResidualStack(_nnx.Module):
         self.unroll = unroll
         self.layer_axis = layer_axis
         self.mesh = mesh
+        self.linearize = linearize
 
     def __call__(self, h, *args, **kwargs):
         """Runs the stack on carry ``h``; extra arguments are passed unchanged to every layer."""
@@ -130,7 +133,7 @@ class ResidualStack(_nnx.Module):
         try:
             h, _, new_state = residual_scan(
                 block, h, (params, state), residual=self.residual, gamma=self.gamma, unroll=self.unroll,
-                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh,
+                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
             )
         except ValueError as err:
             if not str(err).startswith("hbpjax."):

@@ -71,7 +71,7 @@ def _readout(h_final, carries, loss_on):
     return total
 
 
-def mlp_stack(key, *, residual="additive", gamma=0.0, loss_on="final", L=7, d=4, batch=3, dtype=jnp.float64):
+def mlp_stack(key, *, residual="additive", gamma=0.0, loss_on="final", L=7, d=4, batch=3, dtype=jnp.float64, linearize="vmap"):
     """Per-layer weights in ``xs`` plus a shared (closed-over) scale; residual additive/relu/custom."""
     k1, k2, k3, k4 = jax.random.split(key, 4)
     W = (0.6 / np.sqrt(d)) * jax.random.normal(k1, (L, d, d), dtype)
@@ -89,7 +89,7 @@ def mlp_stack(key, *, residual="additive", gamma=0.0, loss_on="final", L=7, d=4,
             w, bias = wb
             return jnp.tanh((h * scale) @ w + bias)
 
-        hL, hs = hbpjax.residual_scan(block, h0, (W, b), residual=residuals[residual], gamma=gamma)
+        hL, hs = hbpjax.residual_scan(block, h0, (W, b), residual=residuals[residual], gamma=gamma, linearize=linearize)
         return _readout(hL, hs, loss_on)
 
     return loss, (W, b, scale, h0)
@@ -100,7 +100,7 @@ def custom_residual(h, z):
     return 0.5 * jnp.sin(h) + h * z + z
 
 
-def gru_stack(key, *, gamma=0.0, loss_on="all", T=9, d=4, d_in=3, batch=2, dtype=jnp.float64):
+def gru_stack(key, *, gamma=0.0, loss_on="all", T=9, d=4, d_in=3, batch=2, dtype=jnp.float64, linearize="vmap"):
     """A GRU: shared weights closed over, per-step inputs in ``xs``, ``gated`` residual."""
     ks = jax.random.split(key, 6)
     s = 1.0 / np.sqrt(d)
@@ -119,7 +119,7 @@ def gru_stack(key, *, gamma=0.0, loss_on="all", T=9, d=4, d_in=3, batch=2, dtype
             c = jnp.tanh(x @ params["Wh"] + h @ params["Uh"])
             return 1.0 - u, u * c
 
-        hT, hs = hbpjax.residual_scan(cell, h0, xs, residual=hbpjax.residual.gated, gamma=gamma)
+        hT, hs = hbpjax.residual_scan(cell, h0, xs, residual=hbpjax.residual.gated, gamma=gamma, linearize=linearize)
         return _readout(hT, hs, loss_on)
 
     return loss, (params, xs, h0)

@@ -64,6 +64,16 @@ def test_two_stacks_exact(gamma):
         _check_exact(loss, args, depth=6)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.2])
+def test_unrolled_linearization_exact(gamma):
+    """linearize="unroll": one VJP per layer, shared and per-layer parameters, loss on every carry."""
+    with jax.enable_x64(True):
+        loss, args = mlp_stack(jax.random.key(9), gamma=gamma, loss_on="all", linearize="unroll")
+        _check_exact(loss, args, depth=7)
+        loss, args = gru_stack(jax.random.key(10), gamma=gamma, linearize="unroll")
+        _check_exact(loss, args, depth=9)
+
+
 def test_has_aux_and_value_exact():
     with jax.enable_x64(True):
         loss, args = gru_stack(jax.random.key(4))

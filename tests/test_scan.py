@@ -121,6 +121,7 @@ def test_xs_lengths_must_agree():
         (dict(residual=3), TypeError, r"`residual` must be callable"),
         (dict(length=-1), ValueError, r"`length` must be >= 0"),
         (dict(length=2.5), TypeError, r"`length` must be an int"),
+        (dict(linearize="loop"), ValueError, r"`linearize` must be 'vmap' or 'unroll'; got 'loop'"),
     ],
 )
 def test_bad_options(kwargs, error, match):

@@ -57,6 +57,12 @@ def test_backward_has_no_loop_over_layers(model, iterations):
     assert set(highway) <= {("scan", T), ("scan", iterations)}
 
 
+def test_unrolled_linearization_has_no_loop_in_the_backward():
+    loss, args = gru_stack(jax.random.key(1), dtype=jnp.float32, T=T, linearize="unroll")
+    highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=3))(*args))
+    assert highway == [("scan", T)]  # the forward; layers and sweeps are straight-line code
+
+
 def test_tol_mode_loops_over_sweeps_only():
     loss, args = MODELS["gru"]()
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))

@@ -1,0 +1,260 @@
+"""The models of the benchmarks and notebooks, built from :mod:`hbpjax.nnx` modules.
+
+Every residual part runs through :class:`hbpjax.nnx.ResidualStack` or
+:class:`hbpjax.nnx.ResidualRNN`, so ``jax.grad``/``nnx.grad`` give exact backprop and
+``hbpjax.nnx.grad(..., iterations=k)`` gives Highway-BP without touching the model. ``gamma`` (the
+backward-only split) is a constructor argument: ``gamma=1`` turns the same model's highway
+backward into fixed-point iteration. RNNs take ``tbptt=w`` for truncated backprop through time.
+
+=======================  =============================================  ======================
+model                    residual structure                             default gamma
+=======================  =============================================  ======================
+``PreActResNet``         stages of ``h + block(h)``, conv downsampling  0
+``PostReLUResNet``       stages of ``relu(h + block(h))``               0
+``GPT``                  pre-LN: ``h + attn(LN h)``, ``h + mlp(LN h)``  0.2
+``PostLNTransformer``    post-LN: ``LN(h + f(h))`` as ``a(h) h + b(h)``  0.8
+``CharRNN``              GRU / LSTM / minGRU, stacked with residuals    0
+``SequenceClassifier``   one recurrent layer read at its last step      0
+=======================  =============================================  ======================
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+import hbpjax
+
+# ------------------------------------------------------------------------------------ ResNets
+
+
+class PreActBlock(nnx.Module):
+    """BN-ReLU-conv-BN-ReLU-conv: the update ``z`` of ``h + z``."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.bn1 = nnx.BatchNorm(channels, momentum=0.9, rngs=rngs)
+        self.conv1 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+        self.bn2 = nnx.BatchNorm(channels, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+
+    def __call__(self, h):
+        z = self.conv1(nnx.relu(self.bn1(h)))
+        return self.conv2(nnx.relu(self.bn2(z)))
+
+
+class PostReLUBlock(nnx.Module):
+    """conv-BN-ReLU-conv-BN: the ``z`` of ``relu(h + z)`` (the original ResNet block)."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(channels, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(channels, momentum=0.9, rngs=rngs)
+
+    def __call__(self, h):
+        return self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(h)))))
+
+
+class _ResNet(nnx.Module):
+    block = PreActBlock
+    residual = staticmethod(hbpjax.residual.additive)
+
+    def __init__(
+        self,
+        *,
+        channels: tuple[int, ...] = (16, 32),
+        blocks_per_stage: int = 8,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        gamma: float = 0.0,
+        linearize: str = "unroll",
+        unroll: int | bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.stem = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
+        self.stages = nnx.List(
+            [
+                hbpjax.nnx.ResidualStack(
+                    lambda r, c=c: type(self).block(c, rngs=r), blocks_per_stage, rngs=rngs,
+                    residual=type(self).residual, gamma=gamma, linearize=linearize, unroll=unroll,
+                )
+                for c in channels
+            ]
+        )
+        self.downsample = nnx.List(
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(channels[:-1], channels[1:])]
+        )
+        self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            h = stage(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](nnx.relu(h))
+        return self.head(jnp.mean(nnx.relu(self.norm(h)), axis=(1, 2)))
+
+
+class PreActResNet(_ResNet):
+    """Pre-activation ResNet: each stage one ``ResidualStack`` of ``h + block(h)``, strided-conv
+    downsampling between stages, global average pooling and a linear head."""
+
+
+class PostReLUResNet(_ResNet):
+    """The original ResNet layout, ``relu(h + block(h))``, via :func:`hbpjax.residual.relu`."""
+
+    block = PostReLUBlock
+    residual = staticmethod(hbpjax.residual.relu)
+
+
+# ------------------------------------------------------------------------------- Transformers
+
+
+class Kind(nnx.Variable):
+    """Which sublayer a layer of the stack is: 0 attention, 1 MLP (state, not a parameter)."""
+
+
+class _Sublayer(nnx.Module):
+    """Attention *or* MLP, chosen per layer by ``kind``: attention and MLP sublayers alternate as
+    separate layers of one residual stack (a stack needs identically shaped layers)."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.kind = Kind(jnp.int32(0))
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+        self.proj = nnx.Linear(dim, dim, rngs=rngs, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2)))
+        self.fc1 = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * dim, dim, rngs=rngs, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2)))
+
+    def attend(self, x):
+        batch, length, dim = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        split = lambda a: a.reshape(batch, length, self.heads, dim // self.heads)
+        q, k, v = split(q), split(k), split(v)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dim // self.heads)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        weights = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+        return self.proj(jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, length, dim))
+
+    def mlp(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+    def update(self, x):
+        return lax.cond(self.kind[...] == 0, self.attend, self.mlp, x)
+
+
+class PreLNSublayer(_Sublayer):
+    def __init__(self, dim, heads, *, rngs):
+        super().__init__(dim, heads, rngs=rngs)
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+
+    def __call__(self, h):
+        return self.update(self.norm(h))
+
+
+class PostLNSublayer(_Sublayer):
+    """``LN(h + f(h)) = a * h + b`` with ``a = s / std(y)``, ``b = (f(h) - mean(y)) s / std(y) + beta``
+    and ``y = h + f(h)``: the gated residual with ``K = a`` (RoBERTa-style split, use gamma ~ 0.8)."""
+
+    def __init__(self, dim, heads, *, rngs):
+        super().__init__(dim, heads, rngs=rngs)
+        self.scale = nnx.Param(jnp.ones(dim))
+        self.bias = nnx.Param(jnp.zeros(dim))
+
+    def __call__(self, h):
+        f = self.update(h)
+        y = h + f
+        mean = jnp.mean(y, axis=-1, keepdims=True)
+        inv = lax.rsqrt(jnp.var(y, axis=-1, keepdims=True) + 1e-6)
+        a = inv * self.scale[...]
+        return a, (f - mean) * a + self.bias[...]
+
+
+class _Transformer(nnx.Module):
+    sublayer = PreLNSublayer
+    residual = staticmethod(hbpjax.residual.additive)
+    default_gamma = 0.2
+
+    def __init__(self, vocab_size: int, *, dim=64, heads=4, layers=4, max_len=256, gamma=None, rngs: nnx.Rngs):
+        gamma = self.default_gamma if gamma is None else gamma
+        self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
+        cls = type(self).sublayer
+        self.stack = hbpjax.nnx.ResidualStack(
+            lambda r: cls(dim, heads, rngs=r), 2 * layers, rngs=rngs, residual=type(self).residual, gamma=gamma
+        )
+        self.stack.layers.kind[...] = jnp.arange(2 * layers, dtype=jnp.int32) % 2  # attn, mlp, attn, ...
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.head(self.norm(self.stack(h)))
+
+
+class GPT(_Transformer):
+    """GPT-2-style pre-LN decoder: attention and MLP sublayers are separate layers of one stack,
+    ``h + attn(LN h)`` then ``h + mlp(LN h)``; gamma 0.2 by default."""
+
+
+class PostLNTransformer(_Transformer):
+    """Post-LN (BERT/RoBERTa-style) decoder, ``h <- LN(h + f(h))`` per sublayer; gamma 0.8."""
+
+    sublayer = PostLNSublayer
+    residual = staticmethod(hbpjax.residual.gated)
+    default_gamma = 0.8
+
+
+# ------------------------------------------------------------------------------------- RNNs
+
+CELLS = {"gru": hbpjax.nnx.GRUCell, "lstm": hbpjax.nnx.LSTMCell, "mingru": hbpjax.nnx.MinGRUCell}
+
+
+def _run_rnn(rnn, x, tbptt):
+    """All outputs of ``rnn`` on ``x (batch, time, features)``; truncated BPTT with window ``tbptt``."""
+    if not tbptt or tbptt >= x.shape[1]:
+        return rnn(x)
+    outputs, carry = [], None
+    for start in range(0, x.shape[1], tbptt):
+        carry, y = rnn(x[:, start : start + tbptt], initial_carry=carry, return_carry=True)
+        carry = jax.lax.stop_gradient(carry)  # no gradient flows across the window boundary
+        outputs.append(y)
+    return jnp.concatenate(outputs, axis=1)
+
+
+class CharRNN(nnx.Module):
+    """Character language model: embedding, ``layers`` recurrent layers (GRU, LSTM or minGRU) with
+    residual connections between layers, linear read-out at every step."""
+
+    def __init__(self, vocab_size: int, *, hidden=128, cell="gru", layers=1, gamma=0.0, tbptt=None, unroll=1, rngs: nnx.Rngs):
+        self.tbptt = tbptt
+        self.embed = nnx.Embed(vocab_size, hidden, rngs=rngs)
+        self.rnns = nnx.List(
+            [hbpjax.nnx.ResidualRNN(CELLS[cell](hidden, hidden, rngs=rngs), gamma=gamma, unroll=unroll) for _ in range(layers)]
+        )
+        self.head = nnx.Linear(hidden, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for i, rnn in enumerate(self.rnns):
+            y = _run_rnn(rnn, x, self.tbptt)
+            x = y if i == 0 else x + y
+        return self.head(x)
+
+
+class SequenceModel(nnx.Module):
+    """One recurrent layer over ``(batch, time, features)`` read at its last step: classification
+    (pixel-by-pixel digits) or regression (the adding problem, ``num_outputs=1``)."""
+
+    def __init__(self, in_features: int, num_outputs: int, *, hidden=64, cell="gru", gamma=0.0, tbptt=None, unroll=1, rngs: nnx.Rngs):
+        self.tbptt = tbptt
+        self.rnn = hbpjax.nnx.ResidualRNN(CELLS[cell](in_features, hidden, rngs=rngs), gamma=gamma, unroll=unroll)
+        self.head = nnx.Linear(hidden, num_outputs, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(_run_rnn(self.rnn, x, self.tbptt)[:, -1])
