@@ -6,7 +6,7 @@ sequence) where Highway-BP is faster on a CPU. Both runs start from the same ini
 see the same batches. Prints a table (step time, speedup, final losses, gradient cosine to exact
 backprop) and writes a loss-vs-wall-clock plot.
 
-Run:  python benchmarks/demo.py [--task char|pixel] [--k 2] [--steps 60] [--seq-len 8192]
+Run:  python benchmarks/demo.py [--task char|pixel] [--k 2] [--steps 150] [--seq-len 8192] [--quote-readme]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--out", default=str(common.RESULTS / "demo"), help="output stem (.md and .png)")
+    parser.add_argument("--quote-readme", action="store_true", help="also quote the table in README.md (maintainers)")
     args = parser.parse_args()
     if args.task == "pixel" and args.seq_len == 8192:
         args.batch, args.hidden = 64, 64
@@ -133,6 +134,8 @@ def main():
           f"![loss vs wall-clock]({out.with_suffix('.png').name})"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    if args.quote_readme:
+        common.quote_in_readme("demo", "\n".join(md[2:-1]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ in compute-bound ones every sweep costs a full backward's worth of work (a VJP o
 on 2 CPU cores that work is not free: expect k >= 1 to be slower there. Timings include the
 model's non-residual parts (embeddings, heads, losses), which both methods share.
 
-Run:  python benchmarks/models_speed.py [--repeats 7] [--quick]
+Run:  python benchmarks/models_speed.py [--repeats 7] [--quick] [--only GPT]
 Writes results/models_speed.{md,json}.
 """
 
@@ -81,18 +81,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="run only the models whose name contains this text")
     args = parser.parse_args()
     from tqdm import tqdm
 
     env = common.environment()
     out, rows = {"environment": env, "models": []}, []
-    for name, bound, L, make, loss_fn, (x, y) in tqdm(configs(args.quick), desc="models"):
+    for name, bound, L, make, loss_fn, (x, y) in tqdm([c for c in configs(args.quick) if args.only in c[0]], desc="models"):
         model = make()
+        # The NNX gradient transforms inside one jax.jit over the split model: they differentiate the
+        # nnx.Param leaves and handle the non-parameter state (a raw jax.grad over nnx.merge cannot
+        # mutate it), and the whole step stays a plain jitted function for compiled_memory.
         graphdef, state = nnx.split(model)
-        pure = lambda state, x, y: loss_fn(nnx.merge(graphdef, state), x, y)
-        fns = {"forward": jax.jit(pure), "backprop": jax.jit(jax.value_and_grad(pure))}
+
+        def jitted(transform):
+            return jax.jit(lambda state, x, y: transform(loss_fn)(nnx.merge(graphdef, state), x, y))
+
+        fns = {"forward": jitted(lambda f: f), "backprop": jitted(nnx.value_and_grad)}
         for k in KS:
-            fns[f"k={k}"] = jax.jit(hbpjax.highway_value_and_grad(pure, iterations=k))
+            fns[f"k={k}"] = jitted(lambda f, k=k: hbpjax.nnx.value_and_grad(f, iterations=k))
         times = common.time_round_robin({n: (lambda f: lambda: f(state, x, y))(f) for n, f in fns.items()}, args.repeats)
         med = {n: float(np.median(t)) for n, t in times.items()}
         mem = {n: common.compiled_memory(fns[n], state, x, y)["temp"] / 2**20 for n in ("backprop", "k=2")}
