@@ -121,9 +121,7 @@ def train(
     history = History(method.label)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc or method.label, leave=False)
+        bar = _progress_bar()(total=steps, desc=desc or method.label, leave=False)
     durations, wall = [], 0.0
     for i in range(steps):
         x, y = batches(i)
@@ -169,3 +167,14 @@ def gradient_cosines(model: nnx.Module, loss_fn: Callable, x, y, iterations=(0, 
         cos = float(g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact)))
         out[k] = (cos, float(np.linalg.norm(g - exact) / np.linalg.norm(exact)))
     return out
+
+
+def _progress_bar():
+    """tqdm's widget bar where ipywidgets is installed (Colab, JupyterLab), its text bar elsewhere."""
+    try:
+        import ipywidgets  # noqa: F401
+
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    return tqdm
