@@ -10,34 +10,21 @@ additive residual MLP ``h <- h + tanh(h @ W_l + b_l)`` (L=2048, width 16, batch 
   ``(L, b, i) x (L, b, j) -> (L, i, j)`` product, both as XLA's batched dot and as a broadcast
   multiply and sum (the same numbers).
 
-Run:  .venv/bin/python benchmarks/profile_mlp.py      writes results/profile_mlp.md
+Run:  .venv/bin/python benchmarks/profile_mlp.py      writes results/profile_mlp.{md,json}
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import hbpjax
 from core_speed import mlp_problem
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_ms(f, *args, repeats=50):
-    jax.block_until_ready(f(*args))  # compile
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+import hbpjax
+from hbpjax import _prefix
 
 
 def main(argv=None):
@@ -45,6 +32,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=2048)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
     L, W, B = args.layers, args.width, args.batch
 
@@ -62,42 +50,34 @@ def main(argv=None):
 
     @jax.jit
     def residual_path_scan(u):
-        # w[j] = u[j] + w[j+1]: the additive residual's prefix scan, as highway_grad runs it.
-        return jax.lax.associative_scan(jnp.add, u, reverse=True)
+        # The backward's prefix scan w[j] = u[j] + K[j+1] w[j+1], here with the additive K = 1.
+        return _prefix.solve(_prefix.plan(jnp.ones_like(u)), u)
 
-    rows = [
-        ("forward (jax.jit(loss))", median_ms(jax.jit(loss), params, x)),
-        ("train step, jax.value_and_grad", median_ms(jax.jit(jax.value_and_grad(loss)), params, x)),
-        (
-            "train step, highway_value_and_grad k=0",
-            median_ms(jax.jit(hbpjax.highway_value_and_grad(loss, iterations=0)), params, x),
-        ),
-        ("  all layers' linearization + VJP (vmap)", median_ms(linearize_and_vjp, hs, params, hs)),
-        ("  residual-path prefix scan", median_ms(residual_path_scan, hs)),
-        (
-            "  weight gradient as batched dot (einsum lbi,lbj->lij)",
-            median_ms(jax.jit(lambda a, b: jnp.einsum("lbi,lbj->lij", a, b)), hs, hs),
-        ),
-        (
-            "  weight gradient as broadcast multiply + sum",
-            median_ms(jax.jit(lambda a, b: (a[:, :, :, None] * b[:, :, None, :]).sum(1)), hs, hs),
-        ),
-    ]
-    device = jax.devices()[0]
-    lines = [
+    parts = {
+        "forward (jax.jit(loss))": (jax.jit(loss), params, x),
+        "train step, jax.value_and_grad": (jax.jit(jax.value_and_grad(loss)), params, x),
+        "train step, highway_value_and_grad k=0": (
+            jax.jit(hbpjax.highway_value_and_grad(loss, iterations=0)), params, x),
+        "  all layers' linearization + VJP (vmap)": (linearize_and_vjp, hs, params, hs),
+        "  residual-path prefix scan (plan + solve)": (residual_path_scan, hs),
+        "  weight gradient as batched dot (einsum lbi,lbj->lij)": (
+            jax.jit(lambda a, b: jnp.einsum("lbi,lbj->lij", a, b)), hs, hs),
+        "  weight gradient as broadcast multiply + sum": (
+            jax.jit(lambda a, b: (a[:, :, :, None] * b[:, :, None, :]).sum(1)), hs, hs),
+    }
+    times = common.time_round_robin({n: (lambda f, *a: lambda: f(*a))(*p) for n, p in parts.items()}, args.repeats)
+    rows = [[name, f"{1e3 * float(np.median(t)):.2f}"] for name, t in times.items()]
+    env = common.environment()
+    markdown = "\n".join([
         "# Where the residual-MLP train step spends its time",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} with jax {jax.__version__} on {device.platform}, "
-        f"L={L}, width {W}, batch {B}. Median of 50 runs after warm-up (`benchmarks/profile_mlp.py`).",
+        f"{common.env_line(env)} L={L}, width {W}, batch {B}; median of {args.repeats} interleaved runs "
+        "after warm-up (`benchmarks/profile_mlp.py`).",
         "",
-        "| part | ms |",
-        "|---|---|",
-        *[f"| {name} | {ms:.2f} |" for name, ms in rows],
-        "",
-    ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "profile_mlp.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        common.markdown_table(["part", "ms"], rows),
+    ])
+    common.write_results("profile_mlp", markdown, {"environment": env, "ms": {r[0].strip(): float(r[1]) for r in rows}})
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Runs every notebook (or the ones named) in full mode, that is with ``HBPJAX_QUICK`` unset, in a
 fresh kernel, skipping the cells tagged ``skip-execution`` (the Colab ``%pip install`` cell), and
-writes the outputs back into the file. Progress-bar output is stored as it finally reads on screen:
-consecutive stream outputs are merged and carriage-return overwrites applied. ``make test`` executes the notebooks separately, in quick
-mode, without touching the files.
+writes the outputs back into the file. Progress-bar output is stored as it finally reads on
+screen: consecutive stream outputs are merged and carriage-return overwrites applied. ``make test``
+executes the notebooks separately, in quick mode, without touching the files.
 
 Run:  .venv/bin/python notebooks/execute.py [01_quickstart.ipynb ...]
 """
