@@ -1,23 +1,28 @@
 """The Highway-BP backward of a residual stack, for a stack on one device or split over devices.
 
-Given the saved carries and the cotangents arriving from outside, it
+Given the saved carries and the cotangents arriving from outside, :func:`highway_backward`
 
 1. linearizes every layer once, in parallel: one ``jax.vjp`` of ``vmap(block)`` over all layers,
-   per-step ``xs`` mapped and closed-over (shared) values broadcast, so shared weights get one summed
-   gradient instead of a ``(L, ...)`` stack of per-step gradients;
+   per-step inputs mapped and shared values broadcast, so shared weights get one summed gradient
+   instead of a ``(L, ...)`` stack of per-step gradients;
 2. takes the diagonal ``K`` of the residual's carry Jacobian (one ``jvp`` with ones);
 3. solves the residual-path-only recurrence with one prefix scan, then runs ``k`` sweeps of "all
    layers' VJPs at once, then one prefix scan";
 4. reads parameter, input and initial-carry cotangents off one last VJP at the final estimate.
 
-Everything that crosses the boundary of the stack's chunk goes through a *chain*: :class:`Local`
-for a whole stack on one device, or :class:`DeviceChain` for a stack whose layers are split in
-contiguous chunks over a mesh axis (inside ``shard_map``). The chain's neighbours exchange one
-carry-sized value per sweep and join the prefix scan with one gather of per-device summaries, so
+Everything that crosses the boundary of the stack's chunk goes through a :class:`Chain`:
+:class:`Local` for a whole stack on one device, or :class:`DeviceChain` for a stack whose layers are
+split in contiguous chunks over a mesh axis (inside ``shard_map``). The chain's neighbours exchange
+one carry-sized value per sweep and join the prefix scan with one gather of per-device summaries, so
 the backward holds no loop over layers or devices.
+
+:func:`differentiate` is the one ``jax.custom_vjp`` built on it, used by single-device and
+layer-parallel stacks alike.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +30,9 @@ import numpy as np
 from jax import lax
 
 from . import _prefix
+from ._stack import BLOCK, CARRY, Stack
+
+PyTree = Any
 
 # Jitted so that eager (un-jitted) gradients compile the O(log L) levels once per shape instead of
 # dispatching them op by op; under an outer jit they are simply inlined.
@@ -32,6 +40,41 @@ _plan = jax.jit(_prefix.plan)
 _solve = jax.jit(_prefix.solve)
 
 tmap = jax.tree.map
+
+
+class Chain(Protocol):
+    """Where this stack (or this chunk of it) sits: what comes before and after it.
+
+    The extension point of the backward: a new way of splitting a stack (over devices, over hosts,
+    in pipeline stages) is a new chain. Per-layer quantities are pytrees of arrays with a leading
+    axis over this chunk's layers.
+    """
+
+    def total_length(self, local_length: int) -> int:
+        """The number of layers of the whole stack, given this chunk's."""
+
+    def from_previous(self, last: PyTree, init: PyTree) -> PyTree:
+        """The carry entering this chunk: ``init`` for the first chunk, else the previous chunk's
+        ``last`` carry."""
+
+    def from_next(self, first: PyTree) -> PyTree:
+        """The next chunk's value of a per-layer quantity at its first layer (zeros past the end)."""
+
+    def on_last(self, x: PyTree) -> PyTree:
+        """``x`` where this chunk ends the stack, zeros elsewhere (the final carry's cotangent)."""
+
+    def solver(self, planned: PyTree, k_next: PyTree) -> Callable[[PyTree], PyTree]:
+        """``solve(u) -> w`` for ``w[j] = u[j] + k_next[j] * w[j + 1]`` over the whole stack, given
+        this chunk's ``k_next`` and its plan ``_prefix.plan(k_next)``."""
+
+    def reduce_first(self, x: PyTree) -> PyTree:
+        """The cotangent of the initial carry from this chunk's (only the first chunk's counts)."""
+
+    def reduce_shared(self, x: PyTree) -> PyTree:
+        """This chunk's contribution to the cotangent of a value shared by all layers."""
+
+    def total(self, x: jax.Array) -> jax.Array:
+        """A scalar summed over all chunks (norms)."""
 
 
 class Local:
@@ -142,41 +185,101 @@ class DeviceChain:
         return lax.psum(x, self.axis)
 
 
-def highway_backward(
-    block, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain=None, linearize="vmap"
+def differentiate(
+    stack: Stack, init: list, xs: PyTree, consts: tuple, *, settings, forward: Callable, chain: Callable[[], Chain]
 ):
-    """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps."""
-    chain = Local() if chain is None else chain
+    """``(final carry, per-step outputs)`` of ``forward``, with Highway-BP as its backward.
 
-    def shift_up(a, fill):
-        """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
-        return jnp.concatenate([a[1:], fill[None]], axis=0)
+    The one ``jax.custom_vjp`` of hbpjax: single-device stacks pass
+    :func:`hbpjax._stack.scan_forward` and :class:`Local`, layer-parallel ones their pipelined
+    forward and a :class:`DeviceChain`.
 
-    # Cotangent arriving from outside at each carry h_1..h_L (the final carry is h_L).
-    e = tmap(lambda c, f: c.at[-1].add(f), ct_carries, chain.on_last(ct_final))
-    # Inputs of each layer: h_0..h_{L-1}.
-    first = chain.from_previous(tmap(lambda c: c[-1], carries), init)
-    h_prev = tmap(lambda h0, c: jnp.concatenate([h0[None], c[:-1]], axis=0), first, carries)
+    Args:
+      stack: the stack's description.
+      init, xs, consts: the flat carry leaves, the per-step inputs and the shared values.
+      settings: the :class:`hbpjax._context.HighwaySettings` of the backward.
+      forward: ``forward(init, xs, consts) -> (final, ys, saved)``.
+      chain: ``chain() -> Chain``, called inside the backward (a device chain reads its position on
+        the mesh axis there).
+    """
+
+    def primal(init, xs, consts):
+        final, ys, _ = forward(init, xs, consts)
+        return final, ys
+
+    def fwd(init, xs, consts):
+        final, ys, saved = forward(init, xs, consts)
+        return (final, ys), (init, saved, xs, consts)
+
+    def bwd(residuals, cotangents):
+        return highway_backward(stack, settings, chain(), residuals, cotangents)
+
+    run = jax.custom_vjp(primal)
+    run.defvjp(fwd, bwd)
+    return run(init, xs, consts)
+
+
+def _shift_up(a, fill):
+    """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
+    return jnp.concatenate([a[1:], fill[None]], axis=0)
+
+
+def _flip(tree):
+    return tmap(lambda a: jnp.flip(a, 0), tree)
+
+
+def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents):
+    """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps.
+
+    Args:
+      stack: the stack's description.
+      settings: iterations and tol.
+      chain: where this chunk of the stack sits.
+      residuals: ``(init, saved, xs, consts)`` as saved by the forward of :func:`differentiate`.
+      cotangents: ``(ct_final, ct_ys)``: of the final carry leaves and of the per-step outputs.
+    """
+    init, saved, xs, consts = residuals
+    ct_final, ct_ys = cotangents
+    if stack.reverse:  # the same maths on the steps in the order the forward ran them
+        saved, xs, ct_ys = _flip(saved), _flip(xs), _flip(ct_ys)
+
+    # Inputs of each layer: the carries h_0..h_{L-1}.
+    first = chain.from_previous([c[-1] for c in saved], init)
+    prev = [jnp.concatenate([f[None], c[:-1]], axis=0) for f, c in zip(first, saved)]
+    h_prev = [prev[i] for i in stack.diff]
+    xe = (xs, [prev[i] for i in stack.state])
+
+    # Cotangent arriving from outside at each differentiated carry h_1..h_L (the final carry is
+    # h_L), and at the block's own per-step outputs.
+    e = [jnp.zeros_like(saved[i]) for i in stack.diff]
+    ct_block = [None] * stack.block_outputs
+    for route, ct in zip(stack.y_route, jax.tree.leaves(ct_ys)):
+        if route is not None and route[0] == CARRY:
+            e[route[1]] = e[route[1]] + ct
+        elif route is not None and route[0] == BLOCK:
+            ct_block[route[1]] = ct
+    last = chain.on_last([ct_final[i] for i in stack.diff])
+    e = [ej.at[-1].add(lj) for ej, lj in zip(e, last)]
 
     # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
     # their cotangent is summed inside the transposed ops, never stacked per step.
-    if linearize == "unroll":
-        z, vjp_block = _linearize_unrolled(block, h_prev, xs, consts)
+    if stack.linearize == "unroll":
+        (z, _), vjp_block = _linearize_unrolled(stack.block, h_prev, xe, consts)
     else:
-        all_blocks = jax.vmap(block, in_axes=(0, 0) + (None,) * len(consts))
-        z, vjp_block = jax.vjp(lambda h, x, c: all_blocks(h, x, *c), h_prev, xs, consts)
-    all_residuals = jax.vmap(residual)
+        (z, _), vjp_block = jax.vjp(jax.vmap(stack.block, in_axes=(0, 0, None)), h_prev, xe, consts)
+    all_residuals = jax.vmap(stack.residual)
     _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
     _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
 
     def layer_vjp(w):
-        """(d carry, d x, d consts) of every layer's block path for carry cotangents ``w``."""
+        """(d h, d xe, d consts) of every layer's block path for carry cotangents ``w``."""
         (ct_z,) = vjp_res_z(w)
-        return vjp_block(ct_z)
+        return vjp_block((ct_z, ct_block))
 
+    gamma = stack.gamma
     # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
     k_after = chain.from_next(tmap(lambda k: k[0], k_diag))
-    k_next = tmap(lambda k, ka: (1.0 - gamma) * shift_up(k, ka), k_diag, k_after)
+    k_next = tmap(lambda k, ka: (1.0 - gamma) * _shift_up(k, ka), k_diag, k_after)
     planned = _plan(k_next)  # the k-only half of the prefix scan, shared by every sweep
     solve = chain.solver(planned, k_next)
 
@@ -185,12 +288,14 @@ def highway_backward(
         if gamma:
             v = tmap(lambda vj, kj, wj: vj + gamma * kj * wj, v, k_diag, w)
         v_after = chain.from_next(tmap(lambda a: a[0], v))
-        return solve(tmap(lambda ej, vj, va: ej + shift_up(vj, va), e, v, v_after))
+        return solve(tmap(lambda ej, vj, va: ej + _shift_up(vj, va), e, v, v_after))
 
-    w = solve(e)
-    length = chain.total_length(jax.tree.leaves(carries)[0].shape[0])
+    # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
+    # from w = 0); without them the first estimate is the residual path alone.
+    w = sweep(tmap(jnp.zeros_like, e)) if ct_block else solve(e)
+    length = chain.total_length(saved[0].shape[0])
     sweeps = min(settings.iterations, max(length - 1, 0))  # L-1 sweeps are already exact
-    if settings.tol is None and linearize == "unroll":
+    if settings.tol is None and stack.linearize == "unroll":
         for _ in range(sweeps):  # straight-line code throughout, as the linearization
             w = sweep(w)
     elif settings.tol is None:
@@ -199,15 +304,20 @@ def highway_backward(
     elif sweeps > 0:
         w = _sweep_until(sweep, w, sweeps, settings.tol, chain)
 
-    ct_h, ct_xs, ct_consts = layer_vjp(w)
+    ct_h, (ct_xs, _), ct_consts = layer_vjp(w)
     # The initial carry gets the full Jacobian of layer 1: (K_1 + J_1)^T w_1.
-    ct_init = chain.reduce_first(tmap(lambda k, wj, g: k[0] * wj[0] + g[0], k_diag, w, ct_h))
+    ct_h0 = chain.reduce_first(tmap(lambda k, wj, g: k[0] * wj[0] + g[0], k_diag, w, ct_h))
+    ct_init = [None] * len(init)
+    for i, g in zip(stack.diff, ct_h0):
+        ct_init[i] = g
     ct_xs = tmap(_none_if_float0, ct_xs)
+    if stack.reverse:
+        ct_xs = tmap(lambda a: None if a is None else jnp.flip(a, 0), ct_xs)
     ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
     return ct_init, ct_xs, ct_consts
 
 
-def _linearize_unrolled(block, h_prev, xs, consts):
+def _linearize_unrolled(block, h_prev, xe, consts):
     """One ``jax.vjp`` per layer instead of one of ``vmap(block)``: L independent linearizations.
 
     Nothing chains them, so the backward stays parallel; XLA just sees L separate ops instead of
@@ -215,13 +325,14 @@ def _linearize_unrolled(block, h_prev, xs, consts):
     per-layer kernels on a CPU become grouped convolutions), for stacks short enough that compile
     time (linear in L) does not matter.
     """
-    length = jax.tree.leaves(h_prev)[0].shape[0]
+    length = h_prev[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
-    zs, vjps = [], []
+    outs, vjps = [], []
     for j in range(length):
-        z_j, vjp_j = jax.vjp(lambda h, x, c: block(h, x, *c), at(h_prev, j), at(xs, j), consts)
-        zs.append(z_j)
+        out_j, vjp_j = jax.vjp(block, at(h_prev, j), at(xe, j), consts)
+        outs.append(out_j)
         vjps.append(vjp_j)
+
     def stack(trees):
         def one(*a):
             if getattr(a[0], "dtype", None) == jax.dtypes.float0:  # integer inputs: no cotangent
@@ -233,14 +344,14 @@ def _linearize_unrolled(block, h_prev, xs, consts):
     def total(*a):
         return a[0] if getattr(a[0], "dtype", None) == jax.dtypes.float0 else sum(a[1:], a[0])
 
-    def vjp_block(ct_z):
-        outs = [vjp(at(ct_z, j)) for j, vjp in enumerate(vjps)]
-        ct_h = stack([o[0] for o in outs])
-        ct_xs = stack([o[1] for o in outs]) if jax.tree.leaves(xs) else xs
-        ct_consts = tmap(total, *[o[2] for o in outs])
-        return ct_h, ct_xs, ct_consts
+    def vjp_block(ct_out):
+        grads = [vjp(at(ct_out, j)) for j, vjp in enumerate(vjps)]
+        ct_h = stack([g[0] for g in grads])
+        ct_xe = stack([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
+        ct_consts = tmap(total, *[g[2] for g in grads])
+        return ct_h, ct_xe, ct_consts
 
-    return stack(zs), vjp_block
+    return stack(outs), vjp_block
 
 
 def _sweep_until(sweep, w, max_sweeps, tol, chain):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import operator
 
 import jax
+
+from ._common import as_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +48,12 @@ def check_iterations(fn_name: str, iterations) -> int | None:
     if iterations is None:
         return None
     try:  # Python, NumPy and 0-d integer arrays; bool is a flag, not a count
-        if isinstance(iterations, bool):
-            raise TypeError
-        iterations = operator.index(iterations)
+        iterations = as_int(iterations)
     except TypeError:
         raise TypeError(
             f"{fn_name}: `iterations` must be a non-negative int (the number of sweeps k) "
             f"or None for exact backprop; got {iterations!r} of type {type(iterations).__name__}."
         ) from None
-    iterations = int(iterations)
     if iterations < 0:
         raise ValueError(
             f"{fn_name}: `iterations` must be >= 0 (k=0 is the residual path alone, "

@@ -17,14 +17,18 @@ mesh composes as usual.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ._backward import DeviceChain, highway_backward
+from ._backward import DeviceChain, differentiate
+from ._common import RESIDUAL_SCAN, sharding_spec
+from ._stack import saved_carries, scan_steps
 
-_NAME = "hbpjax.residual_scan"
+_NAME = RESIDUAL_SCAN
 
 
 def resolve(layer_axis, mesh, length):
@@ -50,96 +54,74 @@ def resolve(layer_axis, mesh, length):
     return mesh, size
 
 
-def layer_parallel_scan(
-    block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, apply_residual, linearize
-):
-    """``(final, carries, aux)`` of the stack with its layers split over ``layer_axis``."""
-    local_length = length // size
-    highway = settings is not None and settings.iterations is not None
+def layer_parallel_scan(block, init, xs, *, stack_for, settings, axis, mesh, size):
+    """``(final carry leaves, per-step outputs)`` of the stack with its layers split over ``axis``.
 
-    def pipeline(block, init, xs):
-        """The forward on this device's chunk: wait for the carry, run the chunk, pass it on."""
-
-        def step(h, x):
-            z, aux = split(block(h, x))
-            h_new = apply_residual(residual, h, z)
-            return h_new, (h_new, aux)
-
-        index = lax.axis_index(layer_axis)
-        h = init
-        # Stage 0 runs on every device (only device 0's result is kept: it is the one with the right
-        # input); it fixes the output types that later stages pass through unchanged.
-        h, outs = lax.scan(step, h, xs, length=local_length, unroll=unroll)
-        for stage in range(1, size):
-            h = jax.tree.map(lambda a: lax.ppermute(a, layer_axis, [(i, i + 1) for i in range(size - 1)]), h)
-            h, outs = lax.cond(
-                index == stage,
-                lambda c: lax.scan(step, c[0], xs, length=local_length, unroll=unroll),
-                lambda c: c,
-                (h, outs),
-            )
-        final = jax.tree.map(lambda a: lax.psum(jnp.where(index == size - 1, a, jnp.zeros_like(a)), layer_axis), h)
-        carries, aux = outs
-        return final, carries, aux
-
+    Args:
+      block: the user's ``block(carry, x)``.
+      init, xs: the initial carry (a pytree) and the per-step inputs.
+      stack_for: ``stack_for(converted_block) -> Stack``, the stack's description for the block
+        with its closed-over values made explicit.
+      settings: the backward's :class:`hbpjax._context.HighwaySettings`, or ``None`` for exact
+        backprop (JAX differentiates the chain: D sequential hops back).
+      axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
+    """
     # The values the block closes over enter the shard_map as explicit (replicated) arguments: a
     # closed-over array would keep the outer mesh in its type inside the manual region.
     example = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
     outer_consts = tuple(jax.closure_convert(block, init, example)[1])
+    carry_tree = jax.tree.structure(init)
 
     def local(init, xs, const_args):
         # Traced again here, inside the shard_map, so the block's jaxpr has this device's types; the
         # closed-over values it finds are the same objects as outside: swap in the arguments.
         x0 = jax.tree.map(lambda a: a[0], xs)
-        converted, inner = jax.closure_convert(block, init, x0)
+        converted, inner = jax.closure_convert(block, jax.tree.unflatten(carry_tree, init), x0)
         by_id = {id(c): a for c, a in zip(outer_consts, const_args)}
         consts = tuple(by_id.get(id(c), c) for c in inner)
+        stack = stack_for(converted)
+        forward = functools.partial(_pipeline, stack, axis=axis, size=size)
+        if settings is None:
+            return forward(init, xs, consts)[:2]
+        return differentiate(
+            stack, init, xs, consts, settings=settings, forward=forward, chain=lambda: DeviceChain(axis, size)
+        )
 
-        def forward(init, xs, consts):
-            return pipeline(lambda h, x: converted(h, x, *consts), init, xs)
-
-        if not highway:
-            return forward(init, xs, consts)  # JAX differentiates the chain: exact, D hops back
-        block_z = lambda h, x, *c: split(converted(h, x, *c))[0]
-
-        def fwd(init, xs, consts):
-            final, carries, aux = forward(init, xs, consts)
-            return (final, carries, aux), (init, carries, xs, consts)
-
-        def bwd(res, cts):
-            init, carries, xs, consts = res
-            ct_final, ct_carries, _ = cts
-            chain = DeviceChain(layer_axis, size)
-            return highway_backward(
-                block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, chain, linearize
-            )
-
-        run = jax.custom_vjp(forward)
-        run.defvjp(fwd, bwd)
-        return run(init, xs, consts)
-
-    if _is_explicit(mesh, layer_axis):
+    if _is_explicit(mesh, axis):
         # Explicit axes do not reshard implicitly: put each leaf's layer axis on the mesh axis,
         # keeping how its other axes are sharded (a no-op for layer-sharded parameters).
-        xs = jax.tree.map(lambda a: jax.sharding.reshard(a, P(layer_axis, *_spec(a)[1:])), xs)
+        xs = jax.tree.map(lambda a: jax.sharding.reshard(a, P(axis, *sharding_spec(a)[1:])), xs)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(layer_axis), P()),
-        out_specs=(P(), P(layer_axis), P(layer_axis)),
-        axis_names={layer_axis},
+        in_specs=(P(), P(axis), P()),
+        out_specs=(P(), P(axis)),
+        axis_names={axis},
         # Without replication types the transpose of an unmapped input is one psum at the boundary,
         # never inside the device-dependent `cond` of the pipeline (where only some devices would
         # reach it). Per-device cotangents of replicated inputs are therefore returned unreduced.
         check_vma=False,
-    )(init, xs, outer_consts)
+    )(jax.tree.leaves(init), xs, outer_consts)
+
+
+def _pipeline(stack, init, xs, consts, *, axis, size):
+    """The forward on this device's chunk: wait for the carry, run the chunk, pass it on.
+
+    Returns ``(final, ys, saved)`` as :func:`hbpjax._stack.scan_forward` does, for this chunk.
+    """
+    local_length = stack.length // size
+    run = lambda h: scan_steps(stack, h, xs, consts, length=local_length)
+    index = lax.axis_index(axis)
+    # Stage 0 runs on every device (only device 0's result is kept: it is the one with the right
+    # input); it fixes the output types that later stages pass through unchanged.
+    h, ys, extra = run(init)
+    for stage in range(1, size):
+        h = jax.tree.map(lambda a: lax.ppermute(a, axis, [(i, i + 1) for i in range(size - 1)]), h)
+        h, ys, extra = lax.cond(index == stage, lambda c: run(c[0]), lambda c: c, (h, ys, extra))
+    final = jax.tree.map(lambda a: lax.psum(jnp.where(index == size - 1, a, jnp.zeros_like(a)), axis), h)
+    return final, ys, saved_carries(stack, ys, extra)
 
 
 def _is_explicit(mesh, axis):
     types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
     return types.get(axis) == jax.sharding.AxisType.Explicit
-
-
-def _spec(a):
-    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
-    return spec + (None,) * (a.ndim - len(spec))

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from ._common import sharding_spec
+
 PyTree = Any
 
 __all__ = ["METHODS", "affine_scan", "plan", "solve"]
@@ -35,8 +37,7 @@ METHODS = ("parallel", "sequential")
 def _reshape_leading(a, shape):
     """``a.reshape(shape)`` for a change of the leading axes only, keeping the trailing axes'
     sharding when it is explicit (a plain reshape may move it onto the new leading axes)."""
-    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
-    trailing = spec[1:] if len(spec) == a.ndim else ()
+    trailing = sharding_spec(a)[1:]
     if any(s is not None for s in trailing):
         lead = len(shape) - (a.ndim - 1)
         return a.reshape(shape, out_sharding=PartitionSpec(*((None,) * lead + trailing)))

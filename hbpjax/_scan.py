@@ -5,10 +5,10 @@ Forward: ``z_i = block(h_{i-1}, x_i)``, ``h_i = residual(h_{i-1}, z_i)`` for ``i
 Under plain ``jax.grad`` (no :func:`hbpjax.highway_grad` active, or ``iterations=None``) this *is*
 ``lax.scan``: forward mode, higher order and everything else JAX does with a scan apply unchanged.
 
-Under ``highway_grad(..., iterations=k)`` it is a ``jax.custom_vjp`` whose backward is Highway-BP
-(:mod:`hbpjax._backward`): every layer linearized once in parallel, then ``k`` sweeps of "all layers'
-VJPs at once, then one prefix scan". Nothing in this backward loops over the layers; its sequential
-depth is about ``(k+1)(1+log2 L)``.
+Under ``highway_grad(..., iterations=k)`` it is the custom VJP of :mod:`hbpjax._backward` on a
+:class:`ResidualScan` (the stack's description): every layer linearized once in parallel, then
+``k`` sweeps of "all layers' VJPs at once, then one prefix scan". Nothing in this backward loops over
+the layers; its sequential depth is about ``(k+1)(1+log2 L)``.
 
 With ``layer_axis`` the layers are split in contiguous chunks over a mesh axis
 (:mod:`hbpjax._layers`).
@@ -16,9 +16,8 @@ With ``layer_axis`` the layers are split in contiguous chunks over a mesh axis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import numbers
-import operator
 from typing import Any, Callable
 
 import jax
@@ -26,13 +25,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _context, _layers
-from ._backward import highway_backward
-from ._util import describe
+from ._backward import Local, differentiate
+from ._common import RESIDUAL_SCAN, apply_residual, as_int, check_gamma, check_linearize, split_aux
+from ._stack import CARRY, Stack, scan_forward
 from .residual import additive
 
 PyTree = Any
 
-_NAME = "hbpjax.residual_scan"
+_NAME = RESIDUAL_SCAN
 
 
 def residual_scan(
@@ -110,108 +110,93 @@ def residual_scan(
             f"{_NAME}: `residual` must be callable as residual(h, z) -> h_new (for instance "
             f"hbpjax.residual.additive); got {residual!r}."
         )
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(_NAME, gamma)
+    check_linearize(_NAME, linearize)
     length = _scan_length(xs, length)
-    if linearize not in ("vmap", "unroll"):
-        raise ValueError(f"{_NAME}: `linearize` must be 'vmap' or 'unroll'; got {linearize!r}.")
-
-    split = functools.partial(_split_aux, has_aux)
-
-    def step(h, x):
-        z, aux = split(block(h, x))
-        h_new = _apply_residual(residual, h, z)
-        return h_new, (h_new, aux)
-
+    leaves, carry_tree = jax.tree.flatten(init)
     settings = _context.current()
+    highway = settings is not None and settings.iterations is not None
+
+    def stack_for(block_fn):
+        return ResidualScan(
+            length=length, diff=tuple(range(len(leaves))), carry_in_ys=tuple(range(len(leaves))),
+            y_route=tuple((CARRY, p) for p in range(len(leaves))), gamma=gamma, linearize=linearize,
+            unroll=unroll, name=_NAME, block_fn=block_fn, residual_fn=residual, has_aux=has_aux,
+            carry_tree=carry_tree,
+        )
+
     if layer_axis is not None:
         mesh, size = _layers.resolve(layer_axis, mesh, length)
-        if settings is not None and settings.iterations is not None:
+        if highway:
             _check_float_carry(init)
-        final, carries, aux = _layers.layer_parallel_scan(
-            block, split, residual, gamma, settings, length, unroll, init, xs, layer_axis, mesh, size, _apply_residual,
-            linearize,
+        final, ys = _layers.layer_parallel_scan(
+            block, init, xs, stack_for=stack_for, settings=settings if highway else None, axis=layer_axis,
+            mesh=mesh, size=size,
         )
-    elif settings is None or settings.iterations is None or length == 0:
-        final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
+    elif not highway or length == 0:
+        stack = stack_for(lambda h, x: block(h, x))
+        final, ys, _ = scan_forward(stack, leaves, xs, ())
     else:
         _check_float_carry(init)
-        final, carries, aux = _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs, linearize)
+        x0 = jax.tree.map(lambda a: a[0], xs)
+        # Values `block` closes over may be tracers of an outer jax.grad / jit: hoist them into
+        # explicit inputs so the custom_vjp returns their cotangents instead of dropping them.
+        converted, consts = jax.closure_convert(block, init, x0)
+        stack = stack_for(converted)
+        forward = functools.partial(scan_forward, stack)
+        final, ys = differentiate(stack, leaves, xs, tuple(consts), settings=settings, forward=forward, chain=Local)
+    carries, aux = ys
+    final = jax.tree.unflatten(carry_tree, final)
     if has_aux:
         return final, carries, lax.stop_gradient(aux)
     return final, carries
 
 
-def _split_aux(has_aux, out):
-    """``(z, aux)`` from a block's output (``aux`` is ``None`` without ``has_aux``)."""
-    if not has_aux:
-        return out, None
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise ValueError(
-            f"{_NAME}: with has_aux=True `block` must return a pair (z, aux); got {describe(out)}."
-        )
-    return out[0], out[1]
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResidualScan(Stack):
+    """The stack of a :func:`residual_scan` call: the user's ``block`` and ``residual`` on the carry.
 
+    Every carry leaf is differentiated and returned stacked as a per-step output (so its cotangent
+    joins the carry's); the per-step ``aux`` gets no cotangent.
 
-def _highway_scan(block, split, residual, gamma, settings, length, unroll, init, xs, linearize):
-    """The ``custom_vjp`` form of the scan, with the Highway-BP backward."""
-    x0 = jax.tree.map(lambda a: a[0], xs)
-    # Values `block` closes over may be tracers of an outer jax.grad / jit: hoist them into
-    # explicit inputs so the custom_vjp returns their cotangents instead of dropping them.
-    converted, consts = jax.closure_convert(block, init, x0)
-    consts = tuple(consts)
+    Attributes:
+      block_fn: ``block_fn(carry, x, *consts) -> z`` (or ``(z, aux)`` with ``has_aux``).
+      residual_fn: ``residual_fn(h, z) -> h_new`` on carry pytrees.
+      has_aux: whether ``block_fn`` returns ``(z, aux)``.
+      carry_tree: the carry's tree structure.
+    """
 
-    def forward(init, xs, consts):
-        def step(h, x):
-            z, aux = split(converted(h, x, *consts))
-            h_new = _apply_residual(residual, h, z)
-            return h_new, (h_new, aux)
+    block_fn: Callable
+    residual_fn: Callable
+    has_aux: bool
+    carry_tree: Any
 
-        final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
-        return final, carries, aux
+    def z(self, carry: PyTree, x: PyTree, consts: tuple) -> tuple[PyTree, PyTree]:
+        """The block's ``(z, aux)`` (``aux`` is ``None`` without ``has_aux``)."""
+        return split_aux(self.has_aux, self.block_fn(carry, x, *consts))
 
-    run = jax.custom_vjp(forward)
+    def step(self, carry, x, consts):
+        h = jax.tree.unflatten(self.carry_tree, carry)
+        z, aux = self.z(h, x, consts)
+        h_new = apply_residual(self.residual_fn, h, z)
+        return jax.tree.leaves(h_new), (h_new, aux)
 
-    def fwd(init, xs, consts):
-        final, carries, aux = forward(init, xs, consts)
-        return (final, carries, aux), (init, carries, xs, consts)
+    def block(self, h, xe, consts):
+        x, _ = xe
+        return self.z(jax.tree.unflatten(self.carry_tree, h), x, consts)[0], []
 
-    def bwd(res, cts):
-        init, carries, xs, consts = res
-        ct_final, ct_carries, _ = cts  # aux is stop_gradient-ed by the caller: no cotangent
-        block_z = lambda h, x, *c: split(converted(h, x, *c))[0]
-        return highway_backward(
-            block_z, residual, gamma, settings, init, carries, xs, consts, ct_final, ct_carries, linearize=linearize
-        )
-
-    run.defvjp(fwd, bwd)
-    return run(init, xs, consts)
+    def residual(self, h, z):
+        return jax.tree.leaves(self.residual_fn(jax.tree.unflatten(self.carry_tree, h), z))
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-        raise TypeError(
-            f"{_NAME}: `gamma` must be a Python float in [0, 1] (a static setting of the "
-            f"backward); got {gamma!r} of type {type(gamma).__name__}."
-        )
-    gamma = float(gamma)
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(
-            f"{_NAME}: `gamma` must be in [0, 1] (0: Highway-BP, 0.2: pre-LN Transformers, "
-            f"0.8: post-LN, 1: fixed-point iteration); got {gamma}."
-        )
-    return gamma
 
 
 def _scan_length(xs, length) -> int:
     """The number of steps, checked against every leaf of ``xs``."""
     if length is not None:
         try:
-            if isinstance(length, bool):
-                raise TypeError
-            length = operator.index(length)
+            length = as_int(length)
         except TypeError:
             raise TypeError(
                 f"{_NAME}: `length` must be an int or None; got {length!r} of type "
@@ -248,37 +233,6 @@ def _scan_length(xs, length) -> int:
             f"{_NAME}: `length={length}` disagrees with the leading axis of `xs` ({found})."
         )
     return found
-
-
-def _apply_residual(residual, h, z):
-    """``residual(h, z)`` with the checks that make a misfit block a clear error at trace time."""
-    check = getattr(residual, "check", None)
-    if check is not None:
-        try:
-            check(h, z)
-        except ValueError as err:
-            raise ValueError(f"{_NAME}: {err}") from None
-    h_new = residual(h, z)
-    name = getattr(residual, "__name__", repr(residual))
-    h_tree, new_tree = jax.tree.structure(h), jax.tree.structure(h_new)
-    if h_tree != new_tree:
-        raise ValueError(
-            f"{_NAME}: residual {name}(h, z) must return a carry with the structure of `init` "
-            f"({h_tree}); got {new_tree}. Check what `block` returns."
-        )
-    for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(h_new)):
-        if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(
-                f"{_NAME}: residual {name}(h, z) changed a carry shape from {jnp.shape(a)} to "
-                f"{jnp.shape(b)}; the block output z must fit the carry."
-            )
-        if jnp.result_type(a) != jnp.result_type(b):
-            raise TypeError(
-                f"{_NAME}: residual {name}(h, z) changed a carry dtype from "
-                f"{jnp.result_type(a)} to {jnp.result_type(b)}; make `block` return the carry's "
-                "dtype (or cast `init`)."
-            )
-    return h_new
 
 
 def _check_float_carry(init) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from . import _context
-from ._util import describe
+from ._common import as_int, describe
 
 DEFAULT_ITERATIONS = 4
 
@@ -64,7 +63,8 @@ def highway_value_and_grad(
       32 1.00
     """
     return _value_and_grad(
-        "hbpjax.highway_value_and_grad", fun, argnums, has_aux, holomorphic, allow_int, iterations, tol
+        "hbpjax.highway_value_and_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
+        allow_int=allow_int, iterations=iterations, tol=tol,
     )
 
 
@@ -94,8 +94,14 @@ def highway_grad(
       True
     """
     value_and_grad = _value_and_grad(
-        "hbpjax.highway_grad", fun, argnums, has_aux, holomorphic, allow_int, iterations, tol
+        "hbpjax.highway_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
+        allow_int=allow_int, iterations=iterations, tol=tol,
     )
+    return grad_from_value_and_grad(fun, value_and_grad, has_aux)
+
+
+def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: bool) -> Callable:
+    """``grad`` from ``value_and_grad``, as ``jax.grad`` is built: the gradient (and ``aux``)."""
 
     @functools.wraps(fun)
     def grad_fun(*args, **kwargs):
@@ -105,7 +111,7 @@ def highway_grad(
     return grad_fun
 
 
-def _value_and_grad(name, fun, argnums, has_aux, holomorphic, allow_int, iterations, tol):
+def _value_and_grad(name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol):
     if not callable(fun):
         raise TypeError(f"{name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
     argnums = normalize_argnums(name, argnums)
@@ -126,11 +132,6 @@ def _value_and_grad(name, fun, argnums, has_aux, holomorphic, allow_int, iterati
 
 def normalize_argnums(name: str, argnums) -> int | tuple[int, ...]:
     """Checks ``argnums`` at wrap time, as ``jax.grad`` does: an int or a non-empty int sequence."""
-
-    def as_int(a):
-        if isinstance(a, bool):
-            raise TypeError
-        return operator.index(a)
 
     try:
         if isinstance(argnums, Sequence) and not isinstance(argnums, str):

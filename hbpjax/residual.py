@@ -24,9 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from ._util import describe
+from ._common import describe, layout_mismatch
 
 PyTree = Any
 
@@ -35,18 +34,16 @@ __all__ = ["additive", "gated", "relu"]
 
 def _same_layout(h: PyTree, z: PyTree, what: str) -> None:
     """Raises ``ValueError`` unless ``z`` has the tree structure and leaf shapes of ``h``."""
-    h_tree, z_tree = jax.tree.structure(h), jax.tree.structure(z)
-    if h_tree != z_tree:
+    mismatch = layout_mismatch(h, z)
+    if mismatch and mismatch[0] == "structure":
         raise ValueError(
-            f"{what} must have the same pytree structure as the carry; carry is {h_tree}, "
-            f"got {z_tree}."
+            f"{what} must have the same pytree structure as the carry; carry is {mismatch[1]}, "
+            f"got {mismatch[2]}."
         )
-    for hl, zl in zip(jax.tree.leaves(h), jax.tree.leaves(z)):
-        if jnp.shape(hl) != jnp.shape(zl):
-            raise ValueError(
-                f"{what} must have the carry's shapes; carry leaf has shape {jnp.shape(hl)}, "
-                f"got {jnp.shape(zl)}."
-            )
+    if mismatch:
+        raise ValueError(
+            f"{what} must have the carry's shapes; carry leaf has shape {mismatch[1]}, got {mismatch[2]}."
+        )
 
 
 def additive(h: PyTree, z: PyTree) -> PyTree:
