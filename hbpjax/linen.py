@@ -16,10 +16,9 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
-from ._scan import residual_scan
+from . import _adapters
 from .residual import additive, gated
 
 __all__ = ["GRUCell", "LSTMCell", "ResidualRNN", "ResidualStack"]
@@ -111,15 +110,10 @@ class ResidualStack(nn.Module):
                 return template.apply(layer_vars, h, *args, rngs=rngs, mutable=mutable, **kwargs)
             return template.apply(layer_vars, h, *args, rngs=rngs, **kwargs), {}
 
-        try:
-            h, _, updates = residual_scan(
-                block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma, unroll=self.unroll,
-                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
-            )
-        except ValueError as err:
-            if not str(err).startswith("hbpjax."):
-                raise
-            raise ValueError(f"{name}: the block does not fit the residual. {err}") from None
+        h, _, updates = _adapters.stack(
+            name, block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma,
+            unroll=self.unroll, has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
+        )
         if not self.is_initializing():
             for collection in mutable:
                 self.put_variable(collection, _LAYERS, updates[collection])
@@ -154,17 +148,15 @@ class GRUCell(nn.GRUCell):
             nn.Dense, features=h.shape[-1], use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=self.kernel_init, bias_init=self.bias_init,
         )
-        r = self.gate_fn(dense_i(name="ir")(inputs) + dense_h(name="hr")(h))
-        z = self.gate_fn(dense_i(name="iz")(inputs) + dense_h(name="hz")(h))
-        n = self.activation_fn(dense_i(name="in")(inputs) + r * dense_h(name="hn", use_bias=True)(h))
-        return z, (1.0 - z) * n
+        x_proj = (dense_i(name="ir")(inputs), dense_i(name="iz")(inputs), dense_i(name="in")(inputs))
+        h_proj = (dense_h(name="hr")(h), dense_h(name="hz")(h), dense_h(name="hn", use_bias=True)(h))
+        return _adapters.gru_split(x_proj, h_proj, self.gate_fn, self.activation_fn)
 
     def output(self, carry):
         return carry
 
     def __call__(self, carry, inputs):
-        new = self.residual(carry, self.block(carry, inputs))
-        return new, self.output(new)
+        return _adapters.cell_call(self, carry, inputs)
 
 
 class LSTMCell(nn.LSTMCell):
@@ -186,7 +178,7 @@ class LSTMCell(nn.LSTMCell):
 
     @nn.compact
     def block(self, carry, inputs):
-        c, h = carry
+        h = carry[1]
         dense_h = functools.partial(
             nn.Dense, features=h.shape[-1], use_bias=True, kernel_init=self.recurrent_kernel_init,
             bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -195,19 +187,14 @@ class LSTMCell(nn.LSTMCell):
             nn.Dense, features=h.shape[-1], use_bias=False, kernel_init=self.kernel_init,
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
-        i = self.gate_fn(dense_i(name="ii")(inputs) + dense_h(name="hi")(h))
-        f = self.gate_fn(dense_i(name="if")(inputs) + dense_h(name="hf")(h))
-        g = self.activation_fn(dense_i(name="ig")(inputs) + dense_h(name="hg")(h))
-        o = self.gate_fn(dense_i(name="io")(inputs) + dense_h(name="ho")(h))
-        h_new = o * self.activation_fn(f * c + i * g)
-        return (f, jnp.zeros_like(h)), (i * g, h_new)
+        gates = tuple(dense_i(name=f"i{g}")(inputs) + dense_h(name=f"h{g}")(h) for g in "ifgo")
+        return _adapters.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
 
     def output(self, carry):
         return carry[1]
 
     def __call__(self, carry, inputs):
-        new = self.residual(carry, self.block(carry, inputs))
-        return new, self.output(new)
+        return _adapters.cell_call(self, carry, inputs)
 
 
 class ResidualRNN(nn.Module):
@@ -240,16 +227,10 @@ class ResidualRNN(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, initial_carry=None):
+        name = "hbpjax.linen.ResidualRNN"
         template = self.cell(parent=None)
-        missing = [m for m in ("block", "residual", "initialize_carry") if not hasattr(template, m)]
-        if missing:
-            raise TypeError(
-                "hbpjax.linen.ResidualRNN: the cell must split its update into `block(carry, x) -> z` "
-                f"and a `residual`; {type(template).__name__} lacks {', '.join(missing)}. Use "
-                "hbpjax.linen.GRUCell or LSTMCell."
-            )
-        time_axis = 0 if self.time_major else inputs.ndim - 2
-        xs = jnp.moveaxis(inputs, time_axis, 0)
+        _adapters.check_split_cell(name, template, "Use hbpjax.linen.GRUCell or LSTMCell, or add them.")
+        xs, time_axis = _adapters.to_time_major(inputs, self.time_major)
         if initial_carry is None:
             initial_carry = template.initialize_carry(jax.random.key(0), xs.shape[1:])
         params = self.param("cell", lambda rng: template.init(rng, initial_carry, xs[0], method="block")["params"])
@@ -257,8 +238,8 @@ class ResidualRNN(nn.Module):
         def block(carry, x):
             return template.apply({"params": params}, carry, x, method="block")
 
-        carry, carries = residual_scan(
-            block, initial_carry, xs, residual=template.residual, gamma=self.gamma, unroll=self.unroll
+        carry, carries = _adapters.stack(
+            name, block, initial_carry, xs, residual=template.residual, gamma=self.gamma, unroll=self.unroll
         )
-        outputs = jnp.moveaxis(template.output(carries), 0, time_axis)
+        outputs = _adapters.from_time_major(template.output(carries), time_axis)
         return (carry, outputs) if self.return_carry else outputs

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as _nnx
 
-from . import _context
-from ._scan import residual_scan
-from ._transform import DEFAULT_ITERATIONS, normalize_argnums
-from ._util import describe
+from . import _adapters, _context
+from ._common import describe
+from ._transform import DEFAULT_ITERATIONS, grad_from_value_and_grad, normalize_argnums
 from .residual import additive, gated
 
 __all__ = [
@@ -130,15 +129,10 @@ class ResidualStack(_nnx.Module):
             _, _, new_state = _nnx.split(module, _nnx.Param, ...)
             return z, new_state
 
-        try:
-            h, _, new_state = residual_scan(
-                block, h, (params, state), residual=self.residual, gamma=self.gamma, unroll=self.unroll,
-                has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
-            )
-        except ValueError as err:
-            if not str(err).startswith("hbpjax."):
-                raise
-            raise ValueError(f"hbpjax.nnx.ResidualStack: the block does not fit the residual. {err}") from None
+        h, _, new_state = _adapters.stack(
+            "hbpjax.nnx.ResidualStack", block, h, (params, state), residual=self.residual, gamma=self.gamma,
+            unroll=self.unroll, has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
+        )
         _nnx.update(self.layers, new_state)
         return h
 
@@ -166,19 +160,15 @@ class GRUCell(_nnx.GRUCell):
 
     def block(self, carry, inputs):
         """The block of the residual split: ``(a, b)`` with ``h' = a * h + b``."""
-        xi_r, xi_z, xi_n = jnp.split(self.dense_i(inputs), 3, axis=-1)
-        hh_r, hh_z, hh_n = jnp.split(self.dense_h(carry), 3, axis=-1)
-        r = self.gate_fn(xi_r + hh_r)
-        z = self.gate_fn(xi_z + hh_z)
-        n = self.activation_fn(xi_n + r * hh_n)
-        return z, (1.0 - z) * n
+        inputs = jnp.split(self.dense_i(inputs), 3, axis=-1)
+        hidden = jnp.split(self.dense_h(carry), 3, axis=-1)
+        return _adapters.gru_split(inputs, hidden, self.gate_fn, self.activation_fn)
 
     def output(self, carry):
         return carry
 
     def __call__(self, carry, inputs):
-        new = self.residual(carry, self.block(carry, inputs))
-        return new, self.output(new)
+        return _adapters.cell_call(self, carry, inputs)
 
 
 class LSTMCell(_nnx.OptimizedLSTMCell):
@@ -200,18 +190,14 @@ class LSTMCell(_nnx.OptimizedLSTMCell):
     residual = staticmethod(gated)
 
     def block(self, carry, inputs):
-        c, h = carry
-        i, f, g, o = jnp.split(self.dense_i(inputs) + self.dense_h(h), 4, axis=-1)
-        i, f, g, o = self.gate_fn(i), self.gate_fn(f), self.activation_fn(g), self.gate_fn(o)
-        h_new = o * self.activation_fn(f * c + i * g)
-        return (f, jnp.zeros_like(h)), (i * g, h_new)
+        gates = jnp.split(self.dense_i(inputs) + self.dense_h(carry[1]), 4, axis=-1)
+        return _adapters.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
 
     def output(self, carry):
         return carry[1]
 
     def __call__(self, carry, inputs):
-        new = self.residual(carry, self.block(carry, inputs))
-        return new, self.output(new)
+        return _adapters.cell_call(self, carry, inputs)
 
 
 class MinGRUCell(_nnx.Module):
@@ -239,15 +225,13 @@ class MinGRUCell(_nnx.Module):
         self.dense_h = _nnx.Linear(in_features, hidden_features, param_dtype=param_dtype, rngs=rngs)
 
     def block(self, carry, inputs):
-        z = jax.nn.sigmoid(self.dense_z(inputs))
-        return 1.0 - z, z * self.dense_h(inputs)
+        return _adapters.min_gru_split(self.dense_z(inputs), self.dense_h(inputs))
 
     def output(self, carry):
         return carry
 
     def __call__(self, carry, inputs):
-        new = self.residual(carry, self.block(carry, inputs))
-        return new, new
+        return _adapters.cell_call(self, carry, inputs)
 
     def initialize_carry(self, input_shape, rngs=None):
         return jnp.zeros(tuple(input_shape[:-1]) + (self.hidden_features,), self.param_dtype)
@@ -296,13 +280,9 @@ class ResidualRNN(_nnx.Module):
         unroll: int | bool = 1,
         gamma: float = 0.0,
     ):
-        missing = [m for m in ("block", "residual", "initialize_carry") if not hasattr(cell, m)]
-        if missing:
-            raise TypeError(
-                f"hbpjax.nnx.ResidualRNN: the cell must split its update into `block(carry, x) -> z` "
-                f"and a `residual`, and provide `initialize_carry`; {type(cell).__name__} lacks "
-                f"{', '.join(missing)}. Use hbpjax.nnx.GRUCell, LSTMCell or MinGRUCell, or add them."
-            )
+        _adapters.check_split_cell(
+            "hbpjax.nnx.ResidualRNN", cell, "Use hbpjax.nnx.GRUCell, LSTMCell or MinGRUCell, or add them."
+        )
         self.cell = cell
         self.time_major = time_major
         self.return_carry = return_carry
@@ -316,21 +296,21 @@ class ResidualRNN(_nnx.Module):
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
-        time_axis = 0 if time_major else inputs.ndim - 2
-        xs = jnp.moveaxis(inputs, time_axis, 0)
+        xs, time_axis = _adapters.to_time_major(inputs, time_major)
         if reverse:
             xs = jnp.flip(xs, 0)
         if initial_carry is None:
             # The built-in cells start from zeros; the key only matters for random carry inits.
             initial_carry = self.cell.initialize_carry(xs.shape[1:], _nnx.Rngs(carry=0))
         output = getattr(self.cell, "output", lambda carry: carry)
-        carry, carries = residual_scan(
-            self.cell.block, initial_carry, xs, residual=self.cell.residual, gamma=self.gamma, unroll=self.unroll
+        carry, carries = _adapters.stack(
+            "hbpjax.nnx.ResidualRNN", self.cell.block, initial_carry, xs, residual=self.cell.residual,
+            gamma=self.gamma, unroll=self.unroll,
         )
         outputs = output(carries)
         if reverse and keep_order:
             outputs = jnp.flip(outputs, 0)
-        outputs = jnp.moveaxis(outputs, 0, time_axis)
+        outputs = _adapters.from_time_major(outputs, time_axis)
         return (carry, outputs) if return_carry else outputs
 
 
@@ -387,14 +367,16 @@ def value_and_grad(
       >>> grads["cell"]["dense_h"]["kernel"].shape
       (4, 12)
     """
-    name = "hbpjax.nnx.value_and_grad"
-    settings = _context.settings(name, iterations, tol)
+    _context.settings("hbpjax.nnx.value_and_grad", iterations, tol)  # checked early, decorator form too
     if f is None:
         return functools.partial(
             value_and_grad, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
             graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
         )
-    return _wrap(name, f, _nnx.value_and_grad, settings, argnums, has_aux, holomorphic, allow_int, graph, graph_updates)
+    return _value_and_grad(
+        "hbpjax.nnx.value_and_grad", f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
+        allow_int=allow_int, graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
+    )
 
 
 def grad(
@@ -421,30 +403,32 @@ def grad(
       >>> grads = hbpjax.nnx.grad(lambda m, x: jnp.mean(m(x) ** 2), iterations=2)(model, jnp.ones((3, 10, 2)))
       >>> _ = optimizer.update(model, grads)   # a standard optax step
     """
-    name = "hbpjax.nnx.grad"
-    settings = _context.settings(name, iterations, tol)
+    _context.settings("hbpjax.nnx.grad", iterations, tol)  # checked early, decorator form too
     if f is None:
         return functools.partial(
             grad, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
             graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
         )
-    return _wrap(name, f, _nnx.grad, settings, argnums, has_aux, holomorphic, allow_int, graph, graph_updates)
+    value_and_grad_f = _value_and_grad(
+        "hbpjax.nnx.grad", f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
+        allow_int=allow_int, graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
+    )
+    return grad_from_value_and_grad(f, value_and_grad_f, has_aux)
 
 
-def _wrap(name, f, transform, settings, argnums, has_aux, holomorphic, allow_int, graph, graph_updates):
+def _value_and_grad(name, f, *, argnums, iterations, tol, **options):
+    """``nnx.value_and_grad(f, **options)`` run with the highway settings active, checked under ``name``."""
     if not callable(f):
         raise TypeError(f"{name}: `f` must be callable; got {describe(f)}.")
+    settings = _context.settings(name, iterations, tol)
     plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
     normalize_argnums(name, tuple(plain))
-    inner = transform(
-        f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
-        graph=graph, graph_updates=graph_updates,
-    )
+    inner = _nnx.value_and_grad(f, argnums=argnums, **options)
 
     @functools.wraps(f)
-    def wrapper(*args, **kwargs):
+    def value_and_grad_f(*args, **kwargs):
         _check_nnx_args(name, argnums, args)
         with _context.active(settings):
             return inner(*args, **kwargs)
 
-    return wrapper
+    return value_and_grad_f
