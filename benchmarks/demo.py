@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hbpjax  # noqa: E402
-from hbpjax_examples import data, models, train  # noqa: E402
+from hbpjax.examples import data, models, train  # noqa: E402
 
 
 def char_task(args):

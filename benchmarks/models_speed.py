@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hbpjax  # noqa: E402
-from hbpjax_examples import data, models  # noqa: E402
+from hbpjax.examples import data, models  # noqa: E402
 
 KS = (0, 1, 2, 5, 10)
 

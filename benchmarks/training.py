@@ -39,7 +39,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from hbpjax_examples import data, models, train  # noqa: E402
+from hbpjax.examples import data, models, train  # noqa: E402
 
 M = train.Method.parse
 FIDELITY_K = (0, 1, 2, 5, 10)

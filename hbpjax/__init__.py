@@ -21,10 +21,9 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 
-
 def __getattr__(name):
-    # `hbpjax.nnx` and `hbpjax.linen` import flax, so they load on first use only.
-    if name in ("nnx", "linen"):
+    # `hbpjax.nnx`, `hbpjax.linen` and `hbpjax.examples` import flax, so they load on first use only.
+    if name in ("nnx", "linen", "examples"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
