@@ -55,6 +55,26 @@ def loops(closed_jaxpr):
     return found
 
 
+def scan_both_ways(block, init, xs=None, **kw):
+    """Trace residual_scan both plainly and under highway_grad: both must raise the same error."""
+    errors = []
+    for mode in ("plain", "highway"):
+        def loss(s):
+            final = hbpjax.residual_scan(block, init, xs, **kw)[0]
+            return s * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(final))
+
+        try:
+            loss(1.0) if mode == "plain" else hbpjax.highway_grad(loss, iterations=1)(1.0)
+        except Exception as err:  # noqa: BLE001 - compared below, then re-raised
+            errors.append(err)
+        else:
+            errors.append(None)
+    plain, highway = errors
+    assert type(plain) is type(highway) and str(plain) == str(highway), (plain, highway)
+    if plain is not None:
+        raise plain
+
+
 # ----------------------------------------------------------------------------- reference models
 # Each builder returns ``(loss, args)``; every positional argument is differentiable, so tests take
 # ``argnums=tuple(range(len(args)))`` and compare highway against jax.grad on all of them.
@@ -175,3 +195,49 @@ def two_stacks(key, *, gamma=0.0, dtype=jnp.float64):
         return jnp.sum(h2**2) + jnp.mean(hs2)
 
     return loss, (W1, shared, h0)
+
+
+# ----------------------------------------------------------------------------- sharded problems
+# Used by test_sharding.py (data parallel) and test_layers.py (layer parallel).
+
+SHARD_L, SHARD_D_IN, SHARD_H, SHARD_B = 16, 3, 8, 8
+
+
+def sharded_mlp_problem():
+    ks = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "W": jax.random.normal(ks[0], (SHARD_L, SHARD_H, SHARD_H)) / np.sqrt(SHARD_H),
+        "b": 0.1 * jax.random.normal(ks[1], (SHARD_L, SHARD_H)),
+    }
+    x = jax.random.normal(ks[2], (SHARD_B, SHARD_H))
+
+    def loss(params, x, layer_axis=None, mesh=None):
+        block = lambda h, p: 0.5 * jnp.tanh(h @ p["W"] + p["b"])
+        h, hs = hbpjax.residual_scan(block, x, params, layer_axis=layer_axis, mesh=mesh)
+        return jnp.mean(h**2) + 0.1 * jnp.mean(jnp.sin(hs))
+
+    return loss, params, x
+
+
+def sharded_gru_problem():
+    """Shared weights closed over, per-step inputs in xs: the layer axis is a time axis."""
+    ks = jax.random.split(jax.random.key(1), 5)
+    shapes = {"Wz": (SHARD_D_IN, SHARD_H), "Uz": (SHARD_H, SHARD_H), "Wh": (SHARD_D_IN, SHARD_H), "Uh": (SHARD_H, SHARD_H)}
+    params = {n: jax.random.normal(k, s) / np.sqrt(s[0]) for (n, s), k in zip(shapes.items(), ks)}
+    xs = jax.random.normal(ks[4], (SHARD_L, SHARD_B, SHARD_D_IN))
+
+    def loss(params, xs, layer_axis=None, mesh=None):
+        def cell(h, x):
+            u = jax.nn.sigmoid(x @ params["Wz"] + h @ params["Uz"])
+            return 1.0 - u, u * jnp.tanh(x @ params["Wh"] + h @ params["Uh"])
+
+        h0 = 0.0 * jnp.sum(xs, axis=(0, 2))[:, None] + jnp.zeros(SHARD_H)  # zeros sharded like the batch
+        _, hs = hbpjax.residual_scan(cell, h0, xs, residual=hbpjax.residual.gated, layer_axis=layer_axis, mesh=mesh)
+        return jnp.mean(jnp.cos(hs) * jnp.arange(1.0, SHARD_L + 1)[:, None, None])
+
+    return loss, params, xs
+
+
+def highway_value_and_grads(loss, k, *args, **kw):
+    """Jitted ``(value, grads)`` of ``loss(a, b, **kw)`` in both arguments with ``k`` sweeps."""
+    return jax.jit(hbpjax.highway_value_and_grad(lambda a, b: loss(a, b, **kw), (0, 1), iterations=k))(*args)

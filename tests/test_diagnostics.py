@@ -32,7 +32,7 @@ def test_agreement_with_aux_and_a_single_k():
     assert report.iterations == (5,) and report.cosine[0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_agreement_errors():
+def test_errors_agreement():
     with pytest.raises(ValueError, match=r"hbpjax.gradient_agreement: `iterations` must be >= 0"):
         hbpjax.gradient_agreement(lambda x: x, 1.0, iterations=(1, -2))
     with pytest.raises(ValueError, match=r"hbpjax.gradient_agreement: .*None"):

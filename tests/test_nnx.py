@@ -216,7 +216,7 @@ def test_min_gru_exact_at_iterations_zero():
 # ----------------------------------------------------------------------------------- errors
 
 
-def test_block_output_must_fit_additive_residual():
+def test_errors_block_output_must_fit_additive_residual():
     class Widening(nnx.Module):
         def __init__(self, rngs):
             self.linear = nnx.Linear(D, D + 1, rngs=rngs)
@@ -229,14 +229,14 @@ def test_block_output_must_fit_additive_residual():
         stack(jnp.ones((BATCH, D)))
 
 
-def test_num_layers_must_be_positive():
+def test_errors_num_layers_must_be_positive():
     with pytest.raises(ValueError, match=r"hbpjax.nnx.ResidualStack: `num_layers` must be >= 1; got 0"):
         hbpjax.nnx.ResidualStack(Block, 0, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"`num_layers` must be an int"):
         hbpjax.nnx.ResidualStack(Block, 2.0, rngs=nnx.Rngs(0))
 
 
-def test_value_and_grad_needs_a_module_or_state():
+def test_errors_value_and_grad_needs_a_module_or_state():
     x, y = _data()
     params = {"w": jnp.ones(3)}
     with pytest.raises(TypeError, match=r"hbpjax.nnx.value_and_grad: argument 0 must be an nnx.Module or an nnx.State.*got a dict"):
@@ -247,6 +247,6 @@ def test_value_and_grad_needs_a_module_or_state():
         hbpjax.nnx.grad(loss_fn, iterations=-1)
 
 
-def test_rnn_needs_a_split_cell():
+def test_errors_rnn_needs_a_split_cell():
     with pytest.raises(TypeError, match=r"hbpjax.nnx.ResidualRNN: .*GRUCell lacks block, residual"):
         hbpjax.nnx.ResidualRNN(nnx.GRUCell(2, 3, rngs=nnx.Rngs(0)))

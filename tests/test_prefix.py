@@ -45,6 +45,6 @@ def test_order_of_composition_matters():
     assert affine_scan(jnp.array([5.0, 3.0, 2.0]), u).tolist() == [21.0, 4.0, 1.0]
 
 
-def test_unknown_method():
+def test_errors_unknown_method():
     with pytest.raises(ValueError, match="unknown prefix scan method 'magic'"):
         affine_scan(jnp.ones(2), jnp.ones(2), method="magic")

@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import hbpjax
-from helpers import assert_trees_close, gru_stack, lstm_stack
+from helpers import assert_trees_close, gru_stack, lstm_stack, scan_both_ways
 
 
 def _reference_scan(block, residual, init, xs):
@@ -70,47 +70,24 @@ def test_length_one_stack():
 # ----------------------------------------------------------------------------------- errors
 
 
-def _run(block, init, xs=None, **kw):
-    """Trace residual_scan both plainly and under highway_grad: both must raise the same error."""
-    hbpjax.residual_scan(block, init, xs, **kw)
 
 
-def test_additive_shape_mismatch():
-    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`additive`.*shape \(3,\), got \(4,\)"):
-        _run(lambda h, x: jnp.ones(4), jnp.ones(3), length=2)
 
 
-def test_additive_structure_mismatch():
-    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`additive`.*same pytree structure"):
-        _run(lambda h, x: (h, h), jnp.ones(3), length=2)
 
 
-def test_gated_needs_a_pair():
-    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*`gated`.*pair \(a, b\).*got an array of shape \(3,\)"):
-        _run(lambda h, x: h, jnp.ones(3), length=2, residual=hbpjax.residual.gated)
-    with pytest.raises(ValueError, match=r"`gated`.*tuple of length 3"):
-        _run(lambda h, x: (h, h, h), jnp.ones(3), length=2, residual=hbpjax.residual.gated)
-    with pytest.raises(ValueError, match=r"gate a of a `gated` residual.*shape \(3,\), got \(2,\)"):
-        _run(lambda h, x: (jnp.ones(2), h), jnp.ones(3), length=2, residual=hbpjax.residual.gated)
 
 
-def test_custom_residual_must_return_the_carry_layout():
-    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: residual <lambda>\(h, z\) changed a carry shape"):
-        _run(lambda h, x: h, jnp.ones(3), length=2, residual=lambda h, z: jnp.concatenate([h, z]))
-    with pytest.raises(TypeError, match=r"changed a carry dtype from float32 to int32"):
-        _run(lambda h, x: h, jnp.ones(3), length=2, residual=lambda h, z: (h + z).astype(jnp.int32))
-
-
-def test_xs_lengths_must_agree():
+def test_errors_xs_lengths_must_agree():
     xs = {"w": jnp.ones((4, 3)), "b": jnp.ones((5, 3))}
     with pytest.raises(ValueError, match=r"hbpjax.residual_scan: .*leading.*xs\['b'\]: 5.*xs\['w'\]: 4"):
-        _run(lambda h, x: h, jnp.ones(3), xs)
+        scan_both_ways(lambda h, x: h, jnp.ones(3), xs)
     with pytest.raises(ValueError, match=r"`length=3` disagrees with the leading axis of `xs` \(4\)"):
-        _run(lambda h, x: h, jnp.ones(3), jnp.ones((4, 3)), length=3)
+        scan_both_ways(lambda h, x: h, jnp.ones(3), jnp.ones((4, 3)), length=3)
     with pytest.raises(ValueError, match=r"xs\['s'\] is a scalar"):
-        _run(lambda h, x: h, jnp.ones(3), {"s": jnp.float32(1.0)})
+        scan_both_ways(lambda h, x: h, jnp.ones(3), {"s": jnp.float32(1.0)})
     with pytest.raises(ValueError, match=r"pass `length=L`"):
-        _run(lambda h, x: h, jnp.ones(3))
+        scan_both_ways(lambda h, x: h, jnp.ones(3))
 
 
 @pytest.mark.parametrize(
@@ -124,12 +101,12 @@ def test_xs_lengths_must_agree():
         (dict(linearize="loop"), ValueError, r"`linearize` must be 'vmap' or 'unroll'; got 'loop'"),
     ],
 )
-def test_bad_options(kwargs, error, match):
+def test_errors_bad_options(kwargs, error, match):
     kwargs.setdefault("length", 2)
     with pytest.raises(error, match=r"hbpjax.residual_scan: " + match):
-        _run(lambda h, x: h, jnp.ones(3), **kwargs)
+        scan_both_ways(lambda h, x: h, jnp.ones(3), **kwargs)
     with pytest.raises(TypeError, match=r"hbpjax.residual_scan: `block` must be callable"):
-        _run(None, jnp.ones(3), length=2)
+        scan_both_ways(None, jnp.ones(3), length=2)
 
 
 def test_errors_also_under_highway_grad():
@@ -138,7 +115,7 @@ def test_errors_also_under_highway_grad():
         hbpjax.highway_grad(f, iterations=1)(jnp.ones(3))
 
 
-def test_integer_carry_under_highway():
+def test_errors_integer_carry_under_highway():
     f = lambda h0: jnp.sum(hbpjax.residual_scan(lambda h, x: h, h0, length=2)[0]).astype(jnp.float32)
     with pytest.raises(TypeError, match=r"hbpjax.residual_scan: under hbpjax.highway_grad every carry leaf must be floating"):
         hbpjax.highway_grad(lambda x: f(jnp.ones(3, jnp.int32)) * x, iterations=1)(1.0)

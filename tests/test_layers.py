@@ -1,0 +1,132 @@
+"""Layer-parallel stacks (``layer_axis``, :mod:`hbpjax._layers`) on 8 simulated CPU devices.
+
+The L layers are split in contiguous chunks over a mesh axis; every result is compared with the same
+computation on one device, and the compiled HLO is checked for what crosses devices.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import hbpjax
+from helpers import SHARD_B as B
+from helpers import SHARD_H as H
+from helpers import SHARD_L as L
+from helpers import (
+    assert_trees_close,
+    highway_value_and_grads,
+    sharded_gru_problem,
+    sharded_mlp_problem,
+    tree_rel_error,
+)
+
+RTOL, ATOL = 2e-5, 2e-6
+
+
+pytestmark = pytest.mark.usefixtures("eight_devices")
+
+
+@pytest.mark.parametrize("problem", [sharded_mlp_problem, sharded_gru_problem])
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_layer_parallel_equals_single_device(problem, devices):
+    loss, params, data = problem()
+    mesh = jax.make_mesh((devices,), ("layers",), devices=jax.devices()[:devices])
+    for k in (None, 0, 2, L):
+        expected = highway_value_and_grads(loss, k, params, data)
+        with jax.set_mesh(mesh):
+            got = highway_value_and_grads(loss, k, params, data, layer_axis="layers")
+        assert_trees_close(got, expected, rtol=RTOL, atol=ATOL)
+    exact = highway_value_and_grads(loss, None, params, data)
+    assert tree_rel_error(highway_value_and_grads(loss, 0, params, data)[1], exact[1]) > 1e-4  # k=0 differs: not vacuous
+
+
+@pytest.mark.parametrize(
+    "problem, axis_type",
+    # The GRU's block closes over its (replicated) weights; under a shard_map, JAX accepts closed-over
+    # arrays with Auto axes, not arrays typed with Explicit ones. Per-layer parameters travel in xs.
+    [(sharded_mlp_problem, AxisType.Explicit), (sharded_mlp_problem, AxisType.Auto), (sharded_gru_problem, AxisType.Auto)],
+)
+def test_layer_parallel_on_a_2d_mesh_keeps_shardings(problem, axis_type):
+    loss, params, data = problem()
+    mesh = jax.make_mesh((2, 4), ("data", "layers"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+        if problem is sharded_mlp_problem:  # per-layer parameters live with their layers
+            params = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("layers"))), params)
+            data = jax.device_put(data, NamedSharding(mesh, P("data")))
+        else:  # per-step inputs: time chunks over "layers", batch over "data"; shared weights replicated
+            params = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), params)
+            data = jax.device_put(data, NamedSharding(mesh, P("layers", "data")))
+        shardings = jax.tree.map(lambda a: a.sharding, (params, data))
+        for k in (None, 2):
+            fn = hbpjax.highway_value_and_grad(lambda p, x: loss(p, x, layer_axis="layers"), (0, 1), iterations=k)
+            got = jax.jit(fn, out_shardings=(NamedSharding(mesh, P()), shardings))(params, data)
+            assert_trees_close(got, highway_value_and_grads(loss, k, *jax.device_get((params, data))), rtol=RTOL, atol=ATOL)
+            for g, p in zip(jax.tree.leaves(got[1]), jax.tree.leaves((params, data))):
+                assert g.sharding.is_equivalent_to(p.sharding, g.ndim), (g.sharding, p.sharding)
+
+
+def _collectives(compiled_text):
+    """``(kind, result shape)`` of every cross-device collective in compiled HLO text."""
+    found = []
+    for line in compiled_text.splitlines():
+        m = re.search(r"= \w+\[([\d,]*)\][^ ]* (all-gather|all-reduce|collective-permute|all-to-all)(-start)?\(", line)
+        if m:
+            found.append((m.group(2), tuple(int(d) for d in m.group(1).split(",") if d)))
+    return found
+
+
+def test_highway_backward_gathers_no_stacked_activations():
+    loss, params, data = sharded_gru_problem()
+    devices = 4
+    mesh = jax.make_mesh((devices,), ("layers",), devices=jax.devices()[:devices])
+    with jax.set_mesh(mesh):
+        grad = lambda k: jax.jit(hbpjax.highway_grad(lambda p, x: loss(p, x, layer_axis="layers"), (0, 1), iterations=k))
+        highway = _collectives(grad(2).lower(params, data).compile().as_text())
+        exact = _collectives(grad(None).lower(params, data).compile().as_text())
+    carry_size = B * H
+    # Nothing bigger than a per-device summary (devices x carry) or a parameter ever crosses devices.
+    largest = max(int(np.prod(s)) for _, s in highway)
+    assert largest <= max(devices * carry_size, max(p.size for p in jax.tree.leaves(params))), highway
+    assert not any(kind == "all-gather" and int(np.prod(s)) >= L * carry_size for kind, s in highway)
+    # The exact backward walks the chain back: as many hops as the forward.
+    hops = lambda found: sum(kind == "collective-permute" for kind, _ in found)
+    assert hops(exact) >= 2 * (devices - 1)
+    assert hops(exact) > hops(highway) - 3  # highway: forward hops + a constant number per backward
+
+
+def test_nnx_residual_stack_layer_parallel():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(H, rngs=rngs)
+            self.linear = nnx.Linear(H, H, rngs=rngs)
+
+        def __call__(self, h):
+            return 0.5 * jnp.tanh(self.linear(self.norm(h)))
+
+    mesh = jax.make_mesh((2, 4), ("data", "layers"))
+    x = jax.random.normal(jax.random.key(3), (B, H))
+    loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    single = hbpjax.nnx.ResidualStack(Block, 8, rngs=nnx.Rngs(0))
+    split = hbpjax.nnx.ResidualStack(Block, 8, rngs=nnx.Rngs(0), layer_axis="layers", mesh=mesh)
+    for k in (None, 1, 8):
+        expected = nnx.jit(hbpjax.nnx.value_and_grad(loss_fn, iterations=k))(single, x)
+        with jax.set_mesh(mesh):
+            got = nnx.jit(hbpjax.nnx.value_and_grad(loss_fn, iterations=k))(split, jax.device_put(x, NamedSharding(mesh, P("data"))))
+        assert_trees_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_errors_layer_axis():
+    loss, params, data = sharded_mlp_problem()
+    mesh = jax.make_mesh((8,), ("layers",))
+    with pytest.raises(ValueError, match=r"hbpjax.residual_scan: 16 layers cannot be split evenly over the 3 devices"):
+        loss(params, data, layer_axis="layers", mesh=jax.make_mesh((3,), ("layers",), devices=jax.devices()[:3]))
+    with pytest.raises(ValueError, match=r"layer_axis='stages' is not an axis of the mesh; its axes are \('layers',\)"):
+        loss(params, data, layer_axis="stages", mesh=mesh)
+    with pytest.raises(ValueError, match=r"layer_axis='layers' needs a device mesh"):
+        loss(params, data, layer_axis="layers")
