@@ -1,14 +1,19 @@
 """hbpjax: Highway backpropagation for JAX.
 
-``hbpjax.highway_grad`` is ``jax.grad`` for residual networks and RNNs: inside every
-:func:`hbpjax.residual_scan` the backward pass runs a few parallel sweeps instead of walking the
-layers one by one. ``iterations=k`` sweeps count every gradient path through at most ``k`` blocks
-exactly; ``k >= L`` is exact backprop.
+``hbpjax.highway_grad`` is ``jax.grad`` for residual networks and RNNs: it finds the residual stacks
+of the function (the ``lax.scan``s with a residual path, from ``nnx.scan``, ``nnx.RNN``, ``nn.scan``,
+``lax.fori_loop``..., and every :func:`hbpjax.residual_scan`) and runs their backward as a few
+parallel sweeps instead of walking the layers one by one. ``iterations=k`` sweeps count every
+gradient path through at most ``k`` blocks exactly; ``k >= L`` is exact backprop.
 """
 
 import importlib.metadata
 
 from . import residual as residual
+from ._auto import NoStackWarning as NoStackWarning
+from ._auto import StackInfo as StackInfo
+from ._auto import find_stacks as find_stacks
+from ._context import exact as exact
 from ._diagnostics import GradientAgreement as GradientAgreement
 from ._diagnostics import gradient_agreement as gradient_agreement
 from ._scan import residual_scan as residual_scan
@@ -32,6 +37,10 @@ def __getattr__(name):
 
 __all__ = [
     "GradientAgreement",
+    "NoStackWarning",
+    "StackInfo",
+    "exact",
+    "find_stacks",
     "gradient_agreement",
     "highway_grad",
     "highway_value_and_grad",

@@ -22,6 +22,7 @@ layer-parallel stacks alike.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Protocol
 
 import jax
@@ -203,20 +204,32 @@ def differentiate(
         the mesh axis there).
     """
 
-    def primal(init, xs, consts):
+    # A traced number of sweeps is an input of the custom_vjp (its backward may not close over it).
+    k = settings.iterations if settings.traced else None
+
+    def primal(init, xs, consts, k):
         final, ys, _ = forward(init, xs, consts)
         return final, ys
 
-    def fwd(init, xs, consts):
+    def fwd(init, xs, consts, k):
         final, ys, saved = forward(init, xs, consts)
-        return (final, ys), (init, saved, xs, consts)
+        return (final, ys), (init, saved, xs, consts, k)
 
     def bwd(residuals, cotangents):
-        return highway_backward(stack, settings, chain(), residuals, cotangents)
+        *residuals, k = residuals
+        run_settings = settings if k is None else dataclasses.replace(settings, iterations=k)
+        return (*highway_backward(stack, run_settings, chain(), residuals, cotangents), None)
 
     run = jax.custom_vjp(primal)
     run.defvjp(fwd, bwd)
-    return run(init, xs, consts)
+    return run(init, xs, consts, k)
+
+
+def _unit(k):
+    """``k`` with its magnitude capped at 1 (``clip`` for reals; complex ``k`` keep their phase)."""
+    if jnp.iscomplexobj(k):
+        return k / jnp.maximum(jnp.abs(k), 1.0)
+    return jnp.clip(k, -1.0, 1.0)
 
 
 def _shift_up(a, fill):
@@ -276,25 +289,39 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         (ct_z,) = vjp_res_z(w)
         return vjp_block((ct_z, ct_block))
 
+    # The residual path the prefix scan solves: K' = (1 - gamma) * clip(K, -1, 1). What is left of
+    # K (gamma's share, and any |K| > 1) joins the block's term in the sweeps; K + J is unchanged,
+    # so k >= L stays exact. With |K| > 1 the sweeps would otherwise add up terms of size |K|^L
+    # that cancel (garbage, then NaN, where backprop is finite). A block that ignores the carry
+    # (J = 0) keeps its K whole: k = 0 is then exact, and the scan caps its products (_prefix).
     gamma = stack.gamma
+    if stack.block_reads_carry:
+        scanned = lambda k: (1.0 - gamma) * _unit(k)
+    else:
+        scanned = lambda k: (1.0 - gamma) * k
     # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
-    k_after = chain.from_next(tmap(lambda k: k[0], k_diag))
-    k_next = tmap(lambda k, ka: (1.0 - gamma) * _shift_up(k, ka), k_diag, k_after)
+    k_after = chain.from_next(tmap(lambda k: scanned(k[0]), k_diag))
+    k_next = tmap(lambda k, ka: _shift_up(scanned(k), ka), k_diag, k_after)
     planned = _plan(k_next)  # the k-only half of the prefix scan, shared by every sweep
     solve = chain.solver(planned, k_next)
 
     def sweep(w):
-        v = layer_vjp(w)[0]
-        if gamma:
-            v = tmap(lambda vj, kj, wj: vj + gamma * kj * wj, v, k_diag, w)
+        v = tmap(lambda vj, kj, wj: vj + (kj - scanned(kj)) * wj, layer_vjp(w)[0], k_diag, w)
         v_after = chain.from_next(tmap(lambda a: a[0], v))
         return solve(tmap(lambda ej, vj, va: ej + _shift_up(vj, va), e, v, v_after))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
     # from w = 0); without them the first estimate is the residual path alone.
     w = sweep(tmap(jnp.zeros_like, e)) if ct_block else solve(e)
-    length = chain.total_length(saved[0].shape[0])
-    sweeps = min(settings.iterations, max(length - 1, 0))  # L-1 sweeps are already exact
+    exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
+    if settings.traced:  # known at run time only: a loop with a run-time trip count
+        sweeps = jnp.clip(settings.iterations, 0, exact_after)
+        if settings.tol is None:
+            w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
+        else:
+            w = _sweep_until(sweep, w, sweeps, settings.tol, chain)
+        return _cotangents(stack, chain, init, w, k_diag, layer_vjp)
+    sweeps = min(settings.iterations, exact_after)
     if settings.tol is None and stack.linearize == "unroll":
         for _ in range(sweeps):  # straight-line code throughout, as the linearization
             w = sweep(w)
@@ -303,7 +330,11 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
     elif sweeps > 0:
         w = _sweep_until(sweep, w, sweeps, settings.tol, chain)
+    return _cotangents(stack, chain, init, w, k_diag, layer_vjp)
 
+
+def _cotangents(stack, chain, init, w, k_diag, layer_vjp):
+    """``(ct_init, ct_xs, ct_consts)`` from the final carry cotangents ``w``."""
     ct_h, (ct_xs, _), ct_consts = layer_vjp(w)
     # The initial carry gets the full Jacobian of layer 1: (K_1 + J_1)^T w_1.
     ct_h0 = chain.reduce_first(tmap(lambda k, wj, g: k[0] * wj[0] + g[0], k_diag, w, ct_h))
@@ -355,25 +386,28 @@ def _linearize_unrolled(block, h_prev, xe, consts):
 
 
 def _sweep_until(sweep, w, max_sweeps, tol, chain):
-    """Sweeps until the relative change of ``w`` is ``<= tol``, at most ``max_sweeps`` times."""
+    """Sweeps until the relative change of ``w`` is ``<= tol``, at most ``max_sweeps`` times.
+
+    A loop of ``max_sweeps`` steps that skips the sweep once converged (``lax.cond``: the skipped
+    sweeps cost nothing at run time), rather than a ``while_loop``, so the result can itself be
+    differentiated (a gradient penalty, meta-learning).
+    """
 
     def sq_norm(tree):
         return chain.total(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
 
-    def cond(state):
-        i, _, change = state
-        return (i < max_sweeps) & (change > tol)
-
-    def body(state):
-        i, w_old, _ = state
+    def step(w_old, change, count):
         w_new = sweep(w_old)
         diff = sq_norm(tmap(jnp.subtract, w_new, w_old))
         size = sq_norm(w_new)
         change = jnp.where(size > 0, jnp.sqrt(diff / jnp.where(size > 0, size, 1.0)), 0.0)
-        return i + 1, w_new, change.astype(jnp.float32)
+        return w_new, lax.stop_gradient(change).astype(jnp.float32), count + 1
 
-    state = (jnp.int32(0), w, jnp.float32(jnp.inf))
-    _, w, _ = lax.while_loop(cond, body, state)
+    def body(_, state):
+        w, change, count = state
+        return lax.cond(change > tol, step, lambda *s: s, w, change, count)
+
+    w, _, _ = lax.fori_loop(0, max_sweeps, body, (w, jnp.float32(jnp.inf), jnp.int32(0)))
     return w
 
 

@@ -1,32 +1,58 @@
-"""The setting that ``highway_grad`` hands to every ``residual_scan`` it traces.
+"""The settings of a ``highway_grad`` call, and the context that carries them to layer-parallel stacks.
 
-It lives in a ``jax.make_user_context``: the value is part of JAX's tracing and compilation cache
-key, so a function jitted under one number of sweeps is re-traced under another (or under plain
-``jax.grad``) instead of silently reusing a stale trace.
+Single-device stacks get their settings from the rewrite of the traced program (:mod:`hbpjax._auto`).
+A layer-parallel ``residual_scan`` builds its backward inside a ``shard_map`` while the function is
+traced, so it reads them from a ``jax.make_user_context``: the value is part of JAX's tracing and
+compilation cache key, so a function jitted under one number of sweeps is re-traced under another
+(or under plain ``jax.grad``) instead of silently reusing a stale trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import numbers
 
 import jax
+import jax.numpy as jnp
 
-from ._common import as_int
+from ._common import as_int, as_real, check_gamma, describe, is_traced
+
+#: The scope name of :func:`exact` regions (the automatic stacks leave them alone).
+EXACT = "hbpjax.exact"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class HighwaySettings:
     """How the backward of each residual stack is computed.
 
     Attributes:
-      iterations: number of sweeps ``k``; ``None`` is exact backprop (plain ``lax.scan``).
+      iterations: number of sweeps ``k``: a Python int, or an integer scalar traced under
+        ``jax.jit`` (a schedule: one compilation for every ``k``); ``None`` is exact backprop.
       tol: if set, stop sweeping once the relative change of the carry cotangents is ``<= tol``
         (at most ``iterations`` sweeps).
+      gamma: the backward-only split of automatically found stacks (a ``residual_scan`` keeps its
+        own).
     """
 
-    iterations: int | None
+    iterations: int | jax.Array | None
     tol: float | None = None
+    gamma: float = 0.0
+
+    @property
+    def traced(self) -> bool:
+        """Whether ``iterations`` is only known at run time."""
+        return is_traced(self.iterations)
+
+    def _key(self):
+        # A traced `iterations` is compared by identity: it belongs to one trace, and a jit cache
+        # entry made under it must never serve another.
+        return (id(self.iterations) if self.traced else self.iterations, self.tol, self.gamma)
+
+    def __eq__(self, other):
+        return isinstance(other, HighwaySettings) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
 
 # ``None``: no highway_grad is active, residual_scan is plain lax.scan.
@@ -43,10 +69,43 @@ def active(settings: HighwaySettings | None):
     return _SETTINGS(settings)
 
 
-def check_iterations(fn_name: str, iterations) -> int | None:
-    """Validates ``iterations`` (``None`` or an int >= 0) and returns it as a Python int."""
+@contextlib.contextmanager
+def exact():
+    """Keeps a region of a ``highway_grad`` loss exact: its stacks are differentiated by plain backprop.
+
+    Everything traced inside the ``with`` block is left as it is: no scan in it is converted, and
+    ``residual_scan``s (layer-parallel ones included) run their exact backward. Use it for a part
+    of the model where the approximation is not wanted, or around an inner ``jax.grad`` whose
+    derivative the outer ``highway_grad`` should take exactly (a gradient penalty).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> def loss(W, x):
+      ...     with hbpjax.exact():
+      ...         h, _ = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), x, W)
+      ...     return jnp.sum(h ** 2)
+      >>> W, x = 0.5 * jnp.ones((6, 3, 3)), jnp.ones(3)
+      >>> g = hbpjax.highway_grad(loss, iterations=0, scans="marked")(W, x)
+      >>> bool(jnp.allclose(g, jax.grad(loss)(W, x)))
+      True
+    """
+    with jax.named_scope(EXACT), _SETTINGS(None):
+        yield
+
+
+def check_iterations(fn_name: str, iterations) -> int | jax.Array | None:
+    """Validates ``iterations``: ``None``, an int >= 0 (returned as a Python int), or a traced
+    integer scalar (returned as is; a negative value counts as 0)."""
     if iterations is None:
         return None
+    if is_traced(iterations):
+        dtype = getattr(iterations, "dtype", None)
+        if jnp.ndim(iterations) != 0 or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"{fn_name}: a traced `iterations` must be an integer scalar (the number of sweeps "
+                f"k, e.g. jnp.int32(schedule(step))); got {describe(iterations)}."
+            )
+        return iterations
     try:  # Python, NumPy and 0-d integer arrays; bool is a flag, not a count
         iterations = as_int(iterations)
     except TypeError:
@@ -66,12 +125,19 @@ def check_tol(fn_name: str, tol, iterations: int | None) -> float | None:
     """Validates ``tol`` (``None`` or a positive real) against ``iterations``."""
     if tol is None:
         return None
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+    if is_traced(tol):
+        raise TypeError(
+            f"{fn_name}: `tol` must be known when the function is traced; got a traced value. Pass "
+            "a Python float, or mark it static (static_argnums / static_argnames in jax.jit, or "
+            "functools.partial)."
+        )
+    try:
+        tol = as_real(tol)
+    except TypeError:
         raise TypeError(
             f"{fn_name}: `tol` must be a positive float or None; got {tol!r} of type "
             f"{type(tol).__name__}."
-        )
-    tol = float(tol)
+        ) from None
     if not tol > 0.0:
         raise ValueError(
             f"{fn_name}: `tol` must be > 0 (the relative change at which sweeping stops); "
@@ -85,7 +151,7 @@ def check_tol(fn_name: str, tol, iterations: int | None) -> float | None:
     return tol
 
 
-def settings(fn_name: str, iterations, tol) -> HighwaySettings:
+def settings(fn_name: str, iterations, tol, gamma=0.0) -> HighwaySettings:
     """Validated :class:`HighwaySettings` for a public function named ``fn_name``."""
     iterations = check_iterations(fn_name, iterations)
-    return HighwaySettings(iterations, check_tol(fn_name, tol, iterations))
+    return HighwaySettings(iterations, check_tol(fn_name, tol, iterations), check_gamma(fn_name, gamma))

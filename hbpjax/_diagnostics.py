@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Sequence
 
 import jax
@@ -55,6 +56,8 @@ def gradient_agreement(
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
     jit: bool = True,
+    gamma: float = 0.0,
+    scans="auto",
 ) -> GradientAgreement:
     """Compares :func:`hbpjax.highway_grad` with exact ``jax.grad`` for several numbers of sweeps.
 
@@ -64,14 +67,20 @@ def gradient_agreement(
     (0.99 and above usually trains like exact backprop). Every ``k`` is traced and compiled
     separately.
 
+    Works on a Flax NNX model directly: when the differentiated arguments are ``nnx.Module``s, the
+    gradients are those of :func:`hbpjax.nnx.grad` (``nnx.Param`` only), each computed on a fresh
+    copy of the arguments, so state a forward changes (BatchNorm statistics, RNG counters) is the
+    same for every ``k`` and your model is left as it was.
+
     Args:
-      fun: the loss, as you would pass it to ``jax.grad``.
+      fun: the loss, as you would pass it to ``jax.grad`` (or ``nnx.grad``).
       *args: the arguments to evaluate the gradients at.
       iterations: the numbers of sweeps to compare.
       argnums: which positional arguments to differentiate, as in ``jax.grad``.
       has_aux: whether ``fun`` returns ``(loss, aux)``.
-      jit: compile each gradient with ``jax.jit`` (all ``args`` must then be arrays or pytrees of
-        arrays); ``False`` runs them eagerly.
+      jit: compile each gradient with ``jax.jit`` (``nnx.jit`` for modules; all ``args`` must then be
+        arrays, pytrees of arrays or modules); ``False`` runs them eagerly.
+      gamma, scans: as in :func:`hbpjax.highway_grad`.
 
     Returns:
       A :class:`GradientAgreement`; ``print`` it for a table.
@@ -95,12 +104,25 @@ def gradient_agreement(
         if k is None:
             raise ValueError(f"{_NAME}: `iterations` lists sweep counts; None (exact) is the reference.")
         ks.append(k)
-    normalize_argnums(_NAME, argnums)
+    nums = normalize_argnums(_NAME, argnums)
+    nums = (nums,) if isinstance(nums, int) else nums
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args)):
+        from . import nnx as hbpjax_nnx
 
-    def grads(k):
-        grad_fn = highway_grad(fun, argnums, has_aux, iterations=k)
-        g = (jax.jit(grad_fn) if jit else grad_fn)(*args)
-        return _flat(g[0] if has_aux else g)
+        graphdef, state = nnx.split(args)  # a snapshot: every k starts from the same state
+
+        def grads(k):
+            grad_fn = hbpjax_nnx.grad(fun, argnums=argnums, has_aux=has_aux, iterations=k, gamma=gamma, scans=scans)
+            g = (nnx.jit(grad_fn) if jit else grad_fn)(*nnx.merge(graphdef, state))
+            return _flat(g[0] if has_aux else g)
+
+    else:
+
+        def grads(k):
+            grad_fn = highway_grad(fun, argnums, has_aux, iterations=k, gamma=gamma, scans=scans)
+            g = (jax.jit(grad_fn) if jit else grad_fn)(*args)
+            return _flat(g[0] if has_aux else g)
 
     exact = grads(None)
     exact_norm = float(np.linalg.norm(exact))

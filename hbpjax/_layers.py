@@ -17,6 +17,7 @@ mesh composes as usual.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from ._backward import DeviceChain, differentiate
 from ._common import RESIDUAL_SCAN, sharding_spec
-from ._stack import saved_carries, scan_steps
+from ._auto import in_block
+from ._stack import saved_carries, scan_stack, scan_steps
 
 _NAME = RESIDUAL_SCAN
 
@@ -37,6 +39,11 @@ def resolve(layer_axis, mesh, length):
         raise TypeError(f"{_NAME}: `layer_axis` must be a mesh axis name (str); got {layer_axis!r}.")
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
+    elif jax.sharding.get_abstract_mesh().empty and isinstance(mesh, jax.sharding.Mesh):
+        # A mesh passed without `jax.set_mesh`: the arrays around the stack carry no mesh in their
+        # types, so neither may its outputs (eager ops on them would need the mesh as context).
+        # Its axes are used as Auto axes.
+        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
     names = tuple(getattr(mesh, "axis_names", ()) or ())
     if not names:
         raise ValueError(
@@ -54,54 +61,78 @@ def resolve(layer_axis, mesh, length):
     return mesh, size
 
 
-def layer_parallel_scan(block, init, xs, *, stack_for, settings, axis, mesh, size):
-    """``(final carry leaves, per-step outputs)`` of the stack with its layers split over ``axis``.
+def layer_parallel_scan(step, init, xs, *, settings, axis, mesh, size, length, unroll, gamma, linearize):
+    """``(final carry, per-step outputs)`` of ``lax.scan(step, init, xs)`` split over ``axis``.
 
     Args:
-      block: the user's ``block(carry, x)``.
-      init, xs: the initial carry (a pytree) and the per-step inputs.
-      stack_for: ``stack_for(converted_block) -> Stack``, the stack's description for the block
-        with its closed-over values made explicit.
+      step: the marked step of a :func:`hbpjax.residual_scan`, ``step(h, x) -> (h_new, ys)``.
+      init, xs: the initial carry and the per-step inputs (pytrees).
       settings: the backward's :class:`hbpjax._context.HighwaySettings`, or ``None`` for exact
         backprop (JAX differentiates the chain: D sequential hops back).
       axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
+      length, unroll, gamma, linearize: the stack's options.
     """
-    # The values the block closes over enter the shard_map as explicit (replicated) arguments: a
+    # The values the step closes over enter the shard_map as explicit (replicated) arguments: a
     # closed-over array would keep the outer mesh in its type inside the manual region.
     example = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
-    outer_consts = tuple(jax.closure_convert(block, init, example)[1])
-    carry_tree = jax.tree.structure(init)
+    outer_consts = tuple(jax.closure_convert(step, init, example)[1])
+    carry_tree, x_tree = jax.tree.structure(init), jax.tree.structure(xs)
+    options = dict(length=length, unroll=unroll, gamma=gamma, linearize=linearize)
 
-    def local(init, xs, const_args):
-        # Traced again here, inside the shard_map, so the block's jaxpr has this device's types; the
+    # A traced number of sweeps enters the manual region as a (replicated) argument.
+    k = settings.iterations if settings is not None and settings.traced else None
+
+    def local(init, xs, const_args, k):
+        run_settings = settings if k is None else dataclasses.replace(settings, iterations=k)
+        # Traced again here, inside the shard_map, so the step's jaxpr has this device's types; the
         # closed-over values it finds are the same objects as outside: swap in the arguments.
-        x0 = jax.tree.map(lambda a: a[0], xs)
-        converted, inner = jax.closure_convert(block, jax.tree.unflatten(carry_tree, init), x0)
+        x0 = jax.tree.unflatten(x_tree, [a[0] for a in xs])
+        converted, inner = jax.closure_convert(step, jax.tree.unflatten(carry_tree, init), x0)
         by_id = {id(c): a for c, a in zip(outer_consts, const_args)}
         consts = tuple(by_id.get(id(c), c) for c in inner)
-        stack = stack_for(converted)
+        stack, ys_tree = _step_stack(converted, consts, init, x0, carry_tree, **options)
         forward = functools.partial(_pipeline, stack, axis=axis, size=size)
-        if settings is None:
-            return forward(init, xs, consts)[:2]
-        return differentiate(
-            stack, init, xs, consts, settings=settings, forward=forward, chain=lambda: DeviceChain(axis, size)
-        )
+        if settings is None or not stack.split.has_residual_path:
+            final, ys, _ = forward(init, xs, consts)
+        else:
+            chain = lambda: DeviceChain(axis, size)
+            final, ys = differentiate(stack, init, xs, consts, settings=run_settings, forward=forward, chain=chain)
+        return jax.tree.unflatten(carry_tree, final), jax.tree.unflatten(ys_tree, ys)
 
     if _is_explicit(mesh, axis):
         # Explicit axes do not reshard implicitly: put each leaf's layer axis on the mesh axis,
         # keeping how its other axes are sharded (a no-op for layer-sharded parameters).
-        xs = jax.tree.map(lambda a: jax.sharding.reshard(a, P(axis, *sharding_spec(a)[1:])), xs)
+        # A NamedSharding, not a bare spec: `mesh` may be given without `jax.set_mesh`.
+        spec = lambda a: jax.sharding.NamedSharding(mesh, P(axis, *sharding_spec(a)[1:]))
+        xs = jax.tree.map(lambda a: jax.sharding.reshard(a, spec(a)), xs)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(axis), P()),
+        in_specs=(P(), P(axis), P(), P()),
         out_specs=(P(), P(axis)),
         axis_names={axis},
         # Without replication types the transpose of an unmapped input is one psum at the boundary,
         # never inside the device-dependent `cond` of the pipeline (where only some devices would
         # reach it). Per-device cotangents of replicated inputs are therefore returned unreduced.
         check_vma=False,
-    )(jax.tree.leaves(init), xs, outer_consts)
+    )(jax.tree.leaves(init), jax.tree.leaves(xs), outer_consts, k)
+
+
+def _step_stack(converted, consts, init, x0, carry_tree, **options):
+    """The :class:`hbpjax._stack.ScanStack` of ``converted(h, x, *consts)`` and its outputs' tree."""
+    x_leaves, x_tree = jax.tree.flatten(x0)
+    nc, nh = len(consts), len(init)
+    found = {}
+
+    def flat_step(*args):
+        h = jax.tree.unflatten(carry_tree, args[nc : nc + nh])
+        new, ys = converted(h, jax.tree.unflatten(x_tree, args[nc + nh :]), *args[:nc])
+        y_leaves, found["ys"] = jax.tree.flatten(ys)
+        return [*jax.tree.leaves(new), *y_leaves]
+
+    body = jax.make_jaxpr(flat_step)(*consts, *init, *x_leaves)
+    _, stack = scan_stack(body, num_consts=nc, num_carry=nh, opaque=in_block, name=RESIDUAL_SCAN, **options)
+    return stack, found["ys"]
 
 
 def _pipeline(stack, init, xs, consts, *, axis, size):

@@ -62,8 +62,22 @@ def _plan_leaf(k):
     while k.shape[0] > 1:
         pairs = _pairs(k)
         levels.append(pairs)
-        k = pairs[:, 0] * pairs[:, 1]
+        k = _finite(pairs[:, 0] * pairs[:, 1])
     return levels
+
+
+def _finite(k):
+    """``k`` with overflowed products capped at the largest finite value of their type.
+
+    A product over a long span of ``|k| > 1`` overflows to ``inf``; where the ``u`` it multiplies is
+    zero (the loss reads only some of the carries) ``inf * 0`` would be NaN, while the sequential
+    recurrence never forms that product. Capped, it gives ``0`` there, and an overflow (as the
+    sequential recurrence does) where the true value overflows.
+    """
+    if not jnp.issubdtype(k.dtype, jnp.floating):
+        return k
+    big = jnp.finfo(k.dtype).max
+    return jnp.clip(k, -big, big)
 
 
 def _solve_leaf(levels, u):

@@ -2,32 +2,30 @@
 
 Forward: ``z_i = block(h_{i-1}, x_i)``, ``h_i = residual(h_{i-1}, z_i)`` for ``i = 1..L``.
 
-Under plain ``jax.grad`` (no :func:`hbpjax.highway_grad` active, or ``iterations=None``) this *is*
-``lax.scan``: forward mode, higher order and everything else JAX does with a scan apply unchanged.
-
-Under ``highway_grad(..., iterations=k)`` it is the custom VJP of :mod:`hbpjax._backward` on a
-:class:`ResidualScan` (the stack's description): every layer linearized once in parallel, then
-``k`` sweeps of "all layers' VJPs at once, then one prefix scan". Nothing in this backward loops over
-the layers; its sequential depth is about ``(k+1)(1+log2 L)``.
+It *is* ``lax.scan``, traced in a named scope that carries its options, with the block's equations
+in another: under ``jax.grad`` (or anything else JAX does with a scan: forward mode, higher order,
+an inner ``jax.grad`` of a loss) nothing changes. ``highway_grad`` finds the marked scan in the
+traced program (:mod:`hbpjax._auto`) and runs its backward as Highway-BP, with the block as the cut
+of the residual split: every layer linearized once in parallel, then ``k`` sweeps of "all layers'
+VJPs at once, then one prefix scan". Nothing in this backward loops over the layers; its sequential
+depth is about ``(k+1)(1+log2 L)``.
 
 With ``layer_axis`` the layers are split in contiguous chunks over a mesh axis
-(:mod:`hbpjax._layers`).
+(:mod:`hbpjax._layers`); that stack's custom VJP is built while it is traced, from the settings of
+the active ``highway_grad``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import contextlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _context, _layers
-from ._backward import Local, differentiate
+from . import _auto, _context, _layers
 from ._common import RESIDUAL_SCAN, apply_residual, as_int, check_gamma, check_linearize, split_aux
-from ._stack import CARRY, Stack, scan_forward
 from .residual import additive
 
 PyTree = Any
@@ -58,13 +56,17 @@ def residual_scan(
     Args:
       block: ``block(carry, x) -> z``, any JAX function. It may close over arrays (RNN weights,
         shared parameters): those are shared by all steps and receive their gradient too.
-      init: the initial carry ``h_0``, a pytree of floating-point arrays.
+      init: the initial carry ``h_0``, a pytree of arrays. Floating-point leaves are differentiated;
+        other leaves (step counters, RNG counts, keys) are state, as ``jax.grad`` treats them.
       xs: what changes per step, stacked on a leading axis of length ``L``: per-layer parameters,
         per-step inputs, per-layer random keys, or a pytree of them. ``None`` when nothing does
         (then pass ``length``).
-      residual: ``r(h, z) -> h_new``, elementwise in ``h`` (its carry Jacobian must be diagonal).
-        One of :func:`hbpjax.residual.additive` (default), :func:`~hbpjax.residual.gated`,
-        :func:`~hbpjax.residual.relu`, or your own function.
+      residual: ``r(h, z) -> h_new``: one of :func:`hbpjax.residual.additive` (default),
+        :func:`~hbpjax.residual.gated`, :func:`~hbpjax.residual.relu`, or your own function. Its
+        elementwise part in ``h`` is the residual path ``K``; anything else it computes from ``h``
+        (the mean and variance of a ``LayerNorm(h + z)``, a reversal, a sum) is treated as part of
+        the block, so the backward stays exact at ``iterations >= L`` whatever ``r`` is, and
+        ``LayerNorm(h + z)`` gets the post-LN split ``K = gain / std``.
       gamma: backward-only split of the residual Jacobian, ``K' = (1 - gamma) K`` and
         ``J' = J + gamma K``. The forward is unchanged and ``iterations >= L`` stays exact.
         ``0`` is plain Highway-BP; about ``0.2`` helps pre-LN Transformers, ``0.8`` post-LN ones;
@@ -113,80 +115,31 @@ def residual_scan(
     gamma = check_gamma(_NAME, gamma)
     check_linearize(_NAME, linearize)
     length = _scan_length(xs, length)
-    leaves, carry_tree = jax.tree.flatten(init)
-    settings = _context.current()
-    highway = settings is not None and settings.iterations is not None
 
-    def stack_for(block_fn):
-        return ResidualScan(
-            length=length, diff=tuple(range(len(leaves))), carry_in_ys=tuple(range(len(leaves))),
-            y_route=tuple((CARRY, p) for p in range(len(leaves))), gamma=gamma, linearize=linearize,
-            unroll=unroll, name=_NAME, block_fn=block_fn, residual_fn=residual, has_aux=has_aux,
-            carry_tree=carry_tree,
-        )
+    def step(h, x):
+        # The block is a cut of the residual split, whatever it computes: mark its equations.
+        with jax.named_scope(_auto.BLOCK):
+            z, aux = split_aux(has_aux, block(h, x))
+        h_new = apply_residual(residual, h, z)
+        return h_new, (h_new, jax.tree.map(lax.stop_gradient, aux))
 
-    if layer_axis is not None:
-        mesh, size = _layers.resolve(layer_axis, mesh, length)
-        if highway:
-            _check_float_carry(init)
-        final, ys = _layers.layer_parallel_scan(
-            block, init, xs, stack_for=stack_for, settings=settings if highway else None, axis=layer_axis,
-            mesh=mesh, size=size,
-        )
-    elif not highway or length == 0:
-        stack = stack_for(lambda h, x: block(h, x))
-        final, ys, _ = scan_forward(stack, leaves, xs, ())
+    if layer_axis is None:
+        # Marked for highway_grad, which converts the scan; under jax.grad it is this lax.scan.
+        with jax.named_scope(_auto.marker(gamma=gamma, linearize=linearize)):
+            final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
     else:
-        _check_float_carry(init)
-        x0 = jax.tree.map(lambda a: a[0], xs)
-        # Values `block` closes over may be tracers of an outer jax.grad / jit: hoist them into
-        # explicit inputs so the custom_vjp returns their cotangents instead of dropping them.
-        converted, consts = jax.closure_convert(block, init, x0)
-        stack = stack_for(converted)
-        forward = functools.partial(scan_forward, stack)
-        final, ys = differentiate(stack, leaves, xs, tuple(consts), settings=settings, forward=forward, chain=Local)
-    carries, aux = ys
-    final = jax.tree.unflatten(carry_tree, final)
+        mesh, size = _layers.resolve(layer_axis, mesh, length)
+        settings = _context.current()
+        highway = settings is not None and settings.iterations is not None and length > 0
+        scope = _auto.marker(gamma=gamma, linearize=linearize, layer_axis=layer_axis, length=length)
+        with jax.named_scope(scope) if highway else contextlib.nullcontext():
+            final, (carries, aux) = _layers.layer_parallel_scan(
+                step, init, xs, settings=settings if highway else None, axis=layer_axis, mesh=mesh, size=size,
+                length=length, unroll=unroll, gamma=gamma, linearize=linearize,
+            )
     if has_aux:
-        return final, carries, lax.stop_gradient(aux)
+        return final, carries, aux
     return final, carries
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ResidualScan(Stack):
-    """The stack of a :func:`residual_scan` call: the user's ``block`` and ``residual`` on the carry.
-
-    Every carry leaf is differentiated and returned stacked as a per-step output (so its cotangent
-    joins the carry's); the per-step ``aux`` gets no cotangent.
-
-    Attributes:
-      block_fn: ``block_fn(carry, x, *consts) -> z`` (or ``(z, aux)`` with ``has_aux``).
-      residual_fn: ``residual_fn(h, z) -> h_new`` on carry pytrees.
-      has_aux: whether ``block_fn`` returns ``(z, aux)``.
-      carry_tree: the carry's tree structure.
-    """
-
-    block_fn: Callable
-    residual_fn: Callable
-    has_aux: bool
-    carry_tree: Any
-
-    def z(self, carry: PyTree, x: PyTree, consts: tuple) -> tuple[PyTree, PyTree]:
-        """The block's ``(z, aux)`` (``aux`` is ``None`` without ``has_aux``)."""
-        return split_aux(self.has_aux, self.block_fn(carry, x, *consts))
-
-    def step(self, carry, x, consts):
-        h = jax.tree.unflatten(self.carry_tree, carry)
-        z, aux = self.z(h, x, consts)
-        h_new = apply_residual(self.residual_fn, h, z)
-        return jax.tree.leaves(h_new), (h_new, aux)
-
-    def block(self, h, xe, consts):
-        x, _ = xe
-        return self.z(jax.tree.unflatten(self.carry_tree, h), x, consts)[0], []
-
-    def residual(self, h, z):
-        return jax.tree.leaves(self.residual_fn(jax.tree.unflatten(self.carry_tree, h), z))
 
 
 # --------------------------------------------------------------------------- validation
@@ -233,13 +186,3 @@ def _scan_length(xs, length) -> int:
             f"{_NAME}: `length={length}` disagrees with the leading axis of `xs` ({found})."
         )
     return found
-
-
-def _check_float_carry(init) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(init)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise TypeError(
-                f"{_NAME}: under hbpjax.highway_grad every carry leaf must be floating point; "
-                f"init{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}. Pass "
-                "non-differentiable per-step values through `xs` instead."
-            )

@@ -29,8 +29,10 @@ from typing import Any
 
 import jax
 from jax import lax
+from jax.extend import core
 
-from ._common import check_gamma, check_linearize
+from . import _jaxpr, _split
+from ._common import check_gamma, check_linearize, is_float
 
 PyTree = Any
 
@@ -54,6 +56,9 @@ class Stack(abc.ABC):
       linearize: ``"vmap"`` or ``"unroll"``.
       unroll: forward scan unrolling.
       reverse: the forward runs from the last step to the first (``lax.scan(reverse=True)``).
+      block_reads_carry: whether ``block`` depends on ``h`` (``J != 0``). Only then does the
+        backward move any ``|K| > 1`` from the prefix scan into the sweeps; a block that ignores
+        the carry (a linear diagonal recurrence) keeps ``k = 0`` exact whatever ``K`` is.
       name: the public function the stack came from, for error messages.
     """
 
@@ -65,6 +70,7 @@ class Stack(abc.ABC):
     linearize: str = "vmap"
     unroll: int | bool = 1
     reverse: bool = False
+    block_reads_carry: bool = True
     name: str = "hbpjax"
 
     def __post_init__(self):
@@ -124,3 +130,101 @@ def scan_forward(stack: Stack, init: list, xs: PyTree, consts: tuple):
     final, ys, extra = scan_steps(stack, init, xs, consts)
     return final, ys, saved_carries(stack, ys, extra)
 
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScanStack(Stack):
+    """The stack of a scan whose step is a jaxpr: a ``lax.scan`` found in a user's function, or the
+    step of a :func:`hbpjax.residual_scan`.
+
+    The forward evaluates the step's equations exactly as traced; the block evaluates the ones the
+    split's cut values and the per-step outputs need; the residual the split's elementwise ones.
+
+    Attributes:
+      body: the step as a closed jaxpr: ``(consts, carry, xs) -> (new carry, ys)``.
+      num_consts: how many of the body's inputs are shared values.
+      split: the residual split of the body for the differentiated carry leaves.
+      block_ys: the per-step outputs the block computes (``(BLOCK, m)`` routes), in order.
+      eval_eqn: how the block evaluates an equation (the automatic stacks rewrite nested scans).
+    """
+
+    body: Any
+    num_consts: int
+    split: Any
+    block_ys: tuple = ()
+    eval_eqn: Any = None
+
+    def _env(self, consts, carry, x):
+        return _jaxpr.closed_env(self.body, [*consts, *carry, *x])
+
+    def step(self, carry, x, consts):
+        out = _jaxpr.run(self.body.jaxpr, self._env(consts, carry, x))
+        return out[: len(carry)], out[len(carry) :]
+
+    def block(self, h, xe, consts):
+        x, s = xe
+        carry = [None] * len(self.carry_in_ys)
+        for i, v in zip(self.diff, h):
+            carry[i] = v
+        for i, v in zip(self.state, s):
+            carry[i] = v
+        targets = [*self.split.z, *self.block_ys]
+        values = _jaxpr.evaluate(
+            self.body.jaxpr.eqns, self._env(consts, carry, x), targets, eval_eqn=self.eval_eqn or _jaxpr.bind
+        )
+        n = len(self.split.z)
+        return values[:n], values[n:]
+
+    def residual(self, h, z):
+        return self.split.residual(h, z)
+
+
+def scan_stack(
+    body,
+    *,
+    num_consts: int,
+    num_carry: int,
+    length: int,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    gamma: float = 0.0,
+    linearize: str = "vmap",
+    opaque=lambda eqn: False,
+    eval_eqn=None,
+    name: str = "hbpjax",
+) -> tuple[Any, ScanStack | None]:
+    """``(split, stack)`` for a scan with step ``body``.
+
+    ``split.has_residual_path`` says whether Highway-BP applies; the stack is built either way (its
+    forward is the scan's). Every floating-point carry leaf is differentiated; the other leaves (integer counters, PRNG keys)
+    are state. A per-step output that is the very value of a new differentiated carry leaf sends
+    its cotangent into that carry; any other floating-point output is computed by the block.
+    """
+    jaxpr = body.jaxpr
+    carry_in = jaxpr.invars[num_consts : num_consts + num_carry]
+    carry_out, ys = jaxpr.outvars[:num_carry], jaxpr.outvars[num_carry:]
+    diff = tuple(i for i, v in enumerate(carry_in) if is_float(v.aval))
+    found = _split.split(jaxpr, [carry_in[i] for i in diff], [carry_out[i] for i in diff], opaque=opaque)
+    same = lambda a, b: isinstance(a, core.Var) and a is b
+    carry_in_ys = tuple(next((m for m, y in enumerate(ys) if same(y, out)), None) for out in carry_out)
+    routes, block_ys = [], []
+    for y in ys:
+        p = next((p for p, i in enumerate(diff) if same(y, carry_out[i])), None)
+        if p is not None:
+            routes.append((CARRY, p))
+        elif isinstance(y, core.Var) and is_float(y.aval) and not _from_stop_gradient(jaxpr, y):
+            routes.append((BLOCK, len(block_ys)))
+            block_ys.append(y)
+        else:
+            routes.append(None)
+    reads = _jaxpr.depends_on(jaxpr.eqns, [carry_in[i] for i in diff], [*found.z, *block_ys])
+    stack = ScanStack(
+        length=length, diff=diff, carry_in_ys=carry_in_ys, y_route=tuple(routes), gamma=gamma,
+        linearize=linearize, unroll=unroll, reverse=reverse, block_reads_carry=reads, name=name, body=body,
+        num_consts=num_consts, split=found, block_ys=tuple(block_ys), eval_eqn=eval_eqn,
+    )
+    return found, stack
+
+
+def _from_stop_gradient(jaxpr, var) -> bool:
+    """Whether ``var`` is the output of a ``stop_gradient`` (its cotangent is zero anyway)."""
+    return any(var in eqn.outvars and eqn.primitive.name == "stop_gradient" for eqn in jaxpr.eqns)

@@ -1,4 +1,9 @@
-"""``highway_grad`` and ``highway_value_and_grad``: ``jax.grad`` with Highway-BP inside residual stacks."""
+"""``highway_grad`` and ``highway_value_and_grad``: ``jax.grad`` with Highway-BP inside residual stacks.
+
+The function is traced once; its residual stacks (``lax.scan``s with a residual path, and every
+:func:`hbpjax.residual_scan`) are found in the jaxpr and run with a Highway-BP backward
+(:mod:`hbpjax._auto`); everything else is differentiated by ``jax.value_and_grad`` as usual.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _context
+from . import _auto, _context
 from ._common import as_int, describe
 
 DEFAULT_ITERATIONS = 4
@@ -23,13 +28,19 @@ def highway_value_and_grad(
     *,
     iterations: int | None = DEFAULT_ITERATIONS,
     tol: float | None = None,
+    gamma: float = 0.0,
+    scans: str | Callable = "auto",
 ) -> Callable[..., tuple[Any, Any]]:
-    """Like ``jax.value_and_grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
+    """Like ``jax.value_and_grad``, with Highway-BP in every residual stack of ``fun``.
 
-    Every residual stack that ``fun`` runs (directly, under ``jax.jit``, inside Flax modules)
-    computes its backward with ``iterations`` parallel sweeps instead of one sequential pass over its
-    layers. Everything outside the stacks is differentiated by JAX as usual, so a function without
-    a ``residual_scan`` gets exactly ``jax.value_and_grad``'s result.
+    Every residual stack that ``fun`` runs computes its backward with ``iterations`` parallel sweeps
+    instead of one sequential pass over its layers: the ``lax.scan``s whose step has a residual path
+    (``h + f(h)``, a gate ``a * h + b``, ``relu(h + f(h))``; made by ``lax.scan``,
+    ``lax.fori_loop``, ``nnx.scan``, ``nnx.RNN``, ``nn.scan``, ``nn.RNN``, under ``jax.jit`` too),
+    found in ``fun``'s jaxpr without any change to the model, and every :func:`hbpjax.residual_scan`.
+    Values are those of ``fun``; everything outside the stacks is differentiated by JAX as usual.
+    :func:`hbpjax.find_stacks` shows what is converted and why; a :class:`hbpjax.NoStackWarning`
+    says when nothing is.
 
     Args:
       fun: function to differentiate, returning a real scalar (or ``(scalar, aux)`` with
@@ -44,6 +55,12 @@ def highway_value_and_grad(
         Use :func:`hbpjax.gradient_agreement` to choose ``k`` for your model.
       tol: optional; stop sweeping a stack once the relative change of its carry cotangents is
         ``<= tol``, after at most ``iterations`` sweeps.
+      gamma: backward-only split ``K' = (1 - gamma) K`` of the stacks found automatically (about 0.2
+        for pre-LN Transformers scanned over layers, 1.0 is fixed-point iteration); a
+        ``residual_scan`` or hbpjax module keeps the ``gamma`` it was given.
+      scans: which scans to convert: ``"auto"`` (every scan with a residual path), ``"marked"`` (only
+        :func:`hbpjax.residual_scan` and hbpjax's Flax modules) or a callable
+        ``StackInfo -> bool`` choosing per scan.
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or
@@ -64,7 +81,7 @@ def highway_value_and_grad(
     """
     return _value_and_grad(
         "hbpjax.highway_value_and_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
-        allow_int=allow_int, iterations=iterations, tol=tol,
+        allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
     )
 
 
@@ -77,6 +94,8 @@ def highway_grad(
     *,
     iterations: int | None = DEFAULT_ITERATIONS,
     tol: float | None = None,
+    gamma: float = 0.0,
+    scans: str | Callable = "auto",
 ) -> Callable:
     """Like ``jax.grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
 
@@ -95,7 +114,7 @@ def highway_grad(
     """
     value_and_grad = _value_and_grad(
         "hbpjax.highway_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
-        allow_int=allow_int, iterations=iterations, tol=tol,
+        allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
     )
     return grad_from_value_and_grad(fun, value_and_grad, has_aux)
 
@@ -111,14 +130,17 @@ def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: b
     return grad_fun
 
 
-def _value_and_grad(name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol):
+def _value_and_grad(name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol, gamma, scans):
     if not callable(fun):
         raise TypeError(f"{name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
     argnums = normalize_argnums(name, argnums)
-    settings = _context.settings(name, iterations, tol)
-    checked = _checked_output(name, fun, has_aux, holomorphic)
+    settings = _context.settings(name, iterations, tol, gamma)
+    scans = _auto.check_scans(name, scans)
+    differentiated = _checked_output(name, fun, has_aux, holomorphic)
+    if settings.iterations is not None:  # None: exact backprop through the very same function
+        differentiated = _auto.rewrite(differentiated, settings, scans=scans, name=name)
     value_and_grad = jax.value_and_grad(
-        checked, argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int
+        differentiated, argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int
     )
 
     @functools.wraps(fun)

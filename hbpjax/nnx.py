@@ -1,12 +1,15 @@
-"""Flax NNX adapters: residual stacks, RNNs with explicit residual splits, and gradient transforms.
+"""Flax NNX adapters: gradient transforms, and modules with explicit residual splits.
 
-Swap the gradient call of an ordinary NNX training step and keep everything else::
+Swap the gradient call of an ordinary NNX training step and keep everything else, the model
+included::
 
     grad_fn = nnx.value_and_grad(loss_fn)                              # before
     grad_fn = hbpjax.nnx.value_and_grad(loss_fn, iterations=4)         # after
 
-Highway-BP applies inside the :class:`ResidualStack` and :class:`ResidualRNN` modules of the model
-(both built on :func:`hbpjax.residual_scan`); everything else is differentiated as usual.
+Highway-BP applies to every residual stack of the model: the scans Flax makes (``nnx.scan`` over
+layers, ``nnx.RNN`` over a cell) whose step has a residual path, found automatically, and the
+:class:`ResidualStack` and :class:`ResidualRNN` modules here, for explicit splits (a custom residual,
+``gamma`` per stack, layer parallelism). Everything else is differentiated as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as _nnx
 
-from . import _adapters, _context
+from . import _adapters, _auto, _context
 from ._common import describe
 from ._transform import DEFAULT_ITERATIONS, grad_from_value_and_grad, normalize_argnums
 from .residual import additive, gated
@@ -317,6 +320,30 @@ class ResidualRNN(_nnx.Module):
 # ------------------------------------------------------------------------ gradient transforms
 
 
+def _rewrite_graph(f: Callable, settings, *, scans, name: str) -> Callable:
+    """:func:`hbpjax._auto.rewrite` for a function of NNX modules, which it may mutate.
+
+    The modules are split into a graph definition and a state; the pure function of the state that
+    merges them, calls ``f`` and returns the new state is traced and rewritten; the new state (updated
+    BatchNorm statistics, RNG counters) is written back to the modules ``f`` was called with.
+    """
+
+    @functools.wraps(f)
+    def rewritten(*args, **kwargs):
+        graphdef, state = _nnx.split((args, kwargs))
+
+        def pure(state):
+            merged_args, merged_kwargs = _nnx.merge(graphdef, state)
+            out = f(*merged_args, **merged_kwargs)
+            return out, _nnx.state((merged_args, merged_kwargs), _nnx.Variable)
+
+        out, new_state = _auto.rewrite(pure, settings, scans=scans, name=name)(state)
+        _nnx.update((args, kwargs), new_state)
+        return out
+
+    return rewritten
+
+
 def _diff_argnums(argnums) -> tuple[int, ...]:
     nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
     return tuple(a.argnum if isinstance(a, _nnx.DiffState) else a for a in nums)
@@ -348,35 +375,36 @@ def value_and_grad(
     graph_updates: bool | None = None,
     iterations: int | None = DEFAULT_ITERATIONS,
     tol: float | None = None,
+    gamma: float = 0.0,
+    scans: str | Callable = "auto",
 ) -> Callable:
     """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
 
     Same arguments and results as ``nnx.value_and_grad``: ``nnx.Param`` of the Module arguments are
     differentiated by default (``nnx.DiffState`` selects others), gradients come back as an
     ``nnx.State`` that ``nnx.Optimizer.update`` accepts, and non-parameter state (BatchNorm
-    statistics, RNG counters) is written back to the model. ``iterations`` and ``tol`` are as in
-    :func:`hbpjax.highway_value_and_grad`. Usable as a decorator, inside ``nnx.jit``, in graph and
-    tree mode.
+    statistics, RNG counters) is written back to the model. ``iterations``, ``tol``, ``gamma`` and
+    ``scans`` are as in :func:`hbpjax.highway_value_and_grad`: the model's residual scans
+    (``nnx.scan`` over layers, ``nnx.RNN``) are found and converted without changing the model.
+    Usable as a decorator, inside ``nnx.jit``, in graph and tree mode.
 
     Example:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
-      >>> model = hbpjax.nnx.ResidualRNN(hbpjax.nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))
+      >>> model = nnx.RNN(nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))        # Flax's own modules
       >>> loss_fn = lambda model, x: jnp.mean(model(x) ** 2)
       >>> loss, grads = hbpjax.nnx.value_and_grad(loss_fn, iterations=2)(model, jnp.ones((3, 10, 2)))
       >>> grads["cell"]["dense_h"]["kernel"].shape
       (4, 12)
     """
-    _context.settings("hbpjax.nnx.value_and_grad", iterations, tol)  # checked early, decorator form too
-    if f is None:
-        return functools.partial(
-            value_and_grad, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
-            graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
-        )
-    return _value_and_grad(
-        "hbpjax.nnx.value_and_grad", f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
-        allow_int=allow_int, graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
+    options = dict(
+        argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
+        graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
     )
+    if f is None:
+        _settings("hbpjax.nnx.value_and_grad", options)  # checked early in the decorator form too
+        return functools.partial(value_and_grad, **options)
+    return _value_and_grad("hbpjax.nnx.value_and_grad", f, **options)
 
 
 def grad(
@@ -390,6 +418,8 @@ def grad(
     graph_updates: bool | None = None,
     iterations: int | None = DEFAULT_ITERATIONS,
     tol: float | None = None,
+    gamma: float = 0.0,
+    scans: str | Callable = "auto",
 ) -> Callable:
     """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
 
@@ -403,26 +433,30 @@ def grad(
       >>> grads = hbpjax.nnx.grad(lambda m, x: jnp.mean(m(x) ** 2), iterations=2)(model, jnp.ones((3, 10, 2)))
       >>> _ = optimizer.update(model, grads)   # a standard optax step
     """
-    _context.settings("hbpjax.nnx.grad", iterations, tol)  # checked early, decorator form too
-    if f is None:
-        return functools.partial(
-            grad, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
-            graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
-        )
-    value_and_grad_f = _value_and_grad(
-        "hbpjax.nnx.grad", f, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
-        allow_int=allow_int, graph=graph, graph_updates=graph_updates, iterations=iterations, tol=tol,
+    options = dict(
+        argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
+        graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
     )
-    return grad_from_value_and_grad(f, value_and_grad_f, has_aux)
+    if f is None:
+        _settings("hbpjax.nnx.grad", options)  # checked early in the decorator form too
+        return functools.partial(grad, **options)
+    return grad_from_value_and_grad(f, _value_and_grad("hbpjax.nnx.grad", f, **options), has_aux)
 
 
-def _value_and_grad(name, f, *, argnums, iterations, tol, **options):
-    """``nnx.value_and_grad(f, **options)`` run with the highway settings active, checked under ``name``."""
+def _settings(name, options):
+    settings = _context.settings(name, options["iterations"], options["tol"], options["gamma"])
+    return settings, _auto.check_scans(name, options["scans"])
+
+
+def _value_and_grad(name, f, *, argnums, iterations, tol, gamma, scans, **options):
+    """``nnx.value_and_grad(f, **options)`` with the residual stacks of ``f`` converted."""
     if not callable(f):
         raise TypeError(f"{name}: `f` must be callable; got {describe(f)}.")
-    settings = _context.settings(name, iterations, tol)
+    settings, scans = _settings(name, dict(iterations=iterations, tol=tol, gamma=gamma, scans=scans))
     plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
     normalize_argnums(name, tuple(plain))
+    if settings.iterations is not None:
+        f = _rewrite_graph(f, settings, scans=scans, name=name)
     inner = _nnx.value_and_grad(f, argnums=argnums, **options)
 
     @functools.wraps(f)

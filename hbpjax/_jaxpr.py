@@ -1,0 +1,139 @@
+"""Reading and evaluating jaxprs with JAX's public ``jax.extend.core`` API.
+
+The automatic stacks (:mod:`hbpjax._auto`) and the residual split (:mod:`hbpjax._split`) evaluate
+parts of traced programs: the whole of a function, the step of a scan, only the equations a set of
+values needs. Every equation is evaluated by binding its primitive with its own parameters, so the
+values are those of the traced program, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+from jax.extend import core
+
+Atom = Any  # core.Var or core.Literal
+
+
+def read(env: dict, atom: Atom):
+    """The value of a variable, or a literal's constant."""
+    return atom.val if isinstance(atom, core.Literal) else env[atom]
+
+
+def bind(eqn: core.JaxprEqn, invals: Sequence) -> list:
+    """Evaluates one equation on ``invals`` (values or tracers); always returns a list."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is not None:
+        with manager:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def needed(eqns: Sequence[core.JaxprEqn], targets: Iterable[Atom]) -> list[core.JaxprEqn]:
+    """The equations, in order, that the ``targets`` depend on."""
+    want = {a for a in targets if isinstance(a, core.Var)}
+    keep = []
+    for eqn in reversed(eqns):
+        if any(v in want for v in eqn.outvars):
+            keep.append(eqn)
+            want.update(a for a in eqn.invars if isinstance(a, core.Var))
+    return keep[::-1]
+
+
+def depends_on(eqns: Sequence[core.JaxprEqn], sources: Iterable[core.Var], targets: Iterable[Atom]) -> bool:
+    """Whether any of ``targets`` is computed from any of ``sources``."""
+    reached = set(sources)
+    for eqn in eqns:
+        if any(isinstance(a, core.Var) and a in reached for a in eqn.invars):
+            reached.update(eqn.outvars)
+    return any(isinstance(a, core.Var) and a in reached for a in targets)
+
+
+def evaluate(
+    eqns: Sequence[core.JaxprEqn],
+    env: dict,
+    targets: Sequence[Atom],
+    *,
+    eval_eqn: Callable[[core.JaxprEqn, list], list] = bind,
+) -> list:
+    """The values of ``targets`` from the inputs in ``env``, evaluating only the equations needed.
+
+    Args:
+      eqns: equations of one jaxpr, in order.
+      env: values of the variables the needed equations read (inputs, consts); not modified.
+      targets: the atoms to compute.
+      eval_eqn: how to evaluate one equation (default :func:`bind`; the automatic stacks pass one
+        that rewrites nested scans).
+    """
+    env = dict(env)
+    for eqn in needed(eqns, targets):
+        for var, value in zip(eqn.outvars, eval_eqn(eqn, [read(env, a) for a in eqn.invars])):
+            env[var] = value
+    return [read(env, a) for a in targets]
+
+
+def run(jaxpr: core.Jaxpr, env: dict) -> list:
+    """Every equation of ``jaxpr`` in order (effects included): its outputs, given its inputs in ``env``."""
+    env = dict(env)
+    for eqn in jaxpr.eqns:
+        env.update(zip(eqn.outvars, bind(eqn, [read(env, a) for a in eqn.invars])))
+    return [read(env, a) for a in jaxpr.outvars]
+
+
+def closed_env(closed: core.ClosedJaxpr, args: Sequence) -> dict:
+    """The environment of a closed jaxpr: its constants and its inputs bound to ``args``."""
+    env = dict(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, args))
+    return env
+
+
+def sub_jaxprs(eqn: core.JaxprEqn) -> list[core.Jaxpr]:
+    """The jaxprs an equation holds in its parameters (bodies of scans, jits, conds, ...)."""
+    return [getattr(j, "jaxpr", j) for j in core.jaxprs_in_params(eqn.params)]
+
+
+def scope(eqn: core.JaxprEqn) -> str:
+    """The equation's name stack as a string (``"outer/inner"``, transforms as ``"vmap(...)"``)."""
+    source = getattr(eqn, "source_info", None)
+    return str(getattr(source, "name_stack", "") or "")
+
+
+def in_scope(eqn: core.JaxprEqn, name: str) -> bool:
+    """Whether the equation was traced inside ``jax.named_scope(name)`` (at any depth)."""
+    return re.search(r"(^|[/(])" + re.escape(name) + r"($|[/)\[])", scope(eqn)) is not None
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """Directories of the libraries between the user's code and a traced equation."""
+    dirs = [os.path.dirname(__file__)]  # hbpjax/ itself (hbpjax/examples/ is user code: see below)
+    for module in ("jax", "jaxlib", "flax", "optax", "equinox"):
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(spec.origin))
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def user_source(eqn: core.JaxprEqn) -> str:
+    """``file:line`` of the innermost frame of the user's code that traced ``eqn``."""
+    traceback = getattr(getattr(eqn, "source_info", None), "traceback", None)
+    frames = list(getattr(traceback, "frames", None) or [])
+    examples = os.path.join(os.path.dirname(__file__), "examples", "")
+    for frame in frames:  # innermost first
+        name = frame.file_name
+        library = name.startswith(_library_dirs()) and not name.startswith(examples)
+        if not library and not name.startswith("<frozen "):
+            return f"{frame.file_name}:{frame.line_num}"
+    if frames:
+        return f"{frames[0].file_name}:{frames[0].line_num}"
+    return "<unknown>"

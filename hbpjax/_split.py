@@ -1,0 +1,210 @@
+"""The residual split of a step, found from its jaxpr.
+
+For a step ``h_new = f(h, inputs)`` traced to a jaxpr, and one carry leaf ``h_p``, call a value
+*diagonal in* ``h_p`` if it is ``h_p`` itself, or the output (of ``h_p``'s shape, floating point) of
+an elementwise equation that reads at least one value diagonal in ``h_p``. Elementwise equations
+are the primitives in :data:`ELEMENTWISE` and calls (``jit``, ``custom_jvp_call``) whose inner
+jaxpr is elementwise on those values (``jax.nn.relu``, ``jnp.where``, ...). Every other use of a
+value diagonal in ``h_p`` is a *cut*: a reduction, a matmul, a reshape, a gather, an unknown
+primitive, or anything the caller marks opaque (the block of a ``residual_scan``). A cut's output,
+and every value that depends on another carry leaf, belong to the block.
+
+Then, per carry leaf ``h_p`` whose new value is diagonal in ``h_p``::
+
+    residual_p(h_p, z) = the diagonal equations from h_p to its new value      (elementwise in h_p)
+    z                  = the other values those equations read (cut values, other leaves, inputs)
+
+and ``K_p = d residual_p / d h_p`` is diagonal. A leaf whose new value is not diagonal in itself has
+``residual_p(h, z) = z_p`` and ``K_p = 0``. Whatever the split, ``K + J`` is the step's whole
+Jacobian, so Highway-BP with ``k >= L`` sweeps is exact; the split only decides how good a small
+``k`` is. Unknown primitives are cuts, never errors: the split may miss a residual path, never make
+a wrong one.
+
+Examples (what the rule gives): ``x + mlp(layer_norm(x))`` has ``K = 1``; ``relu(x + y)`` the ReLU
+mask; a GRU ``(1 - u) * n + u * h`` has ``K = u``; an LSTM ``c' = f * c + i * g`` has ``K_c = f`` and
+``h' = o * tanh(c')`` has ``K_h = 0`` (it reads ``c'``, which depends on another leaf); a running
+mean ``m' = 0.9 m + 0.1 h'`` has ``K_m = 0.9``; ``layer_norm(h + z)`` has ``K = gain / std`` (the
+mean and the variance are cuts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+from jax.extend import core
+
+from ._jaxpr import Atom, bind, evaluate
+
+IDENTITY, DIAGONAL, NONE = "identity", "diagonal", "none"
+
+#: Primitives that act elementwise (pointwise) on operands of one shape (scalars broadcast).
+ELEMENTWISE = frozenset(
+    """
+    abs acos acosh add add_any asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
+    copy copy_p cos cosh digamma div erf erf_inv erfc exp exp2 expm1 floor imag integer_pow lgamma
+    log log1p logistic max min mul neg nextafter pow real reduce_precision rem round rsqrt select_n
+    sharding_constraint sign sin sinh sqrt square sub tan tanh
+    """.split()
+)
+#: Pointwise tests: inside an elementwise call they may read the carry (``jnp.where(h > 0, h, 0)``);
+#: their boolean outputs carry no derivative.
+_FLAGS = frozenset("eq ne lt le gt ge is_finite not and or xor".split())
+#: Call primitives that count as elementwise when their inner jaxpr is (``jax.nn.relu``, ...).
+CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
+#: Steps of a residual path that keep ``K = 1`` (for the report: "identity" vs "diagonal").
+_IDENTITY_STEPS = frozenset({"add", "add_any", "copy", "copy_p", "sharding_constraint"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A step's residual split (see the module docstring).
+
+    Attributes:
+      kinds: per carry leaf, ``"identity"`` (``K = 1``), ``"diagonal"`` or ``"none"`` (``K = 0``).
+      h: per carry leaf, the jaxpr variable holding it.
+      outs: per carry leaf, the atom holding its new value.
+      z: the values the residual reads besides the carry, computed by the block.
+      out_z: per carry leaf of kind ``"none"``, the position in ``z`` of its new value.
+      eqns: per carry leaf, the elementwise equations of its residual, in program order.
+    """
+
+    kinds: tuple[str, ...]
+    h: tuple[core.Var, ...]
+    outs: tuple[Atom, ...]
+    z: tuple[Atom, ...]
+    out_z: tuple[int | None, ...]
+    eqns: tuple[tuple[core.JaxprEqn, ...], ...]
+
+    @property
+    def has_residual_path(self) -> bool:
+        return any(kind != NONE for kind in self.kinds)
+
+    def residual(self, h: Sequence, z: Sequence, *, eval_eqn: Callable = bind) -> list:
+        """The new carry leaves from the carry leaves ``h`` and the block's values ``z``.
+
+        Each leaf's equations see only its own carry leaf; whatever else they read (another leaf
+        included) comes from ``z``, so the carry Jacobian is diagonal by construction.
+        """
+        out = []
+        for p, (var, zi) in enumerate(zip(self.outs, self.out_z)):
+            if zi is not None:
+                out.append(z[zi])
+                continue
+            env = {v: value for v, value in zip(self.z, z) if isinstance(v, core.Var)}
+            env[self.h[p]] = h[p]
+            out.append(evaluate(self.eqns[p], env, [var], eval_eqn=eval_eqn)[0])
+        return out
+
+
+def split(
+    jaxpr: core.Jaxpr,
+    h: Sequence[core.Var],
+    outs: Sequence[Atom],
+    *,
+    opaque: Callable[[core.JaxprEqn], bool] = lambda eqn: False,
+) -> Split:
+    """The residual split of ``jaxpr`` for carry leaves ``h`` whose new values are ``outs``.
+
+    Args:
+      jaxpr: the step's jaxpr (the body of a scan, or a residual function).
+      h: the variables of the differentiated carry leaves (a subset of ``jaxpr.invars``).
+      outs: per leaf, the atom (usually one of ``jaxpr.outvars``) with its new value.
+      opaque: equations to treat as cuts whatever they are (a ``residual_scan``'s block).
+    """
+    h, outs = tuple(h), tuple(outs)
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    z: list = []
+
+    def add_z(atom):
+        if isinstance(atom, core.Literal) or atom not in z:
+            z.append(atom)
+        return len(z) - 1 if isinstance(atom, core.Literal) else z.index(atom)
+
+    kinds, out_z, eqns = [], [], []
+    for p, out in enumerate(outs):
+        diag = _classify(jaxpr.eqns, {h[p]: p}, {p: h[p].aval}, opaque)  # this leaf alone is the carry
+        if not (isinstance(out, core.Var) and diag.get(out) == p):
+            kinds.append(NONE)
+            out_z.append(add_z(out))  # the new value is the block's (K = 0)
+            eqns.append(())
+            continue
+        chain: set[int] = set()
+        todo = [out]
+        while todo:
+            var = todo.pop()
+            if var is h[p] or id(producer[var]) in chain:
+                continue
+            chain.add(id(producer[var]))
+            for a in producer[var].invars:
+                if isinstance(a, core.Var) and diag.get(a) == p:
+                    todo.append(a)
+                elif isinstance(a, core.Var):
+                    add_z(a)
+        kinds.append(_kind(out, h[p], p, diag, producer))
+        out_z.append(None)
+        eqns.append(tuple(eqn for eqn in jaxpr.eqns if id(eqn) in chain))
+    return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns))
+
+
+def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False) -> dict | None:
+    """``{var: leaf}`` for every value diagonal in a carry leaf. With ``strict``, ``None`` as soon as
+    a value read from the carry is used in a cut (the test for an elementwise call's body)."""
+    diag = dict(diag)
+    for eqn in eqns:
+        leaf = None if opaque(eqn) else _diagonal_leaf(eqn, diag, h_avals)
+        if leaf is not None:
+            diag.update((v, leaf) for v in eqn.outvars)
+        elif strict and eqn.primitive.name not in _FLAGS and any(isinstance(a, core.Var) and a in diag for a in eqn.invars):
+            return None
+    return diag
+
+
+def _diagonal_leaf(eqn, diag: dict, h_avals: dict) -> int | None:
+    """The carry leaf ``eqn``'s outputs are diagonal in, or ``None`` if it is a cut."""
+    leaves = {diag[a] for a in eqn.invars if isinstance(a, core.Var) and a in diag}
+    if len(leaves) != 1:
+        return None  # reads no carry leaf, or mixes two
+    (leaf,) = leaves
+    want = h_avals[leaf]
+    for v in eqn.outvars:
+        aval = v.aval
+        if getattr(aval, "shape", None) != want.shape or not _is_float(aval):
+            return None
+    name = eqn.primitive.name
+    if name in ELEMENTWISE:
+        if name == "convert_element_type" and not all(_is_float(a.aval) for a in eqn.invars if isinstance(a, core.Var)):
+            return None
+        return leaf
+    if name in CALLS:
+        inner = eqn.params.get(CALLS[name])
+        inner = getattr(inner, "jaxpr", inner)
+        if inner is None or len(inner.invars) != len(eqn.invars):
+            return None
+        inner_diag = {iv: 0 for iv, a in zip(inner.invars, eqn.invars) if isinstance(a, core.Var) and diag.get(a) == leaf}
+        found = _classify(inner.eqns, inner_diag, {0: want}, lambda e: False, strict=True)
+        if found is not None and all(isinstance(o, core.Var) and o in found for o in inner.outvars):
+            return leaf
+    return None
+
+
+def _kind(out, h_var, leaf: int, diag: dict, producer: dict) -> str:
+    """``"identity"`` if the path from ``h_var`` to ``out`` only adds values to it (``K = 1``)."""
+    var = out
+    while var is not h_var:
+        eqn = producer[var]
+        name = eqn.primitive.name
+        on_path = [a for a in eqn.invars if isinstance(a, core.Var) and diag.get(a) == leaf]
+        if name in _IDENTITY_STEPS and len(on_path) == 1:
+            var = on_path[0]
+        elif name == "sub" and len(on_path) == 1 and eqn.invars[0] is on_path[0]:
+            var = on_path[0]
+        else:
+            return DIAGONAL
+    return IDENTITY
+
+
+def _is_float(aval) -> bool:
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
