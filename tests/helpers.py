@@ -241,3 +241,52 @@ def sharded_gru_problem():
 def highway_value_and_grads(loss, k, *args, **kw):
     """Jitted ``(value, grads)`` of ``loss(a, b, **kw)`` in both arguments with ``k`` sweeps."""
     return jax.jit(hbpjax.highway_value_and_grad(lambda a, b: loss(a, b, **kw), (0, 1), iterations=k))(*args)
+
+
+# ----------------------------------------------------------------------- Highway-BP by definition
+
+
+def highway_by_definition(step, k_of, params, h0, xs, c, k):
+    """Highway-BP from its definition with dense Jacobians, in float64: an independent reference.
+
+    For ``h_j = step(params, h_{j-1}, x_j)`` and the loss ``sum_j <c_j, h_j>``, with ``K_j`` the
+    diagonal the split gives (``k_of(params, h_{j-1}, x_j)``, written by hand) and ``J_j`` the rest
+    of the dense Jacobian ``A_j``::
+
+        w^0_j     = c_j + K_{j+1} w^0_{j+1}
+        w^{m+1}_j = c_j + J_{j+1}^T w^m_{j+1} + K_{j+1} w^{m+1}_{j+1}
+
+    (paths through at most ``k`` blocks). Returns the cotangents ``(params, xs, h0)`` read off
+    ``w^k``: each step's VJP at ``w_j``, and ``A_1^T w_1`` for ``h0``.
+    """
+    L = jax.tree.leaves(xs)[0].shape[0]
+    at = lambda j: jax.tree.map(lambda a: a[j], xs)
+    hs = [h0]
+    for j in range(L):
+        hs.append(step(params, hs[-1], at(j)))
+    n = h0.size
+    A = [np.asarray(jax.jacfwd(lambda h: step(params, h, at(j)))(hs[j])).reshape(n, n) for j in range(L)]
+    K = [np.asarray(k_of(params, hs[j], at(j))).ravel() for j in range(L)]
+    J = [a - np.diag(kj) for a, kj in zip(A, K)]
+    e = [np.asarray(c[j]).ravel() for j in range(L)]
+
+    def solve(extra):  # w_j = e_j + extra_j + K_{j+1} w_{j+1}, w_{L-1} = e_{L-1}
+        w = [None] * L
+        w[L - 1] = e[L - 1]
+        for j in range(L - 2, -1, -1):
+            w[j] = e[j] + extra[j] + K[j + 1] * w[j + 1]
+        return w
+
+    w = solve([np.zeros(n)] * L)
+    for _ in range(k):
+        w = solve([J[j + 1].T @ w[j + 1] if j + 1 < L else np.zeros(n) for j in range(L)])
+    g_params = jax.tree.map(np.zeros_like, params)
+    g_xs = []
+    for j in range(L):
+        _, vjp = jax.vjp(lambda p, x: step(p, hs[j], x), params, at(j))
+        gp, gx = vjp(jnp.asarray(w[j]).reshape(h0.shape))
+        g_params = jax.tree.map(lambda a, b: a + np.asarray(b), g_params, gp)
+        g_xs.append(gx)
+    g_xs = jax.tree.map(lambda *a: np.stack(a), *g_xs)
+    g_h0 = (A[0].T @ w[0]).reshape(h0.shape)
+    return g_params, g_xs, g_h0

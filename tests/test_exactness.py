@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 import hbpjax
-from helpers import assert_trees_close, gru_stack, lstm_stack, mlp_stack, tree_rel_error, two_stacks
+from helpers import (
+    assert_trees_close,
+    gru_stack,
+    highway_by_definition,
+    lstm_stack,
+    mlp_stack,
+    tree_rel_error,
+    two_stacks,
+)
 
 GAMMAS = [0.0, 0.2, 1.0]
 
@@ -169,3 +177,114 @@ def test_error_non_increasing_on_contractive_stack(gamma):
         assert errors[0] > 1e-3
         assert all(b <= a * (1 + 1e-9) + 1e-15 for a, b in zip(errors, errors[1:])), errors
         assert errors[-1] < 1e-12
+
+
+@pytest.mark.parametrize("layer_parallel", [False, True])
+def test_integer_carry_leaves_are_state(layer_parallel):
+    """A step counter in the carry (as Flax RNG counts are) is non-differentiable state, as for jax.grad."""
+    with jax.enable_x64(True):
+        L = 8
+        W = 0.4 * jax.random.normal(jax.random.key(11), (L, 3, 3), jnp.float64)
+        h0 = jax.random.normal(jax.random.key(12), (2, 3), jnp.float64)
+        mesh = jax.make_mesh((2,), ("layers",), devices=jax.devices()[:2]) if layer_parallel else None
+
+        def loss(W, h0):
+            def block(carry, w):
+                h, step = carry
+                scale = 1.0 / (1.0 + step.astype(h.dtype))  # the counter changes the layer
+                return jnp.tanh(h @ w) * scale, jnp.ones_like(step)
+
+            (h, steps), (hs, _) = hbpjax.residual_scan(
+                block, (h0, jnp.int32(0)), W, layer_axis="layers" if mesh else None, mesh=mesh
+            )
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(h**2) + steps.astype(h.dtype)
+
+        _check_exact(loss, (W, h0), depth=L)
+
+
+@pytest.mark.parametrize("L", [64, 200, 512])
+def test_residual_gain_above_one_is_finite_and_exact(L):
+    """r = 1.5 h + z with z = -0.5 h + ...: K = 1.5 alone overflows over long spans (k=L was off by
+    2e16 at L=200, NaN at L=512). The backward keeps |K| <= 1 in the scan: finite at every k, exact
+    at k >= L (here already at k = 0: K + J = 1)."""
+    xs = jax.random.normal(jax.random.key(13), (L, 4))
+
+    def loss(h0, xs):
+        block = lambda h, x: -0.5 * h + 0.01 * jnp.tanh(x)
+        h, hs = hbpjax.residual_scan(block, h0, xs, residual=lambda h, z: 1.5 * h + z)
+        return jnp.sum(hs[:100] ** 2) + jnp.sum(h)
+
+    exact = jax.grad(loss)(jnp.ones(4), xs)
+    for k in (0, 2, L):
+        got = jax.jit(hbpjax.highway_grad(loss, iterations=k))(jnp.ones(4), xs)
+        assert bool(jnp.all(jnp.isfinite(got)))
+        assert_trees_close(got, exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_residual_gain_above_one_with_a_block_ignoring_the_carry(dtype):
+    """J = 0 (the block ignores the carry) and a loss on the first 10 of 256 carries: 1.5^256
+    overflows, backprop's gradient does not. k = 0 is exact and finite (it was half NaN)."""
+    xs = jax.random.normal(jax.random.key(14), (256, 4), dtype)
+
+    def loss(h0, xs):
+        _, hs = hbpjax.residual_scan(
+            lambda h, x: 0.01 * jnp.tanh(x), h0, xs, residual=lambda h, z: jnp.asarray(1.5, h.dtype) * h + z
+        )
+        return jnp.sum(hs[:10].astype(jnp.float32) ** 2)
+
+    h0 = jnp.ones(4, dtype)
+    exact = jax.grad(loss)(h0, xs)
+    assert bool(jnp.all(jnp.isfinite(exact)))
+    for k in (0, 3):
+        got = jax.jit(hbpjax.highway_grad(loss, iterations=k))(h0, xs)
+        assert bool(jnp.all(jnp.isfinite(got)))
+        assert_trees_close(got, exact, rtol=1e-2 if dtype == jnp.float16 else 1e-5)
+
+
+def _mlp_by_definition():
+    L, d, batch = 6, 3, 2
+    ks = jax.random.split(jax.random.key(15), 4)
+    scale = 1.0 + 0.2 * jax.random.normal(ks[0], (d,), jnp.float64)
+    W = (0.8 / np.sqrt(d)) * jax.random.normal(ks[1], (L, d, d), jnp.float64)
+    h0 = jax.random.normal(ks[2], (batch, d), jnp.float64)
+    c = jax.random.normal(ks[3], (L, batch, d), jnp.float64)
+    step = lambda scale, h, w: h + jnp.tanh((h * scale) @ w)
+    k_of = lambda scale, h, w: jnp.ones_like(h)  # additive: K = 1
+
+    def loss(scale, W, h0):
+        _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh((h * scale) @ w), h0, W)
+        return jnp.sum(c * hs)
+
+    return loss, step, k_of, (scale, W, h0), c
+
+
+def _gru_by_definition():
+    L, d, d_in, batch = 6, 3, 2, 2
+    ks = jax.random.split(jax.random.key(16), 5)
+    params = {n: jax.random.normal(k, s, jnp.float64) for n, k, s in zip(("Wz", "Uz", "Wh"), ks, ((d_in, d), (d, d), (d, d)))}
+    xs = jax.random.normal(ks[3], (L, batch, d_in), jnp.float64)
+    h0 = 0.5 * jax.random.normal(ks[4], (batch, d), jnp.float64)
+    c = jax.random.normal(jax.random.key(17), (L, batch, d), jnp.float64)
+    gate = lambda p, h, x: jax.nn.sigmoid(x @ p["Wz"] + h @ p["Uz"])
+    step = lambda p, h, x: (1 - gate(p, h, x)) * h + gate(p, h, x) * jnp.tanh(h @ p["Wh"])
+    k_of = lambda p, h, x: 1 - gate(p, h, x)  # gated: K = 1 - u
+
+    def loss(p, xs, h0):
+        cell = lambda h, x: (1 - gate(p, h, x), gate(p, h, x) * jnp.tanh(h @ p["Wh"]))
+        _, hs = hbpjax.residual_scan(cell, h0, xs, residual=hbpjax.residual.gated)
+        return jnp.sum(c * hs)
+
+    return loss, step, k_of, (params, xs, h0), c
+
+
+@pytest.mark.parametrize("model", [_mlp_by_definition, _gru_by_definition])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_intermediate_k_counts_paths_through_at_most_k_blocks(model, k):
+    """0 < k < L - 1 against the recurrence written out with dense Jacobians (helpers), not
+    against values this code produced."""
+    with jax.enable_x64(True):
+        loss, step, k_of, (params, xs, h0), c = model()
+        got = jax.jit(hbpjax.highway_grad(loss, (0, 1, 2), iterations=k))(params, xs, h0)
+        expected = highway_by_definition(step, k_of, params, h0, xs, c, k)
+        assert_trees_close(got, jax.tree.map(jnp.asarray, expected))

@@ -130,3 +130,65 @@ def test_errors_layer_axis():
         loss(params, data, layer_axis="stages", mesh=mesh)
     with pytest.raises(ValueError, match=r"layer_axis='layers' needs a device mesh"):
         loss(params, data, layer_axis="layers")
+
+
+def _layer_parallel_variant(variant, mesh, L=8):
+    """A stack of each residual kind, with `layer_axis` when `mesh` is given, in float64."""
+    ks = jax.random.split(jax.random.key(40), 4)
+    W = (0.6 / np.sqrt(H)) * jax.random.normal(ks[0], (L, H, H), jnp.float64)
+    U = (0.6 / np.sqrt(H)) * jax.random.normal(ks[1], (H, 4 * H), jnp.float64)
+    x = jax.random.normal(ks[2], (B, H), jnp.float64)
+    options = dict(layer_axis="layers", mesh=mesh) if mesh is not None else {}
+    if variant == "unroll":
+        options["linearize"] = "unroll"
+    if variant == "gamma":
+        options["gamma"] = 0.3
+
+    def loss(W, U, x):
+        if variant == "lstm":  # a pytree carry (c, h), shared U closed over, per-layer W in xs
+            def cell(carry, w):
+                c, h = carry
+                i, f, g, o = jnp.split(h @ U + jnp.tile(h @ w, 4), 4, axis=-1)
+                f, i, o, g = jax.nn.sigmoid(f), jax.nn.sigmoid(i), jax.nn.sigmoid(o), jnp.tanh(g)
+                return (f, jnp.zeros_like(h)), (i * g, o * jnp.tanh(f * c + i * g))
+
+            (c, h), (cs, hs) = hbpjax.residual_scan(cell, (x, jnp.tanh(x)), W, residual=hbpjax.residual.gated, **options)
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(c**2)
+        if variant == "gated":
+            block = lambda h, w: (jax.nn.sigmoid(h @ w), jnp.tanh(h @ U[:, :H]))
+            residual = hbpjax.residual.gated
+        else:
+            block, residual = (lambda h, w: 0.7 * jnp.tanh(h @ w)), hbpjax.residual.relu if variant == "relu" else hbpjax.residual.additive
+        h, hs = hbpjax.residual_scan(block, x, W, residual=residual, **options)
+        return jnp.sum(jnp.sin(hs)) + jnp.sum(h**2)
+
+    return loss, (W, U, x)
+
+
+@pytest.mark.parametrize("variant", ["relu", "gated", "lstm", "gamma", "tol", "unroll"])
+def test_layer_parallel_equals_jax_grad_in_float64(variant):
+    """k >= L on 4 devices against jax.grad of the same stack on one device; `mesh=` is passed
+    without `jax.set_mesh` (as the docstring allows)."""
+    with jax.enable_x64(True):
+        mesh = jax.make_mesh((4,), ("layers",), devices=jax.devices()[:4])
+        loss, args = _layer_parallel_variant(variant, mesh)
+        single, _ = _layer_parallel_variant(variant, None)
+        argnums = (0, 1, 2)
+        exact = jax.grad(single, argnums)(*args)
+        options = dict(iterations=8, tol=1e-13) if variant == "tol" else dict(iterations=8)
+        got = jax.jit(hbpjax.highway_grad(loss, argnums, **options))(*args)
+        assert_trees_close(got, exact, rtol=1e-9, atol=1e-11)
+        assert tree_rel_error(jax.jit(hbpjax.highway_grad(loss, argnums, iterations=1))(*args), exact) > 1e-6
+
+
+def test_mesh_argument_without_set_mesh_eager_and_jitted():
+    mesh = jax.make_mesh((2,), ("layers",), devices=jax.devices()[:2])
+    W = 0.3 * jax.random.normal(jax.random.key(41), (4, 3, 3))
+
+    def loss(W):
+        h, _ = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), jnp.ones(3), W, layer_axis="layers", mesh=mesh)
+        return jnp.sum(h)
+
+    expected = jax.grad(lambda W: jnp.sum(hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), jnp.ones(3), W)[0]))(W)
+    for fn in (jax.grad(loss), jax.jit(jax.grad(loss)), hbpjax.highway_grad(loss, iterations=4), jax.jit(hbpjax.highway_grad(loss, iterations=4))):
+        assert_trees_close(fn(W), expected, rtol=RTOL, atol=ATOL)

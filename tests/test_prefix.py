@@ -48,3 +48,15 @@ def test_order_of_composition_matters():
 def test_errors_unknown_method():
     with pytest.raises(ValueError, match="unknown prefix scan method 'magic'"):
         affine_scan(jnp.ones(2), jnp.ones(2), method="magic")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_gains_above_one_stay_finite_where_the_loop_is(dtype):
+    """|k| > 1 over a long span overflows the products of the recursive doubling; where the u they
+    multiply is zero (the loss reads only the first carries) that was inf * 0 = NaN."""
+    k = 1.5 * jnp.ones(1024, dtype)
+    u = jnp.where(jnp.arange(1024) < 10, 1.0, 0.0).astype(dtype)
+    parallel, sequential = affine_scan(k, u), affine_scan(k, u, method="sequential")
+    assert bool(jnp.all(jnp.isfinite(sequential)))
+    assert bool(jnp.all(jnp.isfinite(parallel)))
+    np.testing.assert_allclose(np.asarray(parallel, np.float64), np.asarray(sequential, np.float64), rtol=3e-2)

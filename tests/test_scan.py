@@ -115,12 +115,6 @@ def test_errors_also_under_highway_grad():
         hbpjax.highway_grad(f, iterations=1)(jnp.ones(3))
 
 
-def test_errors_integer_carry_under_highway():
-    f = lambda h0: jnp.sum(hbpjax.residual_scan(lambda h, x: h, h0, length=2)[0]).astype(jnp.float32)
-    with pytest.raises(TypeError, match=r"hbpjax.residual_scan: under hbpjax.highway_grad every carry leaf must be floating"):
-        hbpjax.highway_grad(lambda x: f(jnp.ones(3, jnp.int32)) * x, iterations=1)(1.0)
-
-
 def test_has_aux_returns_stacked_state_without_gradient():
     """Per-step aux (e.g. updated statistics) is returned stacked, identical in both modes."""
     with jax.enable_x64(True):

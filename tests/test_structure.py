@@ -67,8 +67,16 @@ def test_tol_mode_loops_over_sweeps_only():
     loss, args = MODELS["gru"]()
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))
     assert highway.count(("scan", T)) == 1
-    assert highway.count(("while", None)) == 1  # the sweep loop; its body holds no scan
+    # The sweep loop: 5 steps that skip the sweep once converged (a scan, so it can be
+    # differentiated again); its body holds no scan.
+    assert highway.count(("scan", 5)) == 1
     assert len(highway) == 2
+
+
+def test_traced_iterations_loop_over_sweeps_only():
+    loss, args = MODELS["gru"]()
+    jaxpr = jax.make_jaxpr(lambda k, *a: hbpjax.highway_grad(loss, iterations=k)(*a))(jnp.int32(3), *args)
+    assert sorted(loops(jaxpr), key=str) == [("scan", T), ("while", None)]  # forward; sweeps
 
 
 def test_two_stacks_each_have_one_forward_loop():

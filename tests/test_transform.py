@@ -1,5 +1,7 @@
 """``highway_grad`` / ``highway_value_and_grad`` behave like ``jax.grad`` / ``jax.value_and_grad``."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +20,14 @@ def test_without_residual_scan_is_exactly_jax_grad():
         return jnp.sum(jnp.sin(x) * y) + jnp.sum(jax.lax.scan(lambda c, a: (c * a, c), 1.0, x)[1])
 
     x, y = jnp.linspace(0.1, 1.0, 5), jnp.arange(5.0)
-    got = hbpjax.highway_value_and_grad(loss, (0, 1), iterations=0)(x, y)
+    # scans="marked": the scan (a linear diagonal recurrence) is left to JAX, and the user is told.
+    with pytest.warns(hbpjax.NoStackWarning, match=r"hbpjax.highway_value_and_grad: found no residual stack"):
+        got = hbpjax.highway_value_and_grad(loss, (0, 1), iterations=0, scans="marked")(x, y)
     expected = jax.value_and_grad(loss, (0, 1))(x, y)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
+    # scans="auto" converts it; J = 0 for c * a, so even k = 0 is exact.
+    assert_trees_close(hbpjax.highway_value_and_grad(loss, (0, 1), iterations=0)(x, y), expected)
 
 
 @pytest.mark.parametrize("argnums", [0, 1, 3, -1, (0, 3), (3, 0, 2)])
@@ -192,3 +198,157 @@ def test_errors_bad_settings(kwargs, error, match):
 def test_numpy_integer_iterations_accepted():
     g = hbpjax.highway_grad(_simple_loss, iterations=np.int64(3))(jnp.ones(2))
     np.testing.assert_allclose(g, jax.grad(_simple_loss)(jnp.ones(2)), rtol=1e-6)
+
+
+# ----------------------------------------------------------- compositions that used to fail
+
+
+def test_collective_over_a_named_vmap_axis_in_the_block():
+    """lax.pmean over a vmap axis named inside the loss (BatchNorm(axis_name=...) does this)."""
+    with jax.enable_x64(True):
+        W = 0.4 * jax.random.normal(jax.random.key(20), (6, 3, 3), jnp.float64)
+        xs = jax.random.normal(jax.random.key(21), (4, 3), jnp.float64)
+
+        def loss(W, xs):
+            def one(x):
+                def block(h, w):
+                    z = jnp.tanh(h @ w)
+                    return z - jax.lax.pmean(z, "batch")
+
+                h, _ = hbpjax.residual_scan(block, x, W)
+                return jnp.sum(h**2)
+
+            return jnp.sum(jax.vmap(one, axis_name="batch")(xs))
+
+        for k in (0, 6):
+            got = hbpjax.highway_grad(loss, (0, 1), iterations=k)(W, xs)
+            if k == 6:
+                assert_trees_close(got, jax.grad(loss, (0, 1))(W, xs))
+
+
+def test_linen_batch_norm_with_axis_name_under_vmap():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return 0.5 * jnp.tanh(nn.BatchNorm(use_running_average=False, axis_name="batch")(nn.Dense(3)(h)))
+
+    model = hbpjax.linen.ResidualStack(Block, num_layers=4)
+    x = jax.random.normal(jax.random.key(22), (5, 3))
+    variables = jax.vmap(lambda x: model.init(jax.random.key(0), x), axis_name="batch")(x)
+    variables = jax.tree.map(lambda a: a[0], variables)
+
+    def loss(params, x):
+        def one(x):
+            out, _ = model.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(out**2)
+
+        return jnp.sum(jax.vmap(one, axis_name="batch")(x))
+
+    exact = jax.grad(loss)(variables["params"], x)
+    assert_trees_close(hbpjax.highway_grad(loss, iterations=4)(variables["params"], x), exact, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "linearize", "jacfwd"])
+def test_forward_mode_inside_the_loss(mode):
+    """jax.jvp / linearize / jacfwd of a function holding a residual_scan, inside a highway loss."""
+    with jax.enable_x64(True):
+        W = 0.4 * jax.random.normal(jax.random.key(23), (6, 3, 3), jnp.float64)
+        x = jax.random.normal(jax.random.key(24), (3,), jnp.float64)
+
+        def f(W, x):
+            h, _ = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), x, W)
+            return h
+
+        def loss(W, x):
+            direction = jnp.ones_like(x)
+            if mode == "jvp":
+                tangent = jax.jvp(lambda x: f(W, x), (x,), (direction,))[1]
+            elif mode == "linearize":
+                tangent = jax.linearize(lambda x: f(W, x), x)[1](direction)
+            else:
+                tangent = jax.jacfwd(lambda x: f(W, x))(x) @ direction
+            return jnp.sum(tangent**2) + jnp.sum(f(W, x))
+
+        exact = jax.grad(loss, (0, 1))(W, x)
+        assert_trees_close(hbpjax.highway_grad(loss, (0, 1), iterations=6)(W, x), exact)
+        assert tree_rel_error(hbpjax.highway_grad(loss, (0, 1), iterations=0)(W, x), exact) > 1e-6
+
+
+def test_gradient_of_a_tol_mode_gradient():
+    """A gradient penalty over a tol-mode highway gradient: jax.grad of it works (it was a
+    while_loop), and equals the same penalty with the number of sweeps tol stopped at."""
+    with jax.enable_x64(True):
+        L, d = 12, 4
+        W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(25), (L, d, d), jnp.float64)
+        h0 = jnp.ones(d, jnp.float64)
+
+        def loss(W, h0):
+            _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
+            return jnp.sum(jnp.cos(hs))
+
+        def penalty(W, **options):
+            return jnp.sum(hbpjax.highway_grad(loss, **options)(W, h0) ** 2)
+
+        tol = hbpjax.highway_grad(loss, iterations=L, tol=1e-4)(W, h0)
+        stopped = next(k for k in range(L) if tree_rel_error(tol, hbpjax.highway_grad(loss, iterations=k)(W, h0)) < 1e-14)
+        got = jax.grad(functools.partial(penalty, iterations=L, tol=1e-4))(W)
+        assert_trees_close(got, jax.grad(functools.partial(penalty, iterations=stopped))(W))
+
+
+def test_iterations_traced_under_jit_one_compilation():
+    """A k schedule: iterations is a traced integer, k changes between calls, one compilation."""
+    loss, args = _mlp32()
+    traces = []
+
+    @jax.jit
+    def step(k, *args):
+        traces.append(None)
+        return hbpjax.highway_grad(loss, iterations=k)(*args)
+
+    for k in (0, 2, 6, -1):
+        assert_trees_close(step(jnp.int32(k), *args), hbpjax.highway_grad(loss, iterations=max(k, 0))(*args), rtol=1e-5, atol=1e-6)
+    assert len(traces) == 1
+
+
+def test_settings_given_as_concrete_jax_values():
+    loss, args = _mlp32()
+    expected = hbpjax.highway_grad(loss, iterations=3, tol=1e-3, gamma=0.2)(*args)
+    got = hbpjax.highway_grad(loss, iterations=jnp.int32(3), tol=jnp.float32(1e-3), gamma=jnp.float32(0.2))(*args)
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["tol", "gamma"])
+def test_errors_traced_tol_or_gamma_say_how_to_make_them_static(name):
+    loss, args = _mlp32()
+
+    @jax.jit
+    def step(value, *args):
+        options = {"iterations": 2, name: value}
+        return hbpjax.highway_grad(loss, **options)(*args)
+
+    with pytest.raises(TypeError, match=rf"hbpjax.highway_grad: `{name}` must be known when the function is traced.*static_argnums"):
+        step(jnp.float32(0.1), *args)
+
+
+def test_errors_traced_iterations_must_be_an_integer_scalar():
+    loss, args = _mlp32()
+    with pytest.raises(TypeError, match=r"hbpjax.highway_grad: a traced `iterations` must be an integer scalar.*float32"):
+        jax.jit(lambda k, *a: hbpjax.highway_grad(loss, iterations=k)(*a))(jnp.float32(2.0), *args)
+
+
+def test_holomorphic():
+    with jax.enable_x64(True):
+        L = 6
+        W = (0.3 + 0.2j) * jax.random.normal(jax.random.key(26), (L, 3, 3), jnp.float64)
+        h0 = jnp.ones(3, jnp.complex128)
+
+        def loss(W, h0):
+            h, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(h**2)
+
+        exact = jax.grad(loss, (0, 1), holomorphic=True)(W, h0)
+        assert_trees_close(hbpjax.highway_grad(loss, (0, 1), holomorphic=True, iterations=L)(W, h0), exact)
+        approx = hbpjax.highway_grad(loss, (0, 1), holomorphic=True, iterations=0)(W, h0)
+        assert tree_rel_error(jax.tree.map(jnp.abs, approx), jax.tree.map(jnp.abs, exact)) > 1e-6
