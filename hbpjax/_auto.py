@@ -256,19 +256,30 @@ class Rewriter:
       kept_exact: how many equations were left alone inside :func:`hbpjax.exact` regions.
     """
 
-    def __init__(self, settings, choose: Callable[[_Found], bool]):
+    def __init__(self, settings, choose: Callable[[_Found], bool], slots=None):
         self.settings = settings
         self.choose = choose
+        self.slots = slots  # per top-level converted stack, the input its sweep report comes back in
         self.converted = 0
         self.trivial = 0
         self.kept_exact = 0
+        self.reported: list[StackInfo] = []  # the stacks given a report slot, in program order
+        self._nested = 0
         self._found: dict[int, _Found] = {}
         self._rewrites: dict[int, bool] = {}
 
     def found(self, eqn) -> _Found:
         if id(eqn) not in self._found:
-            self._found[id(eqn)] = _analyse(eqn, gamma=self.settings.gamma, eval_eqn=self.eval_eqn)
+            self._found[id(eqn)] = _analyse(eqn, gamma=self.settings.gamma, eval_eqn=self.eval_nested)
         return self._found[id(eqn)]
+
+    def eval_nested(self, eqn, invals: list) -> list:
+        """:meth:`eval_eqn` for the block of a converted stack (its scans are converted, unreported)."""
+        self._nested += 1
+        try:
+            return self.eval_eqn(eqn, invals)
+        finally:
+            self._nested -= 1
 
     def converts(self, eqn) -> bool:
         found = self.found(eqn)
@@ -311,7 +322,12 @@ class Rewriter:
             self.trivial += self.found(eqn).marked and self.found(eqn).trivial
             if self.converts(eqn):
                 self.converted += 1
-                return self._run(self.found(eqn).stack, eqn, invals)
+                slot = None
+                if not self._nested:
+                    self.reported.append(self.found(eqn).info)
+                    if self.slots is not None:
+                        slot = self.slots[len(self.reported) - 1]
+                return self._run(self.found(eqn).stack, eqn, invals, slot)
         if name in _CALLS and self.rewrites(eqn.params["jaxpr"].jaxpr):
             inner = eqn.params["jaxpr"]
             fn = functools.partial(self.eval_closed, inner)
@@ -325,7 +341,7 @@ class Rewriter:
             self.converted += 1  # a layer-parallel residual_scan: Highway-BP inside already
         return _jaxpr.bind(eqn, invals)
 
-    def _run(self, stack, eqn, invals):
+    def _run(self, stack, eqn, invals, slot):
         # Literal operands (a Python float as the initial carry) become arrays of their type.
         invals = [jax.numpy.asarray(v, a.aval.dtype) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
         num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
@@ -333,7 +349,9 @@ class Rewriter:
         init = list(invals[num_consts : num_consts + num_carry])
         xs = list(invals[num_consts + num_carry :])
         forward = functools.partial(scan_forward, stack)
-        final, ys = differentiate(stack, init, xs, consts, settings=self.settings, forward=forward, chain=Local)
+        final, ys = differentiate(
+            stack, init, xs, consts, settings=self.settings, forward=forward, chain=Local, slot=slot
+        )
         return [*final, *ys]
 
 
@@ -352,14 +370,19 @@ def _named(fn, name):
     return named
 
 
-def rewrite(fun: Callable, settings, *, scans, name: str) -> Callable:
-    """``fun`` with its chosen residual scans running as Highway-BP stacks (same values)."""
+def rewrite(fun: Callable, settings, *, scans, name: str, report: bool = False) -> Callable:
+    """``fun`` with its chosen residual scans running as Highway-BP stacks (same values).
+
+    With ``report``, the result takes a first argument ``slots`` (``float32[n, 2]``, zeros): the
+    ``i``-th converted stack ignores ``slots[i]`` and returns its sweep report as the cotangent of
+    it, so the gradient with respect to ``slots`` is the report. ``rewritten.stacks(*args,
+    **kwargs)`` says which stacks those are (``n`` of them, in program order).
+    """
     choose = _choose(scans)
 
-    @functools.wraps(fun)
-    def rewritten(*args, **kwargs):
+    def run(slots, args, kwargs):
         traced = trace(fun, args, kwargs)
-        rewriter = Rewriter(settings, choose)
+        rewriter = Rewriter(settings, choose, slots)
         outs = rewriter.eval_closed(traced.closed, [traced.leaves[i] for i in traced.dynamic])
         if rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0:
             seen = [f.info for f in rewriter._found.values()]
@@ -371,10 +394,30 @@ def rewrite(fun: Callable, settings, *, scans, name: str) -> Callable:
                     f"plain backprop.{listing}\nhbpjax.find_stacks(fun, *args) lists every scan and "
                     "why it was not converted."
                 ),
-                stacklevel=2,
+                stacklevel=3,
             )
-        return traced.unflatten(outs)
+        return traced.unflatten(outs), rewriter
 
+    if report:
+
+        @functools.wraps(fun)
+        def rewritten(slots, *args, **kwargs):
+            return run(slots, args, kwargs)[0]
+
+    else:
+
+        @functools.wraps(fun)
+        def rewritten(*args, **kwargs):
+            return run(None, args, kwargs)[0]
+
+    def stacks(*args, **kwargs) -> list[StackInfo]:
+        """The converted stacks that report, in program order (the rewrite run abstractly)."""
+        traced = trace(fun, args, kwargs)
+        rewriter = Rewriter(settings, choose)
+        jax.make_jaxpr(lambda *d: rewriter.eval_closed(traced.closed, d))(*[traced.leaves[i] for i in traced.dynamic])
+        return rewriter.reported
+
+    rewritten.stacks = stacks
     return rewritten
 
 

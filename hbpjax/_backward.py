@@ -187,7 +187,15 @@ class DeviceChain:
 
 
 def differentiate(
-    stack: Stack, init: list, xs: PyTree, consts: tuple, *, settings, forward: Callable, chain: Callable[[], Chain]
+    stack: Stack,
+    init: list,
+    xs: PyTree,
+    consts: tuple,
+    *,
+    settings,
+    forward: Callable,
+    chain: Callable[[], Chain],
+    slot: jax.Array | None = None,
 ):
     """``(final carry, per-step outputs)`` of ``forward``, with Highway-BP as its backward.
 
@@ -202,27 +210,32 @@ def differentiate(
       forward: ``forward(init, xs, consts) -> (final, ys, saved)``.
       chain: ``chain() -> Chain``, called inside the backward (a device chain reads its position on
         the mesh axis there).
+      slot: optional ``float32[2]`` input that the stack ignores; its cotangent is the sweep report
+        ``[sweeps run, final relative change]`` (how ``return_report=True`` gets it out).
     """
 
     # A traced number of sweeps is an input of the custom_vjp (its backward may not close over it).
     k = settings.iterations if settings.traced else None
 
-    def primal(init, xs, consts, k):
+    def primal(init, xs, consts, k, slot):
         final, ys, _ = forward(init, xs, consts)
         return final, ys
 
-    def fwd(init, xs, consts, k):
+    def fwd(init, xs, consts, k, slot):
         final, ys, saved = forward(init, xs, consts)
         return (final, ys), (init, saved, xs, consts, k)
 
     def bwd(residuals, cotangents):
         *residuals, k = residuals
         run_settings = settings if k is None else dataclasses.replace(settings, iterations=k)
-        return (*highway_backward(stack, run_settings, chain(), residuals, cotangents), None)
+        cts, report = highway_backward(stack, run_settings, chain(), residuals, cotangents, report=slot is not None)
+        return (*cts, None, None if slot is None else report.astype(slot_dtype))
+
+    slot_dtype = None if slot is None else slot.dtype
 
     run = jax.custom_vjp(primal)
     run.defvjp(fwd, bwd)
-    return run(init, xs, consts, k)
+    return run(init, xs, consts, k, slot)
 
 
 def _unit(k):
@@ -241,7 +254,7 @@ def _flip(tree):
     return tmap(lambda a: jnp.flip(a, 0), tree)
 
 
-def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents):
+def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents, *, report: bool = False):
     """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps.
 
     Args:
@@ -250,6 +263,11 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
       chain: where this chunk of the stack sits.
       residuals: ``(init, saved, xs, consts)`` as saved by the forward of :func:`differentiate`.
       cotangents: ``(ct_final, ct_ys)``: of the final carry leaves and of the per-step outputs.
+      report: also track the sweeps run and the final relative change of ``w``.
+
+    Returns:
+      ``((ct_init, ct_xs, ct_consts), report)``; ``report`` is ``float32[2]``, ``[sweeps run, last
+      relative change]`` (NaN when no sweep ran), or ``None`` without ``report``.
     """
     init, saved, xs, consts = residuals
     ct_final, ct_ys = cotangents
@@ -316,21 +334,54 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
     if settings.traced:  # known at run time only: a loop with a run-time trip count
         sweeps = jnp.clip(settings.iterations, 0, exact_after)
-        if settings.tol is None:
+    else:
+        sweeps = min(settings.iterations, exact_after)
+    w, done = _run_sweeps(
+        sweep, w, sweeps, tol=settings.tol, chain=chain, report=report,
+        straight_line=stack.linearize == "unroll" and not settings.traced,
+    )
+    return _cotangents(stack, chain, init, w, k_diag, layer_vjp), done
+
+
+def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
+    """``sweeps`` sweeps from ``w`` (stopping once the relative change is ``<= tol``, if given).
+
+    Returns ``(w, report)``, ``report = float32[2] [sweeps run, last relative change]`` when asked
+    for. Without ``tol`` and ``report`` this is a plain loop over the sweeps; otherwise every sweep
+    also measures how much ``w`` changed, and ``tol`` skips the remaining ones (``lax.cond``: they
+    cost nothing at run time) rather than ending a ``while_loop``, so the result can itself be
+    differentiated (a gradient penalty, meta-learning). A traced ``sweeps`` makes it a while loop.
+    """
+    if tol is None and not report:
+        if straight_line:  # the unrolled linearization: straight-line code throughout
+            for _ in range(sweeps):
+                w = sweep(w)
+        else:  # a loop over the k sweeps (never over the L layers): compile time does not grow with k
             w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
-        else:
-            w = _sweep_until(sweep, w, sweeps, settings.tol, chain)
-        return _cotangents(stack, chain, init, w, k_diag, layer_vjp)
-    sweeps = min(settings.iterations, exact_after)
-    if settings.tol is None and stack.linearize == "unroll":
-        for _ in range(sweeps):  # straight-line code throughout, as the linearization
-            w = sweep(w)
-    elif settings.tol is None:
-        # A loop over the k sweeps (never over the L layers): compile time does not grow with k.
-        w = lax.fori_loop(0, sweeps, lambda _, w: sweep(w), w)
-    elif sweeps > 0:
-        w = _sweep_until(sweep, w, sweeps, settings.tol, chain)
-    return _cotangents(stack, chain, init, w, k_diag, layer_vjp)
+        return w, None
+
+    def sq_norm(tree):
+        return chain.total(sum(jnp.sum(jnp.square(jnp.abs(leaf))) for leaf in jax.tree.leaves(tree)))
+
+    def measured(w_old, change, count):
+        w_new = sweep(w_old)
+        diff, size = sq_norm(tmap(jnp.subtract, w_new, w_old)), sq_norm(w_new)
+        change = jnp.where(size > 0, jnp.sqrt(diff / jnp.where(size > 0, size, 1.0)), 0.0)
+        return w_new, lax.stop_gradient(change).astype(jnp.float32), count + 1
+
+    def body(_, state):
+        if tol is None:
+            return measured(*state)
+        return lax.cond(state[1] > tol, measured, lambda *s: s, *state)
+
+    state = (w, jnp.float32(jnp.inf), jnp.int32(0))
+    if straight_line:
+        for i in range(sweeps):
+            state = body(i, state)
+    else:
+        state = lax.fori_loop(0, sweeps, body, state)
+    w, change, count = state
+    return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
 def _cotangents(stack, chain, init, w, k_diag, layer_vjp):
@@ -383,32 +434,6 @@ def _linearize_unrolled(block, h_prev, xe, consts):
         return ct_h, ct_xe, ct_consts
 
     return stack(outs), vjp_block
-
-
-def _sweep_until(sweep, w, max_sweeps, tol, chain):
-    """Sweeps until the relative change of ``w`` is ``<= tol``, at most ``max_sweeps`` times.
-
-    A loop of ``max_sweeps`` steps that skips the sweep once converged (``lax.cond``: the skipped
-    sweeps cost nothing at run time), rather than a ``while_loop``, so the result can itself be
-    differentiated (a gradient penalty, meta-learning).
-    """
-
-    def sq_norm(tree):
-        return chain.total(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
-
-    def step(w_old, change, count):
-        w_new = sweep(w_old)
-        diff = sq_norm(tmap(jnp.subtract, w_new, w_old))
-        size = sq_norm(w_new)
-        change = jnp.where(size > 0, jnp.sqrt(diff / jnp.where(size > 0, size, 1.0)), 0.0)
-        return w_new, lax.stop_gradient(change).astype(jnp.float32), count + 1
-
-    def body(_, state):
-        w, change, count = state
-        return lax.cond(change > tol, step, lambda *s: s, w, change, count)
-
-    w, _, _ = lax.fori_loop(0, max_sweeps, body, (w, jnp.float32(jnp.inf), jnp.int32(0)))
-    return w
 
 
 def _none_if_float0(ct):

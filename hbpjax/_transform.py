@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from . import _auto, _context
 from ._common import as_int, describe
+from ._report import SweepReport
 
 DEFAULT_ITERATIONS = 4
 
@@ -30,6 +31,7 @@ def highway_value_and_grad(
     tol: float | None = None,
     gamma: float = 0.0,
     scans: str | Callable = "auto",
+    return_report: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
     """Like ``jax.value_and_grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -61,10 +63,13 @@ def highway_value_and_grad(
       scans: which scans to convert: ``"auto"`` (every scan with a residual path), ``"marked"`` (only
         :func:`hbpjax.residual_scan` and hbpjax's Flax modules) or a callable
         ``StackInfo -> bool`` choosing per scan.
+      return_report: also return a :class:`hbpjax.SweepReport`: per converted stack, the sweeps
+        its backward ran and the relative change of the last one.
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or
-      ``((value, aux), grad)``), ``grad`` shaped like the ``argnums`` arguments.
+      ``((value, aux), grad)``), ``grad`` shaped like the ``argnums`` arguments; with
+      ``return_report``, ``(that, report)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, hbpjax
@@ -82,6 +87,7 @@ def highway_value_and_grad(
     return _value_and_grad(
         "hbpjax.highway_value_and_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
         allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
+        return_report=return_report,
     )
 
 
@@ -96,11 +102,12 @@ def highway_grad(
     tol: float | None = None,
     gamma: float = 0.0,
     scans: str | Callable = "auto",
+    return_report: bool = False,
 ) -> Callable:
     """Like ``jax.grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
 
     Same arguments as :func:`highway_value_and_grad`; returns ``grad`` (or ``(grad, aux)`` with
-    ``has_aux``), exactly like ``jax.grad``.
+    ``has_aux``), exactly like ``jax.grad``; with ``return_report``, ``(that, report)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, hbpjax
@@ -115,22 +122,27 @@ def highway_grad(
     value_and_grad = _value_and_grad(
         "hbpjax.highway_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
         allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
+        return_report=return_report,
     )
-    return grad_from_value_and_grad(fun, value_and_grad, has_aux)
+    return grad_from_value_and_grad(fun, value_and_grad, has_aux, return_report)
 
 
-def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: bool) -> Callable:
+def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: bool, report: bool = False) -> Callable:
     """``grad`` from ``value_and_grad``, as ``jax.grad`` is built: the gradient (and ``aux``)."""
 
     @functools.wraps(fun)
     def grad_fun(*args, **kwargs):
-        value, g = value_and_grad(*args, **kwargs)
-        return (g, value[1]) if has_aux else g
+        out = value_and_grad(*args, **kwargs)
+        (value, g), sweeps = out if report else (out, None)
+        g = (g, value[1]) if has_aux else g
+        return (g, sweeps) if report else g
 
     return grad_fun
 
 
-def _value_and_grad(name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol, gamma, scans):
+def _value_and_grad(
+    name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol, gamma, scans, return_report
+):
     if not callable(fun):
         raise TypeError(f"{name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
     argnums = normalize_argnums(name, argnums)
@@ -138,18 +150,33 @@ def _value_and_grad(name, fun, *, argnums, has_aux, holomorphic, allow_int, iter
     scans = _auto.check_scans(name, scans)
     differentiated = _checked_output(name, fun, has_aux, holomorphic)
     if settings.iterations is not None:  # None: exact backprop through the very same function
-        differentiated = _auto.rewrite(differentiated, settings, scans=scans, name=name)
-    value_and_grad = jax.value_and_grad(
-        differentiated, argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int
-    )
+        differentiated = _auto.rewrite(differentiated, settings, scans=scans, name=name, report=bool(return_report))
+    options = dict(has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int)
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args, **kwargs):
         check_args(name, argnums, args, allow_int, holomorphic)
         with _context.active(settings):
-            return value_and_grad(*args, **kwargs)
+            if not return_report:
+                return jax.value_and_grad(differentiated, argnums, **options)(*args, **kwargs)
+            return with_report(differentiated, settings, argnums, holomorphic, args, kwargs, options)
 
     return value_and_grad_fun
+
+
+def with_report(rewritten, settings, argnums, holomorphic, args, kwargs, options):
+    """``((value, grads), SweepReport)``: the gradient with respect to the stacks' report slots too."""
+    if settings.iterations is None:
+        value_and_grad = jax.value_and_grad(rewritten, argnums, **options)(*args, **kwargs)
+        return value_and_grad, SweepReport.from_slots(jnp.zeros((0, 2)), ())
+    stacks = rewritten.stacks(*args, **kwargs)
+    slots = jnp.zeros((len(stacks), 2), jnp.complex64 if holomorphic else jnp.float32)
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    with_slots = lambda *a, **kw: rewritten(a[-1], *a[:-1], **kw)
+    value, grads = jax.value_and_grad(with_slots, (*nums, len(args)), **options)(*args, slots, **kwargs)
+    *grads, slot_grads = grads
+    grads = grads[0] if isinstance(argnums, int) else tuple(grads)
+    return (value, grads), SweepReport.from_slots(slot_grads, [s.source for s in stacks])
 
 
 def normalize_argnums(name: str, argnums) -> int | tuple[int, ...]:

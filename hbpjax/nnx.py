@@ -23,6 +23,7 @@ from flax import nnx as _nnx
 
 from . import _adapters, _auto, _context
 from ._common import describe
+from ._report import SweepReport
 from ._transform import DEFAULT_ITERATIONS, grad_from_value_and_grad, normalize_argnums
 from .residual import additive, gated
 
@@ -320,27 +321,40 @@ class ResidualRNN(_nnx.Module):
 # ------------------------------------------------------------------------ gradient transforms
 
 
-def _rewrite_graph(f: Callable, settings, *, scans, name: str) -> Callable:
+def _rewrite_graph(f: Callable, settings, *, scans, name: str, report: bool = False) -> Callable:
     """:func:`hbpjax._auto.rewrite` for a function of NNX modules, which it may mutate.
 
     The modules are split into a graph definition and a state; the pure function of the state that
     merges them, calls ``f`` and returns the new state is traced and rewritten; the new state (updated
-    BatchNorm statistics, RNG counters) is written back to the modules ``f`` was called with.
+    BatchNorm statistics, RNG counters) is written back to the modules ``f`` was called with. With
+    ``report`` the result takes the report slots first (see :func:`hbpjax._auto.rewrite`), and
+    ``rewritten.stacks(*args, **kwargs)`` lists the stacks that report.
     """
 
-    @functools.wraps(f)
-    def rewritten(*args, **kwargs):
-        graphdef, state = _nnx.split((args, kwargs))
-
+    def pure_for(graphdef):
         def pure(state):
             merged_args, merged_kwargs = _nnx.merge(graphdef, state)
             out = f(*merged_args, **merged_kwargs)
             return out, _nnx.state((merged_args, merged_kwargs), _nnx.Variable)
 
-        out, new_state = _auto.rewrite(pure, settings, scans=scans, name=name)(state)
+        return functools.wraps(f)(pure)
+
+    def run(slots, args, kwargs):
+        graphdef, state = _nnx.split((args, kwargs))
+        rewritten = _auto.rewrite(pure_for(graphdef), settings, scans=scans, name=name, report=report)
+        out, new_state = rewritten(slots, state) if report else rewritten(state)
         _nnx.update((args, kwargs), new_state)
         return out
 
+    def stacks(*args, **kwargs):
+        graphdef, state = _nnx.split((args, kwargs))
+        return _auto.rewrite(pure_for(graphdef), settings, scans=scans, name=name).stacks(state)
+
+    if report:
+        rewritten = functools.wraps(f)(lambda slots, *args, **kwargs: run(slots, args, kwargs))
+    else:
+        rewritten = functools.wraps(f)(lambda *args, **kwargs: run(None, args, kwargs))
+    rewritten.stacks = stacks
     return rewritten
 
 
@@ -377,14 +391,15 @@ def value_and_grad(
     tol: float | None = None,
     gamma: float = 0.0,
     scans: str | Callable = "auto",
+    return_report: bool = False,
 ) -> Callable:
     """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
 
     Same arguments and results as ``nnx.value_and_grad``: ``nnx.Param`` of the Module arguments are
     differentiated by default (``nnx.DiffState`` selects others), gradients come back as an
     ``nnx.State`` that ``nnx.Optimizer.update`` accepts, and non-parameter state (BatchNorm
-    statistics, RNG counters) is written back to the model. ``iterations``, ``tol``, ``gamma`` and
-    ``scans`` are as in :func:`hbpjax.highway_value_and_grad`: the model's residual scans
+    statistics, RNG counters) is written back to the model. ``iterations``, ``tol``, ``gamma``,
+    ``scans`` and ``return_report`` are as in :func:`hbpjax.highway_value_and_grad`: the model's residual scans
     (``nnx.scan`` over layers, ``nnx.RNN``) are found and converted without changing the model.
     Usable as a decorator, inside ``nnx.jit``, in graph and tree mode.
 
@@ -400,6 +415,7 @@ def value_and_grad(
     options = dict(
         argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
         graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
+        return_report=return_report,
     )
     if f is None:
         _settings("hbpjax.nnx.value_and_grad", options)  # checked early in the decorator form too
@@ -420,6 +436,7 @@ def grad(
     tol: float | None = None,
     gamma: float = 0.0,
     scans: str | Callable = "auto",
+    return_report: bool = False,
 ) -> Callable:
     """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
 
@@ -436,11 +453,12 @@ def grad(
     options = dict(
         argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
         graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
+        return_report=return_report,
     )
     if f is None:
         _settings("hbpjax.nnx.grad", options)  # checked early in the decorator form too
         return functools.partial(grad, **options)
-    return grad_from_value_and_grad(f, _value_and_grad("hbpjax.nnx.grad", f, **options), has_aux)
+    return grad_from_value_and_grad(f, _value_and_grad("hbpjax.nnx.grad", f, **options), has_aux, return_report)
 
 
 def _settings(name, options):
@@ -448,21 +466,32 @@ def _settings(name, options):
     return settings, _auto.check_scans(name, options["scans"])
 
 
-def _value_and_grad(name, f, *, argnums, iterations, tol, gamma, scans, **options):
+def _value_and_grad(name, f, *, argnums, iterations, tol, gamma, scans, return_report, **options):
     """``nnx.value_and_grad(f, **options)`` with the residual stacks of ``f`` converted."""
     if not callable(f):
         raise TypeError(f"{name}: `f` must be callable; got {describe(f)}.")
     settings, scans = _settings(name, dict(iterations=iterations, tol=tol, gamma=gamma, scans=scans))
     plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
     normalize_argnums(name, tuple(plain))
-    if settings.iterations is not None:
-        f = _rewrite_graph(f, settings, scans=scans, name=name)
-    inner = _nnx.value_and_grad(f, argnums=argnums, **options)
+    highway = settings.iterations is not None
+    report = bool(return_report)
+    if highway:
+        f = _rewrite_graph(f, settings, scans=scans, name=name, report=report)
 
     @functools.wraps(f)
     def value_and_grad_f(*args, **kwargs):
         _check_nnx_args(name, argnums, args)
         with _context.active(settings):
-            return inner(*args, **kwargs)
+            if not (report and highway):
+                out = _nnx.value_and_grad(f, argnums=argnums, **options)(*args, **kwargs)
+                return (out, SweepReport.from_slots(jnp.zeros((0, 2)), ())) if report else out
+            stacks = f.stacks(*args, **kwargs)
+            slots = jnp.zeros((len(stacks), 2), jnp.complex64 if options.get("holomorphic") else jnp.float32)
+            nums = tuple(argnums) if isinstance(argnums, (tuple, list)) else (argnums,)
+            with_slots = lambda *a: f(a[-1], *a[:-1], **kwargs)
+            value, grads = _nnx.value_and_grad(with_slots, argnums=(*nums, len(args)), **options)(*args, slots)
+            *grads, slot_grads = grads
+            grads = tuple(grads) if isinstance(argnums, (tuple, list)) else grads[0]
+            return (value, grads), SweepReport.from_slots(slot_grads, [s.source for s in stacks])
 
     return value_and_grad_f

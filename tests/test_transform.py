@@ -352,3 +352,79 @@ def test_holomorphic():
         assert_trees_close(hbpjax.highway_grad(loss, (0, 1), holomorphic=True, iterations=L)(W, h0), exact)
         approx = hbpjax.highway_grad(loss, (0, 1), holomorphic=True, iterations=0)(W, h0)
         assert tree_rel_error(jax.tree.map(jnp.abs, approx), jax.tree.map(jnp.abs, exact)) > 1e-6
+
+
+# ------------------------------------------------------------------------------ sweep report
+
+
+def _two_stacks_loss():
+    W = 0.3 * jax.random.normal(jax.random.key(50), (9, 3, 3))
+    x = jax.random.normal(jax.random.key(51), (2, 3))
+
+    def loss(W, x):
+        h, hs = jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), h), x, W)  # L = 9
+        g, _ = hbpjax.residual_scan(lambda g, w: jnp.tanh(g @ w), h, W[:4])  # L = 4
+        return jnp.sum(g**2) + jnp.sum(jnp.sin(hs))
+
+    return loss, (W, x)
+
+
+def test_report_lists_each_stack_in_program_order():
+    loss, args = _two_stacks_loss()
+    (value, grads), report = jax.jit(hbpjax.highway_value_and_grad(loss, (0, 1), iterations=5, return_report=True))(*args)
+    assert_trees_close((value, grads), hbpjax.highway_value_and_grad(loss, (0, 1), iterations=5)(*args))
+    assert report.sweeps.tolist() == [5, 3]  # the second stack has 4 layers: 3 sweeps are exact
+    assert [s.split(":")[0] for s in report.sources] == [__file__] * 2
+    assert int(report.sources[0].split(":")[1]) < int(report.sources[1].split(":")[1])
+    assert bool(jnp.all(report.change > 0)) and "sweeps" in str(report)
+    g, report0 = hbpjax.highway_grad(loss, iterations=0, return_report=True)(*args)
+    assert report0.sweeps.tolist() == [0, 0] and bool(jnp.all(jnp.isnan(report0.change)))
+
+
+def test_report_says_where_tol_stopped():
+    """The reported sweeps are those tol stopped at: the same gradient as that fixed k, and the
+    last change is <= tol (while one sweep fewer still changed more)."""
+    with jax.enable_x64(True):
+        L, d = 16, 4
+        W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(2), (L, d, d), jnp.float64)
+        h0 = jnp.ones(d, jnp.float64)
+
+        def loss(W, h0):
+            _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
+            return jnp.sum(jnp.cos(hs))
+
+        g, report = hbpjax.highway_grad(loss, iterations=L, tol=1e-4, return_report=True)(W, h0)
+        (k,) = report.sweeps.tolist()
+        assert 1 <= k < L - 1 and float(report.change[0]) <= 1e-4
+        assert tree_rel_error(g, hbpjax.highway_grad(loss, iterations=k)(W, h0)) < 1e-14
+        _, before = hbpjax.highway_grad(loss, iterations=k - 1, return_report=True)(W, h0)
+        assert k == 1 or float(before.change[0]) > 1e-4
+
+
+def test_report_with_a_traced_k_and_under_vmap():
+    loss, args = _two_stacks_loss()
+    step = jax.jit(lambda k, *a: hbpjax.highway_grad(loss, iterations=k, return_report=True)(*a)[1])
+    assert step(jnp.int32(-3), *args).sweeps.tolist() == [0, 0]  # a negative k counts as 0
+    assert step(jnp.int32(2), *args).sweeps.tolist() == [2, 2]
+    batched = jax.vmap(lambda x: hbpjax.highway_grad(loss, iterations=2, return_report=True)(args[0], x)[1])
+    assert batched(jnp.stack([args[1]] * 3)).sweeps.shape == (3, 2)
+
+
+def test_report_empty_when_nothing_is_converted():
+    with pytest.warns(hbpjax.NoStackWarning):
+        g, report = hbpjax.highway_grad(lambda x: jnp.sum(jnp.sin(x)), return_report=True)(jnp.ones(3))
+    assert report.sweeps.shape == (0,) and str(report) == "no converted stack"
+
+
+def test_report_from_the_nnx_transforms():
+    from flax import nnx
+
+    model = nnx.RNN(nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))
+    x = jnp.ones((3, 10, 2))
+    loss = lambda m, x: jnp.mean(m(x) ** 2)
+    (value, grads), report = hbpjax.nnx.value_and_grad(loss, iterations=2, return_report=True)(model, x)
+    expected = hbpjax.nnx.value_and_grad(loss, iterations=2)(nnx.clone(model), x)
+    assert_trees_close((value, grads), expected)
+    assert report.sweeps.tolist() == [2]
+    grads, report = nnx.jit(hbpjax.nnx.grad(loss, iterations=4, return_report=True))(model, x)
+    assert report.sweeps.tolist() == [4]
