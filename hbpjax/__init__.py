@@ -10,12 +10,15 @@ gradient path through at most ``k`` blocks exactly; ``k >= L`` is exact backprop
 import importlib.metadata
 
 from . import residual as residual
+from ._adaptive import AdaptiveIterations as AdaptiveIterations
+from ._adaptive import AdaptiveState as AdaptiveState
 from ._auto import NoStackWarning as NoStackWarning
 from ._auto import StackInfo as StackInfo
 from ._auto import find_stacks as find_stacks
 from ._context import exact as exact
 from ._diagnostics import GradientAgreement as GradientAgreement
 from ._diagnostics import gradient_agreement as gradient_agreement
+from ._report import SweepReport as SweepReport
 from ._scan import residual_scan as residual_scan
 from ._transform import highway_grad as highway_grad
 from ._transform import highway_value_and_grad as highway_value_and_grad
@@ -36,9 +39,12 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AdaptiveIterations",
+    "AdaptiveState",
     "GradientAgreement",
     "NoStackWarning",
     "StackInfo",
+    "SweepReport",
     "exact",
     "find_stacks",
     "gradient_agreement",
