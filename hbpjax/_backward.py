@@ -23,6 +23,7 @@ layer-parallel stacks alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Protocol
 
 import jax
@@ -54,10 +55,6 @@ class Chain(Protocol):
     def total_length(self, local_length: int) -> int:
         """The number of layers of the whole stack, given this chunk's."""
 
-    def from_previous(self, last: PyTree, init: PyTree) -> PyTree:
-        """The carry entering this chunk: ``init`` for the first chunk, else the previous chunk's
-        ``last`` carry."""
-
     def from_next(self, first: PyTree) -> PyTree:
         """The next chunk's value of a per-layer quantity at its first layer (zeros past the end)."""
 
@@ -83,10 +80,6 @@ class Local:
 
     def total_length(self, local_length: int) -> int:
         return local_length
-
-    def from_previous(self, last, init):
-        """The carry entering this chunk."""
-        return init
 
     def from_next(self, first):
         """The next chunk's first value of a per-layer quantity (zero past the end)."""
@@ -125,10 +118,6 @@ class DeviceChain:
     def _shift(self, x, step):
         pairs = [(i, i + step) for i in range(self.size) if 0 <= i + step < self.size]
         return tmap(lambda a: lax.ppermute(a, self.axis, perm=pairs), x)
-
-    def from_previous(self, last, init):
-        received = self._shift(last, +1)
-        return tmap(lambda i, r: jnp.where(self.index == 0, i, r), init, received)
 
     def from_next(self, first):
         return self._shift(first, -1)  # the last chunk receives zeros
@@ -238,11 +227,26 @@ def differentiate(
     return run(init, xs, consts, k, slot)
 
 
+def _reverse_sum(discount, u):
+    """``w[j] = u[j] + discount * w[j + 1]``: a reverse cumulative sum (``discount = 1``) or, for
+    ``gamma > 0``, its discounted form (then through the prefix scan with a constant ``k``)."""
+    if discount == 1.0:
+        return tmap(lambda a: lax.cumsum(a, axis=0, reverse=True), u)
+    return _solve(_plan(tmap(lambda a: jnp.full_like(a, discount), u)), u)
+
+
 def _unit(k):
     """``k`` with its magnitude capped at 1 (``clip`` for reals; complex ``k`` keep their phase)."""
     if jnp.iscomplexobj(k):
         return k / jnp.maximum(jnp.abs(k), 1.0)
     return jnp.clip(k, -1.0, 1.0)
+
+
+def _add_at_last(a, x):
+    """``a`` with ``x`` added to ``a[-1]``: elementwise (fused, in place), not a scatter that would
+    copy ``a`` where it is read elsewhere."""
+    at_last = (jnp.arange(a.shape[0]) == a.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
+    return a + jnp.where(at_last, x[None], jnp.zeros_like(x)[None])
 
 
 def _shift_up(a, fill):
@@ -274,30 +278,34 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     if stack.reverse:  # the same maths on the steps in the order the forward ran them
         saved, xs, ct_ys = _flip(saved), _flip(xs), _flip(ct_ys)
 
-    # Inputs of each layer: the carries h_0..h_{L-1}.
-    first = chain.from_previous([c[-1] for c in saved], init)
-    prev = [jnp.concatenate([f[None], c[:-1]], axis=0) for f, c in zip(first, saved)]
+    # Inputs of each layer: the carries h_0..h_{L-1}, as the forward saved them.
+    prev = saved
     h_prev = [prev[i] for i in stack.diff]
     xe = (xs, [prev[i] for i in stack.state])
 
-    # Cotangent arriving from outside at each differentiated carry h_1..h_L (the final carry is
-    # h_L), and at the block's own per-step outputs.
-    e = [jnp.zeros_like(saved[i]) for i in stack.diff]
+    # Cotangent arriving from outside at each differentiated carry h_1..h_L (the final carry's,
+    # `last`, joins at h_L where the sweeps build their right-hand side), and at the block's own
+    # per-step outputs.
+    e = [None] * len(stack.diff)
     ct_block = [None] * stack.block_outputs
     for route, ct in zip(stack.y_route, jax.tree.leaves(ct_ys)):
         if route is not None and route[0] == CARRY:
-            e[route[1]] = e[route[1]] + ct
+            e[route[1]] = ct if e[route[1]] is None else e[route[1]] + ct
         elif route is not None and route[0] == BLOCK:
             ct_block[route[1]] = ct
+    outside_only_at_end = all(ej is None for ej in e)  # a deep net read at its output only
+    e = [jnp.zeros_like(prev[i]) if ej is None else ej for i, ej in zip(stack.diff, e)]
     last = chain.on_last([ct_final[i] for i in stack.diff])
-    e = [ej.at[-1].add(lj) for ej, lj in zip(e, last)]
 
     # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
     # their cotangent is summed inside the transposed ops, never stacked per step.
-    if stack.linearize == "unroll":
+    if not settings.save_linearization:
+        z, vjp_block = _linearize_in_chunks(stack.block, h_prev, xe, consts)
+    elif stack.linearize == "unroll":
         (z, _), vjp_block = _linearize_unrolled(stack.block, h_prev, xe, consts)
     else:
-        (z, _), vjp_block = jax.vjp(jax.vmap(stack.block, in_axes=(0, 0, None)), h_prev, xe, consts)
+        all_blocks = jax.vmap(stack.block, in_axes=(0, 0, None))
+        (z, _), vjp_block = jax.vjp(all_blocks, h_prev, xe, consts)
     all_residuals = jax.vmap(stack.residual)
     _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
     _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
@@ -307,30 +315,69 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         (ct_z,) = vjp_res_z(w)
         return vjp_block((ct_z, ct_block))
 
+    # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
     # The residual path the prefix scan solves: K' = (1 - gamma) * clip(K, -1, 1). What is left of
     # K (gamma's share, and any |K| > 1) joins the block's term in the sweeps; K + J is unchanged,
     # so k >= L stays exact. With |K| > 1 the sweeps would otherwise add up terms of size |K|^L
-    # that cancel (garbage, then NaN, where backprop is finite). A block that ignores the carry
-    # (J = 0) keeps its K whole: k = 0 is then exact, and the scan caps its products (_prefix).
+    # that cancel (garbage, then NaN, where backprop is finite). The clip is skipped where the
+    # split proves |K| <= 1 (gates, ReLU masks, h + z) and where the block ignores the carry (J = 0:
+    # K is kept whole, so k = 0 stays exact, and the scan caps its products, see _prefix).
     gamma = stack.gamma
-    if stack.block_reads_carry:
-        scanned = lambda k: (1.0 - gamma) * _unit(k)
+    clamp = stack.block_reads_carry and not stack.k_within_one
+    if stack.k_is_one and isinstance(chain, Local):
+        # h + z: K = 1, so K' = 1 - gamma is a constant and the scan a (discounted) reverse sum.
+        k_first = [jnp.ones((), h.dtype) for h in h_prev]
+        k_next = k_scan = None
+        solve = functools.partial(_reverse_sum, 1.0 - gamma)
     else:
-        scanned = lambda k: (1.0 - gamma) * k
-    # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
-    k_after = chain.from_next(tmap(lambda k: scanned(k[0]), k_diag))
-    k_next = tmap(lambda k, ka: _shift_up(scanned(k), ka), k_diag, k_after)
-    planned = _plan(k_next)  # the k-only half of the prefix scan, shared by every sweep
-    solve = chain.solver(planned, k_next)
+        if clamp:
+            scanned = lambda k: (1.0 - gamma) * _unit(k)
+        else:
+            scanned = lambda k: (1.0 - gamma) * k if gamma else k
+        # Only the shifted K is kept (the initial carry needs K_1 alone), and only its scanned part
+        # when |K| <= 1 is known: XLA hoists anything the sweeps compute from it out of their loop.
+        k_first = tmap(lambda k: k[0], k_diag)
+        k_next = tmap(lambda k, ka: _shift_up(k, ka), k_diag, chain.from_next(k_first))
+        k_scan = tmap(scanned, k_next)
+        planned = _plan(k_scan)  # the k-only half of the prefix scan, shared by every sweep
+        solve = chain.solver(planned, k_scan)
+
+    def rest(w):
+        """What the scan leaves out of K, times w, at the next layer: (K - K')[j+1] w[j+1]."""
+        w_after = chain.from_next(tmap(lambda a: a[0], w))
+        shifted = tmap(_shift_up, w, w_after)
+        if k_scan is None:  # K = 1: the rest is gamma
+            return tmap(lambda ws: gamma * ws, shifted)
+        if clamp or gamma == 1.0:
+            return tmap(lambda k, ks, ws: k * ws - ks * ws, k_next, k_scan, shifted)
+        ratio = gamma / (1.0 - gamma)  # K - K' = gamma K = ratio K' (gamma < 1 here)
+        return tmap(lambda ks, ws: ratio * (ks * ws), k_scan, shifted)
+
+    def block_terms(w):
+        """``shift(v) + rest``: what the blocks (and the rest of K) add to the right-hand side."""
+        v = layer_vjp(w)[0]
+        v_after = chain.from_next(tmap(lambda a: a[0], v))
+        u = tmap(_shift_up, v, v_after)
+        if clamp or gamma:
+            u = tmap(jnp.add, u, rest(w))
+        return u
+
+    # The scan is linear in its right-hand side: w^{k+1} = solve(e + terms(w^k)) = w_path +
+    # solve(terms(w^k)), with w_path = solve(e) the residual path alone. The sweeps keep w_path, and
+    # the cotangents from outside are read once, here.
+    if stack.k_is_one and not gamma and outside_only_at_end and isinstance(chain, Local):
+        w_path = tmap(lambda ej, lj: jnp.broadcast_to(lj, ej.shape), e, last)  # K = 1: no scan at all
+    else:
+        w_path = solve(tmap(_add_at_last, e, last))
 
     def sweep(w):
-        v = tmap(lambda vj, kj, wj: vj + (kj - scanned(kj)) * wj, layer_vjp(w)[0], k_diag, w)
-        v_after = chain.from_next(tmap(lambda a: a[0], v))
-        return solve(tmap(lambda ej, vj, va: ej + _shift_up(vj, va), e, v, v_after))
+        # One buffer for the right-hand side (XLA would otherwise build it twice, in the two
+        # layouts the scan reads it in).
+        return tmap(jnp.add, w_path, solve(lax.optimization_barrier(block_terms(w))))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
     # from w = 0); without them the first estimate is the residual path alone.
-    w = sweep(tmap(jnp.zeros_like, e)) if ct_block else solve(e)
+    w = sweep(tmap(jnp.zeros_like, w_path)) if ct_block else w_path
     exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
     if settings.traced:  # known at run time only: a loop with a run-time trip count
         sweeps = jnp.clip(settings.iterations, 0, exact_after)
@@ -340,7 +387,7 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         sweep, w, sweeps, tol=settings.tol, chain=chain, report=report,
         straight_line=stack.linearize == "unroll" and not settings.traced,
     )
-    return _cotangents(stack, chain, init, w, k_diag, layer_vjp), done
+    return _cotangents(stack, chain, init, w, k_first, layer_vjp), done
 
 
 def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
@@ -384,11 +431,11 @@ def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
     return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
-def _cotangents(stack, chain, init, w, k_diag, layer_vjp):
+def _cotangents(stack, chain, init, w, k_first, layer_vjp):
     """``(ct_init, ct_xs, ct_consts)`` from the final carry cotangents ``w``."""
     ct_h, (ct_xs, _), ct_consts = layer_vjp(w)
     # The initial carry gets the full Jacobian of layer 1: (K_1 + J_1)^T w_1.
-    ct_h0 = chain.reduce_first(tmap(lambda k, wj, g: k[0] * wj[0] + g[0], k_diag, w, ct_h))
+    ct_h0 = chain.reduce_first(tmap(lambda k, wj, g: k * wj[0] + g[0], k_first, w, ct_h))
     ct_init = [None] * len(init)
     for i, g in zip(stack.diff, ct_h0):
         ct_init[i] = g
@@ -397,6 +444,38 @@ def _cotangents(stack, chain, init, w, k_diag, layer_vjp):
         ct_xs = tmap(lambda a: None if a is None else jnp.flip(a, 0), ct_xs)
     ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
     return ct_init, ct_xs, ct_consts
+
+
+REMAT_CHUNKS = 8
+
+
+def _linearize_in_chunks(block, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
+    """``z`` of every layer and a VJP that recomputes each layer's linearization when called.
+
+    For ``save_linearization=False``: nothing of the linearization is kept between sweeps. Each
+    VJP runs the layers again in ``chunks`` consecutive groups (``lax.map``: ``L / chunks`` layers at
+    once, one group after the other), so only one group's residuals and temporaries are alive at a
+    time; the price is one more forward of every layer per sweep and a sequential depth of
+    ``chunks`` per sweep. (Recomputing all layers at once would save nothing: XLA would hoist the
+    recomputation out of the loop over sweeps.)
+    """
+    length = h_prev[0].shape[0]
+    chunks = max(c for c in range(1, min(chunks, length) + 1) if length % c == 0)
+    all_blocks = jax.vmap(block, in_axes=(0, 0, None))
+    z = all_blocks(h_prev, xe, consts)[0]
+    grouped = lambda tree: tmap(lambda a: a.reshape((chunks, length // chunks) + a.shape[1:]), tree)
+    ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
+
+    def vjp_block(ct):
+        def one(group):
+            h, x, c = group
+            return jax.vjp(all_blocks, h, x, consts)[1](c)
+
+        ct_h, ct_xe, ct_consts = lax.map(one, grouped((h_prev, xe, ct)))
+        total = lambda a: a[0] if getattr(a, "dtype", None) == jax.dtypes.float0 else jnp.sum(a, axis=0)
+        return ungrouped(ct_h), ungrouped(ct_xe), tmap(total, ct_consts)
+
+    return z, vjp_block
 
 
 def _linearize_unrolled(block, h_prev, xe, consts):

@@ -32,11 +32,14 @@ class HighwaySettings:
         (at most ``iterations`` sweeps).
       gamma: the backward-only split of automatically found stacks (a ``residual_scan`` keeps its
         own).
+      save_linearization: keep every layer's linearization between sweeps (the default), or
+        recompute it in each sweep, in groups of layers, to save memory.
     """
 
     iterations: int | jax.Array | None
     tol: float | None = None
     gamma: float = 0.0
+    save_linearization: bool = True
 
     @property
     def traced(self) -> bool:
@@ -46,7 +49,7 @@ class HighwaySettings:
     def _key(self):
         # A traced `iterations` is compared by identity: it belongs to one trace, and a jit cache
         # entry made under it must never serve another.
-        return (id(self.iterations) if self.traced else self.iterations, self.tol, self.gamma)
+        return (id(self.iterations) if self.traced else self.iterations, self.tol, self.gamma, self.save_linearization)
 
     def __eq__(self, other):
         return isinstance(other, HighwaySettings) and self._key() == other._key()
@@ -151,7 +154,14 @@ def check_tol(fn_name: str, tol, iterations: int | None) -> float | None:
     return tol
 
 
-def settings(fn_name: str, iterations, tol, gamma=0.0) -> HighwaySettings:
+def settings(fn_name: str, iterations, tol, gamma=0.0, save_linearization=True) -> HighwaySettings:
     """Validated :class:`HighwaySettings` for a public function named ``fn_name``."""
     iterations = check_iterations(fn_name, iterations)
-    return HighwaySettings(iterations, check_tol(fn_name, tol, iterations), check_gamma(fn_name, gamma))
+    if not isinstance(save_linearization, bool):
+        raise TypeError(
+            f"{fn_name}: `save_linearization` must be True (keep each layer's linearization between "
+            f"sweeps) or False (recompute it, to save memory); got {save_linearization!r}."
+        )
+    return HighwaySettings(
+        iterations, check_tol(fn_name, tol, iterations), check_gamma(fn_name, gamma), save_linearization
+    )

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from ._backward import DeviceChain, differentiate
 from ._common import RESIDUAL_SCAN, sharding_spec
 from ._auto import in_block
-from ._stack import saved_carries, scan_stack, scan_steps
+from ._stack import scan_stack, scan_steps
 
 _NAME = RESIDUAL_SCAN
 
@@ -145,12 +145,12 @@ def _pipeline(stack, init, xs, consts, *, axis, size):
     index = lax.axis_index(axis)
     # Stage 0 runs on every device (only device 0's result is kept: it is the one with the right
     # input); it fixes the output types that later stages pass through unchanged.
-    h, ys, extra = run(init)
+    h, ys, saved = run(init)
     for stage in range(1, size):
         h = jax.tree.map(lambda a: lax.ppermute(a, axis, [(i, i + 1) for i in range(size - 1)]), h)
-        h, ys, extra = lax.cond(index == stage, lambda c: run(c[0]), lambda c: c, (h, ys, extra))
+        h, ys, saved = lax.cond(index == stage, lambda c: run(c[0]), lambda c: c, (h, ys, saved))
     final = jax.tree.map(lambda a: lax.psum(jnp.where(index == size - 1, a, jnp.zeros_like(a)), axis), h)
-    return final, ys, saved_carries(stack, ys, extra)
+    return final, ys, saved
 
 
 def _is_explicit(mesh, axis):

@@ -68,6 +68,8 @@ class Split:
       z: the values the residual reads besides the carry, computed by the block.
       out_z: per carry leaf of kind ``"none"``, the position in ``z`` of its new value.
       eqns: per carry leaf, the elementwise equations of its residual, in program order.
+      k_bounds: per carry leaf, an upper bound on ``|K|`` proved from the step (interval
+        arithmetic), or ``None`` when none is known (0 for leaves of kind ``"none"``).
     """
 
     kinds: tuple[str, ...]
@@ -76,6 +78,7 @@ class Split:
     z: tuple[Atom, ...]
     out_z: tuple[int | None, ...]
     eqns: tuple[tuple[core.JaxprEqn, ...], ...]
+    k_bounds: tuple[float | None, ...] = ()
 
     @property
     def has_residual_path(self) -> bool:
@@ -145,7 +148,10 @@ def split(
         kinds.append(_kind(out, h[p], p, diag, producer))
         out_z.append(None)
         eqns.append(tuple(eqn for eqn in jaxpr.eqns if id(eqn) in chain))
-    return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns))
+    bounds = tuple(
+        0.0 if zi is not None else k_bound(jaxpr, h[p], outs[p], eqns[p]) for p, zi in enumerate(out_z)
+    )
+    return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), bounds)
 
 
 def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False) -> dict | None:
@@ -208,3 +214,126 @@ def _kind(out, h_var, leaf: int, diag: dict, producer: dict) -> str:
 def _is_float(aval) -> bool:
     dtype = getattr(aval, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+# ----------------------------------------------------------------------- bounds on K (static)
+
+_INF = float("inf")
+_ALL = (-_INF, _INF)
+#: Values of these primitives stay in a known range whatever their input.
+_RANGES = {"logistic": (0.0, 1.0), "tanh": (-1.0, 1.0), "sin": (-1.0, 1.0), "cos": (-1.0, 1.0), "erf": (-1.0, 1.0)}
+#: ... and so do their derivatives: d out / d in lies in this range.
+_SLOPES = {"logistic": (0.0, 0.25), "tanh": (0.0, 1.0), "sin": (-1.0, 1.0), "cos": (-1.0, 1.0), "erf": (0.0, 1.13)}
+#: Elementwise ops that pass values (and derivatives) through unchanged.
+_PASS = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision", "stop_gradient"})
+#: custom_jvp functions whose rule is the derivative of their body (so the body can be analysed).
+_KNOWN_CUSTOM_JVP = frozenset({"relu", "relu6"})
+
+
+def _mul(a, b):
+    products = [x * y for x in a for y in b if not (x == 0 and abs(y) == _INF or y == 0 and abs(x) == _INF)]
+    return (min(products, default=0.0), max(products, default=0.0))
+
+
+def _add(a, b):
+    return (a[0] + b[0], a[1] + b[1])
+
+
+def _union(*intervals):
+    return (min(i[0] for i in intervals), max(i[1] for i in intervals))
+
+
+def _values(eqns, known: dict) -> dict:
+    """An interval containing every value of each variable (``known`` seeds some; others unbounded)."""
+    ranges = dict(known)
+    get = lambda a: (float(a.val), float(a.val)) if isinstance(a, core.Literal) and jnp.ndim(a.val) == 0 else ranges.get(a, _ALL)
+    for eqn in eqns:
+        name, ins = eqn.primitive.name, [get(a) for a in eqn.invars]
+        out = _ALL
+        if name in _RANGES:
+            out = _RANGES[name]
+        elif name in _PASS and ins:
+            out = ins[0]
+        elif name == "neg":
+            out = (-ins[0][1], -ins[0][0])
+        elif name in ("add", "add_any"):
+            out = _add(ins[0], ins[1])
+        elif name == "sub":
+            out = _add(ins[0], (-ins[1][1], -ins[1][0]))
+        elif name == "mul":
+            out = _mul(ins[0], ins[1])
+        elif name == "max":
+            out = (max(ins[0][0], ins[1][0]), max(ins[0][1], ins[1][1]))
+        elif name == "min":
+            out = (min(ins[0][0], ins[1][0]), min(ins[0][1], ins[1][1]))
+        elif name == "select_n":
+            out = _union(*ins[1:])
+        elif name in ("abs", "square") or (name == "integer_pow" and eqn.params.get("y", 1) % 2 == 0):
+            out = (0.0, _INF)
+        elif name in CALLS and (name != "custom_jvp_call" or eqn.params.get("name") in _KNOWN_CUSTOM_JVP):
+            inner = getattr(eqn.params.get(CALLS[name]), "jaxpr", eqn.params.get(CALLS[name]))
+            if inner is not None and len(inner.invars) == len(ins):
+                inner_ranges = _values(inner.eqns, dict(zip(inner.invars, ins)))
+                outs = [inner_ranges.get(o, _ALL) if isinstance(o, core.Var) else _ALL for o in inner.outvars]
+                ranges.update(zip(eqn.outvars, outs))
+                continue
+        for v in eqn.outvars:
+            ranges[v] = out
+    return ranges
+
+
+def _slopes(eqns, h, values: dict) -> dict:
+    """An interval containing d v / d h (elementwise) for every value ``v`` on the path from ``h``."""
+    slope = {h: (1.0, 1.0)}
+    value = lambda a: (float(a.val), float(a.val)) if isinstance(a, core.Literal) and jnp.ndim(a.val) == 0 else values.get(a, _ALL)
+    for eqn in eqns:
+        on = [a for a in eqn.invars if isinstance(a, core.Var) and a in slope]
+        if not on:
+            continue
+        name = eqn.primitive.name
+        d = lambda a: slope.get(a, (0.0, 0.0)) if isinstance(a, core.Var) else (0.0, 0.0)
+        out = _ALL
+        if name in _PASS:
+            out = (0.0, 0.0) if name == "stop_gradient" else d(eqn.invars[0])
+        elif name == "neg":
+            lo, hi = d(eqn.invars[0])
+            out = (-hi, -lo)
+        elif name in ("add", "add_any"):
+            out = _add(d(eqn.invars[0]), d(eqn.invars[1]))
+        elif name == "sub":
+            lo, hi = d(eqn.invars[1])
+            out = _add(d(eqn.invars[0]), (-hi, -lo))
+        elif name == "mul":
+            a, b = eqn.invars
+            out = _add(_mul(d(a), value(b)), _mul(d(b), value(a)))
+        elif name in ("max", "min"):
+            out = _union((0.0, 0.0), *(d(a) for a in eqn.invars))  # one operand's slope, or none
+        elif name == "select_n":
+            out = _union(*(d(a) for a in eqn.invars[1:]))
+        elif name in _SLOPES and len(eqn.invars) == 1:
+            out = _mul(_SLOPES[name], d(eqn.invars[0]))
+        elif name in CALLS and (name != "custom_jvp_call" or eqn.params.get("name") in _KNOWN_CUSTOM_JVP):
+            inner = getattr(eqn.params.get(CALLS[name]), "jaxpr", eqn.params.get(CALLS[name]))
+            on_inner = [iv for iv, a in zip(inner.invars, eqn.invars) if isinstance(a, core.Var) and a in slope]
+            if len(on_inner) == 1 and len(inner.outvars) == 1:
+                (start,) = on_inner
+                outer = next(a for a in eqn.invars if isinstance(a, core.Var) and a in slope)
+                inner_values = _values(inner.eqns, {iv: value(a) for iv, a in zip(inner.invars, eqn.invars)})
+                inner_slope = _slopes(inner.eqns, start, inner_values).get(inner.outvars[0], _ALL)
+                out = _mul(inner_slope, slope[outer])
+        for v in eqn.outvars:
+            slope[v] = out
+    return slope
+
+
+def k_bound(jaxpr, h, out, eqns) -> float | None:
+    """An upper bound on ``|K| = |d out / d h|`` for a leaf's residual, or ``None`` if unknown.
+
+    Interval arithmetic over the step: value ranges (a sigmoid is in [0, 1], a tanh in [-1, 1], ...)
+    and, along the residual's equations, ranges of the derivative. ``h + z`` gives 1, a GRU's
+    ``z h + (1 - z) n`` gives 1, ``relu(h + z)`` gives 1; a LayerNorm's ``gain / std`` is unknown.
+    """
+    values = _values(jaxpr.eqns, {})
+    lo, hi = _slopes(eqns, h, values).get(out, _ALL)
+    bound = max(abs(lo), abs(hi))
+    return None if bound == _INF else bound

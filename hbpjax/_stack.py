@@ -27,7 +27,6 @@ import abc
 import dataclasses
 from typing import Any
 
-import jax
 from jax import lax
 from jax.extend import core
 
@@ -46,9 +45,8 @@ class Stack(abc.ABC):
 
     Attributes:
       length: the number of steps ``L``.
+      num_carry: the number of carry leaves (flat).
       diff: positions, in the flat list of carry leaves, of the differentiated leaves ``h``.
-      carry_in_ys: per carry leaf, the index of the per-step output leaf that equals the new carry
-        (the forward then saves no second copy of it), or ``None``.
       y_route: per per-step output leaf (flattened), ``(CARRY, p)`` (its cotangent joins that of
         differentiated carry leaf ``p``), ``(BLOCK, m)`` (the block's ``m``-th extra output) or
         ``None`` (no cotangent). Leaves past the end of the tuple have ``None``.
@@ -59,18 +57,24 @@ class Stack(abc.ABC):
       block_reads_carry: whether ``block`` depends on ``h`` (``J != 0``). Only then does the
         backward move any ``|K| > 1`` from the prefix scan into the sweeps; a block that ignores
         the carry (a linear diagonal recurrence) keeps ``k = 0`` exact whatever ``K`` is.
+      k_within_one: whether ``|K| <= 1`` is known (from the split: ``h + z``, gates from a sigmoid,
+        ReLU masks), so the backward needs no clip, and stores no raw ``K``, for it.
+      k_is_one: whether ``K = 1`` exactly (every differentiated leaf's residual is ``h + ...``): the
+        prefix scan is then a reverse cumulative sum and ``K`` is never computed.
       name: the public function the stack came from, for error messages.
     """
 
     length: int
+    num_carry: int
     diff: tuple[int, ...]
-    carry_in_ys: tuple[int | None, ...]
     y_route: tuple[tuple[str, int] | None, ...] = ()
     gamma: float = 0.0
     linearize: str = "vmap"
     unroll: int | bool = 1
     reverse: bool = False
     block_reads_carry: bool = True
+    k_within_one: bool = False
+    k_is_one: bool = False
     name: str = "hbpjax"
 
     def __post_init__(self):
@@ -80,7 +84,7 @@ class Stack(abc.ABC):
     @property
     def state(self) -> tuple[int, ...]:
         """Positions of the carry leaves that are not differentiated."""
-        return tuple(i for i in range(len(self.carry_in_ys)) if i not in self.diff)
+        return tuple(i for i in range(self.num_carry) if i not in self.diff)
 
     @property
     def block_outputs(self) -> int:
@@ -101,34 +105,25 @@ class Stack(abc.ABC):
 
 
 def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: int | None = None):
-    """``(final carry, per-step outputs, extra)`` by ``lax.scan`` over ``stack.step``.
+    """``(final carry, per-step outputs, saved)`` by ``lax.scan`` over ``stack.step``.
 
-    ``extra`` holds, stacked, the carry leaves that no per-step output already holds (see
-    :func:`saved_carries`); ``length`` overrides ``stack.length`` (a chunk of a layer-parallel stack).
+    ``saved`` holds every carry leaf as it *entered* each step (``h_0 .. h_{L-1}``, stacked): what the
+    backward linearizes the layers at, with no shifted copy to make. ``length`` overrides
+    ``stack.length`` (a chunk of a layer-parallel stack).
     """
-    extra = [i for i, m in enumerate(stack.carry_in_ys) if m is None]
 
     def body(carry, x):
         new, ys = stack.step(carry, x, consts)
-        return new, (ys, [new[i] for i in extra])
+        return new, (ys, carry)
 
-    final, (ys, extra_saved) = lax.scan(
+    final, (ys, saved) = lax.scan(
         body, init, xs, length=stack.length if length is None else length, reverse=stack.reverse,
         unroll=stack.unroll,
     )
-    return final, ys, extra_saved
+    return final, ys, saved
 
 
-def saved_carries(stack: Stack, ys: PyTree, extra: list) -> list:
-    """Every carry leaf after every step (stacked), for the backward, without storing a leaf twice."""
-    y_leaves, extra = jax.tree.leaves(ys), iter(extra)
-    return [y_leaves[m] if m is not None else next(extra) for m in stack.carry_in_ys]
-
-
-def scan_forward(stack: Stack, init: list, xs: PyTree, consts: tuple):
-    """``(final carry, per-step outputs, saved carries)``: the forward of a single-device stack."""
-    final, ys, extra = scan_steps(stack, init, xs, consts)
-    return final, ys, saved_carries(stack, ys, extra)
+scan_forward = scan_steps  # the forward of a single-device stack: (final, ys, saved)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,7 +157,7 @@ class ScanStack(Stack):
 
     def block(self, h, xe, consts):
         x, s = xe
-        carry = [None] * len(self.carry_in_ys)
+        carry = [None] * self.num_carry
         for i, v in zip(self.diff, h):
             carry[i] = v
         for i, v in zip(self.state, s):
@@ -205,7 +200,6 @@ def scan_stack(
     diff = tuple(i for i, v in enumerate(carry_in) if is_float(v.aval))
     found = _split.split(jaxpr, [carry_in[i] for i in diff], [carry_out[i] for i in diff], opaque=opaque)
     same = lambda a, b: isinstance(a, core.Var) and a is b
-    carry_in_ys = tuple(next((m for m, y in enumerate(ys) if same(y, out)), None) for out in carry_out)
     routes, block_ys = [], []
     for y in ys:
         p = next((p for p, i in enumerate(diff) if same(y, carry_out[i])), None)
@@ -218,8 +212,10 @@ def scan_stack(
             routes.append(None)
     reads = _jaxpr.depends_on(jaxpr.eqns, [carry_in[i] for i in diff], [*found.z, *block_ys])
     stack = ScanStack(
-        length=length, diff=diff, carry_in_ys=carry_in_ys, y_route=tuple(routes), gamma=gamma,
-        linearize=linearize, unroll=unroll, reverse=reverse, block_reads_carry=reads, name=name, body=body,
+        length=length, num_carry=num_carry, diff=diff, y_route=tuple(routes), gamma=gamma,
+        linearize=linearize, unroll=unroll, reverse=reverse, block_reads_carry=reads,
+        k_within_one=all(b is not None and b <= 1.0 for b in found.k_bounds),
+        k_is_one=bool(found.kinds) and all(kind == _split.IDENTITY for kind in found.kinds), name=name, body=body,
         num_consts=num_consts, split=found, block_ys=tuple(block_ys), eval_eqn=eval_eqn,
     )
     return found, stack

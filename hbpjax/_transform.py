@@ -32,6 +32,7 @@ def highway_value_and_grad(
     gamma: float = 0.0,
     scans: str | Callable = "auto",
     return_report: bool = False,
+    save_linearization: bool = True,
 ) -> Callable[..., tuple[Any, Any]]:
     """Like ``jax.value_and_grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -65,6 +66,9 @@ def highway_value_and_grad(
         ``StackInfo -> bool`` choosing per scan.
       return_report: also return a :class:`hbpjax.SweepReport`: per converted stack, the sweeps
         its backward ran and the relative change of the last one.
+      save_linearization: keep every layer's linearization between sweeps (default; fastest). With
+        ``False`` each sweep recomputes it, a group of layers at a time (8 groups): the backward's
+        memory drops to about backprop's, for one more forward of every layer per sweep.
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or
@@ -87,7 +91,7 @@ def highway_value_and_grad(
     return _value_and_grad(
         "hbpjax.highway_value_and_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
         allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report,
+        return_report=return_report, save_linearization=save_linearization,
     )
 
 
@@ -103,6 +107,7 @@ def highway_grad(
     gamma: float = 0.0,
     scans: str | Callable = "auto",
     return_report: bool = False,
+    save_linearization: bool = True,
 ) -> Callable:
     """Like ``jax.grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
 
@@ -122,7 +127,7 @@ def highway_grad(
     value_and_grad = _value_and_grad(
         "hbpjax.highway_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
         allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report,
+        return_report=return_report, save_linearization=save_linearization,
     )
     return grad_from_value_and_grad(fun, value_and_grad, has_aux, return_report)
 
@@ -141,12 +146,13 @@ def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: b
 
 
 def _value_and_grad(
-    name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol, gamma, scans, return_report
+    name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol, gamma, scans, return_report,
+    save_linearization,
 ):
     if not callable(fun):
         raise TypeError(f"{name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
     argnums = normalize_argnums(name, argnums)
-    settings = _context.settings(name, iterations, tol, gamma)
+    settings = _context.settings(name, iterations, tol, gamma, save_linearization)
     scans = _auto.check_scans(name, scans)
     differentiated = _checked_output(name, fun, has_aux, holomorphic)
     if settings.iterations is not None:  # None: exact backprop through the very same function
@@ -159,12 +165,12 @@ def _value_and_grad(
         with _context.active(settings):
             if not return_report:
                 return jax.value_and_grad(differentiated, argnums, **options)(*args, **kwargs)
-            return with_report(differentiated, settings, argnums, holomorphic, args, kwargs, options)
+            return with_report(differentiated, settings, argnums, holomorphic, args=args, kwargs=kwargs, options=options)
 
     return value_and_grad_fun
 
 
-def with_report(rewritten, settings, argnums, holomorphic, args, kwargs, options):
+def with_report(rewritten, settings, argnums, holomorphic, *, args, kwargs, options):
     """``((value, grads), SweepReport)``: the gradient with respect to the stacks' report slots too."""
     if settings.iterations is None:
         value_and_grad = jax.value_and_grad(rewritten, argnums, **options)(*args, **kwargs)

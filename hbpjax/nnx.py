@@ -392,6 +392,7 @@ def value_and_grad(
     gamma: float = 0.0,
     scans: str | Callable = "auto",
     return_report: bool = False,
+    save_linearization: bool = True,
 ) -> Callable:
     """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
 
@@ -399,7 +400,7 @@ def value_and_grad(
     differentiated by default (``nnx.DiffState`` selects others), gradients come back as an
     ``nnx.State`` that ``nnx.Optimizer.update`` accepts, and non-parameter state (BatchNorm
     statistics, RNG counters) is written back to the model. ``iterations``, ``tol``, ``gamma``,
-    ``scans`` and ``return_report`` are as in :func:`hbpjax.highway_value_and_grad`: the model's residual scans
+    ``scans``, ``return_report`` and ``save_linearization`` are as in :func:`hbpjax.highway_value_and_grad`: the model's residual scans
     (``nnx.scan`` over layers, ``nnx.RNN``) are found and converted without changing the model.
     Usable as a decorator, inside ``nnx.jit``, in graph and tree mode.
 
@@ -415,7 +416,7 @@ def value_and_grad(
     options = dict(
         argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
         graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report,
+        return_report=return_report, save_linearization=save_linearization,
     )
     if f is None:
         _settings("hbpjax.nnx.value_and_grad", options)  # checked early in the decorator form too
@@ -437,6 +438,7 @@ def grad(
     gamma: float = 0.0,
     scans: str | Callable = "auto",
     return_report: bool = False,
+    save_linearization: bool = True,
 ) -> Callable:
     """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
 
@@ -453,7 +455,7 @@ def grad(
     options = dict(
         argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
         graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report,
+        return_report=return_report, save_linearization=save_linearization,
     )
     if f is None:
         _settings("hbpjax.nnx.grad", options)  # checked early in the decorator form too
@@ -462,15 +464,19 @@ def grad(
 
 
 def _settings(name, options):
-    settings = _context.settings(name, options["iterations"], options["tol"], options["gamma"])
+    settings = _context.settings(
+        name, options["iterations"], options["tol"], options["gamma"], options.get("save_linearization", True)
+    )
     return settings, _auto.check_scans(name, options["scans"])
 
 
-def _value_and_grad(name, f, *, argnums, iterations, tol, gamma, scans, return_report, **options):
+def _value_and_grad(name, f, *, argnums, iterations, tol, gamma, scans, return_report, save_linearization, **options):
     """``nnx.value_and_grad(f, **options)`` with the residual stacks of ``f`` converted."""
     if not callable(f):
         raise TypeError(f"{name}: `f` must be callable; got {describe(f)}.")
-    settings, scans = _settings(name, dict(iterations=iterations, tol=tol, gamma=gamma, scans=scans))
+    settings, scans = _settings(
+        name, dict(iterations=iterations, tol=tol, gamma=gamma, scans=scans, save_linearization=save_linearization)
+    )
     plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
     normalize_argnums(name, tuple(plain))
     highway = settings.iterations is not None

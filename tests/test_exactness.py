@@ -288,3 +288,19 @@ def test_intermediate_k_counts_paths_through_at_most_k_blocks(model, k):
         got = jax.jit(hbpjax.highway_grad(loss, (0, 1, 2), iterations=k))(params, xs, h0)
         expected = highway_by_definition(step, k_of, params, h0, xs, c, k)
         assert_trees_close(got, jax.tree.map(jnp.asarray, expected))
+
+
+@pytest.mark.parametrize("builder", [mlp_stack, gru_stack, lstm_stack])
+def test_save_linearization_false_is_the_same_gradient(builder):
+    """Recomputing the linearization in every sweep changes memory, not the numbers."""
+    with jax.enable_x64(True):
+        loss, args = builder(jax.random.key(18))
+        argnums = tuple(range(len(args)))
+        for k in (0, 2):
+            kept = jax.jit(hbpjax.highway_grad(loss, argnums, iterations=k))(*args)
+            again = jax.jit(hbpjax.highway_grad(loss, argnums, iterations=k, save_linearization=False))(*args)
+            assert_trees_close(again, kept)
+        assert_trees_close(
+            jax.jit(hbpjax.highway_grad(loss, argnums, iterations=12, save_linearization=False))(*args),
+            jax.grad(loss, argnums)(*args),
+        )

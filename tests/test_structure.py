@@ -106,3 +106,11 @@ def test_shared_weights_never_stacked_per_step():
 
     naive = jax.make_jaxpr(jax.vmap(jax.grad(one_step), in_axes=(None, 0, None)))(params, xs, h0)
     assert per_step_stacks & _shapes(naive)
+
+
+def test_save_linearization_false_loops_over_groups_of_layers_only():
+    """Recomputing the linearization runs 8 groups of L/8 layers one after the other (lax.map):
+    a loop of 8, not of L."""
+    loss, args = mlp_stack(jax.random.key(0), dtype=jnp.float32, L=16)
+    found = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2, save_linearization=False))(*args))
+    assert found.count(("scan", 16)) == 1 and set(found) <= {("scan", 16), ("scan", 2), ("scan", 8)}, found
