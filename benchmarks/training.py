@@ -160,12 +160,13 @@ def fidelity(spec, model, ks, with_fpi=True):
 def run_experiment(name, spec, quick):
     histories, final_models = {}, {}
     init_fid = fidelity(spec, spec["make_model"](), FIDELITY_K, with_fpi=False)
+    # Every method in lockstep (turns rotating), so machine noise hits them alike.
+    runs = train.train_interleaved(
+        spec["make_model"], spec["methods"], spec["batches"], spec["loss_fn"], steps=spec["steps"],
+        learning_rate=spec["lr"], evaluate=spec["evaluate"], eval_every=max(spec["steps"] // 6, 1), desc=name,
+    )
     for method in spec["methods"]:
-        model, history = train.train(
-            spec["make_model"], method, spec["batches"], spec["loss_fn"], steps=spec["steps"],
-            learning_rate=spec["lr"], evaluate=spec["evaluate"], eval_every=max(spec["steps"] // 6, 1),
-            desc=f"{name}: {method.label}",
-        )
+        model, history = runs[method.label]
         histories[method.label] = history
         if method.kind == "exact":
             final_models["exact"] = model
