@@ -129,6 +129,6 @@ def test_layer_norm_residual_gets_the_post_ln_split():
 
         for k in (0, 1, 3):
             assert_trees_close(
-                hbpjax.highway_grad(automatic, (0, 1), iterations=k)(W, h0),
-                hbpjax.highway_grad(by_hand, (0, 1), iterations=k)(W, h0),
+                jax.jit(hbpjax.highway_grad(automatic, (0, 1), iterations=k))(W, h0),
+                jax.jit(hbpjax.highway_grad(by_hand, (0, 1), iterations=k))(W, h0),
             )
