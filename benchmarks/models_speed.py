@@ -77,6 +77,17 @@ def depth(L, k):
     return L if k is None else int((min(k, L - 1) + 1) * (1 + math.ceil(math.log2(L))))
 
 
+def readme_quote(out) -> str:
+    """The README's table: every model this script runs, train-step speedup and k=2 memory."""
+    rows = []
+    for m in out["models"]:
+        ms, mem = m["ms"], m["temp_mib"]
+        rows.append([m["model"], m["bound"]] + [f"{ms['backprop'] / ms[f'k={k}']:.2f}x" for k in (0, 2, 10)]
+                    + [f"{mem['k=2']:.1f} / {mem['backprop']:.1f} MiB"])
+    table = common.markdown_table(["model", "bound", "k=0", "k=2", "k=10", "temp memory k=2 / backprop"], rows)
+    return table + "\n\n" + common.env_line(out["environment"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
@@ -118,6 +129,8 @@ def main():
           "temporaries (XLA buffer assignment), shown for backprop and k=2.", "",
           common.markdown_table(["model", "bound", "method", "step ms", "forward ms", "backward ms", "speedup", "depth", "temp MiB"], rows)]
     path = common.write_results("models_speed" + ("_quick" if args.quick else ""), "\n".join(md), out)
+    if not args.quick and common.quote_in_readme("models_speed", readme_quote(out)):
+        print("updated the README's quote of these results")
     print(path.read_text())
 
 
