@@ -3,12 +3,13 @@
 1. Compiled temporary memory (XLA's buffer assignment, ``memory_analysis()``) of one jitted
    value-and-gradient step, backprop against Highway-BP k=0, k=2 and k=2 with
    ``save_linearization=False``, on the long GRU of ``core_speed.py`` and on the char GRU, the
-   pre-activation ResNet and the GPT of ``models_speed.py``.
+   pre-activation ResNet and the GPT of ``models_speed.py``; and the train step's time for each
+   (interleaved), so the cost of ``save_linearization=False`` is measured beside what it saves.
 2. An accounting of the long GRU's k=2 step: every buffer of at least half a carry-sized stack that
    is alive at the step's memory peak, read off XLA's own dump of the compiled program (its buffer
    live ranges), with the operation that makes it.
 
-Run:  python benchmarks/memory.py        writes results/memory.{md,json}
+Run:  python benchmarks/memory.py [--repeats 7]        writes results/memory.{md,json}
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
+NO_SAVE = "k=2, save_linearization=False"
 
 ROLES = [  # (pattern in the op name, what the buffer is)
     ("while/body", "sweep temporary (the VJP of all layers, the right-hand side, the scan)"),
@@ -34,7 +38,7 @@ ROLES = [  # (pattern in the op name, what the buffer is)
 ]
 
 
-def measure():
+def measure(repeats):
     import jax
     from flax import nnx
 
@@ -46,33 +50,36 @@ def measure():
     import hbpjax
 
     MiB = 2**20
-    rows, data = [], {}
+    problems = {}  # model -> {variant: (value-and-grad function, args)}
     make_loss, args = gru_problem(16384, 16, 4)
     loss = make_loss(1)
-    variants = {
-        "backprop": jax.value_and_grad(loss),
-        "k=0": hbpjax.highway_value_and_grad(loss, iterations=0),
-        "k=2": hbpjax.highway_value_and_grad(loss, iterations=2),
-        "k=2, save_linearization=False": hbpjax.highway_value_and_grad(loss, iterations=2, save_linearization=False),
+    problems["GRU T=16384, hidden 16, batch 4 (core_speed)"] = {
+        "backprop": (jax.value_and_grad(loss), args),
+        "k=0": (hbpjax.highway_value_and_grad(loss, iterations=0), args),
+        "k=2": (hbpjax.highway_value_and_grad(loss, iterations=2), args),
+        NO_SAVE: (hbpjax.highway_value_and_grad(loss, iterations=2, save_linearization=False), args),
     }
-    mem = {n: common.compiled_memory(f, *args)["temp"] / MiB for n, f in variants.items()}
-    data["GRU T=16384, hidden 16, batch 4 (core_speed)"] = mem
     for name, _, _, make, loss_fn, (x, y) in models_speed.configs(False):
         if not any(w in name for w in ("char GRU, hidden 16", "pre-act ResNet", "GPT pre-LN")):
             continue
         graphdef, state = nnx.split(make())
-        step = lambda t: (lambda state, x, y: t(loss_fn)(nnx.merge(graphdef, state), x, y))
-        transforms = {
-            "backprop": nnx.value_and_grad,
-            "k=0": lambda f: hbpjax.nnx.value_and_grad(f, iterations=0),
-            "k=2": lambda f: hbpjax.nnx.value_and_grad(f, iterations=2),
-            "k=2, save_linearization=False": lambda f: hbpjax.nnx.value_and_grad(f, iterations=2, save_linearization=False),
+        step = lambda t, graphdef=graphdef, loss_fn=loss_fn: (lambda state, x, y: t(loss_fn)(nnx.merge(graphdef, state), x, y))
+        problems[name] = {
+            "backprop": (step(nnx.value_and_grad), (state, x, y)),
+            "k=0": (step(lambda f: hbpjax.nnx.value_and_grad(f, iterations=0)), (state, x, y)),
+            "k=2": (step(lambda f: hbpjax.nnx.value_and_grad(f, iterations=2)), (state, x, y)),
+            NO_SAVE: (step(lambda f: hbpjax.nnx.value_and_grad(f, iterations=2, save_linearization=False)), (state, x, y)),
         }
-        data[name] = {n: common.compiled_memory(step(t), state, x, y)["temp"] / MiB for n, t in transforms.items()}
-    for name, m in data.items():
-        b = m["backprop"]
-        rows.append([name, f"{b:.1f}"] + [f"{m[n]:.1f} ({m[n] / b:.2f}x)" for n in list(m)[1:]])
-    return data, rows
+    memory, times, mem_rows, time_rows = {}, {}, [], []
+    for name, variants in problems.items():
+        memory[name] = {n: common.compiled_memory(f, *a)["temp"] / MiB for n, (f, a) in variants.items()}
+        jitted = {n: (lambda f, a: lambda: f(*a))(jax.jit(f), a) for n, (f, a) in variants.items()}
+        times[name] = {n: 1e3 * float(np.median(t)) for n, t in common.time_round_robin(jitted, repeats).items()}
+        m, t = memory[name], times[name]
+        mem_rows.append([name, f"{m['backprop']:.1f}"] + [f"{m[n]:.1f} ({m[n] / m['backprop']:.2f}x)" for n in list(m)[1:]])
+        time_rows.append([name, f"{t['backprop']:.1f}"] + [f"{t[n]:.1f} ({t['backprop'] / t[n]:.2f}x)" for n in list(t)[1:]])
+        print(name, {n: round(v, 1) for n, v in m.items()}, {n: round(v, 1) for n, v in t.items()}, flush=True)
+    return memory, times, mem_rows, time_rows
 
 
 def accounting():
@@ -125,20 +132,31 @@ def _peak(live_text, hlo_text):
 
 
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant (interleaved)")
+    options = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import common
 
-    data, rows = measure()
+    memory, times, mem_rows, time_rows = measure(options.repeats)
     peak, buffers = accounting()
     env = common.environment()
+    headers = ["model", "backprop", "k=0", "k=2", NO_SAVE]
     md = [
         "# Backward memory: Highway-BP against backprop, and what it holds",
         "",
         common.env_line(env) + " Compiled temporary memory (MiB) of one jitted value-and-gradient step "
         "(`memory_analysis()`; inputs and outputs not included); in brackets the ratio to backprop. The "
-        "goal was k=2 within 1.3x of backprop.",
+        "goal (README) is k=2 within 1.3x of backprop.",
         "",
-        common.markdown_table(["model", "backprop", "k=0", "k=2", "k=2, save_linearization=False"], rows),
+        common.markdown_table(headers, mem_rows),
+        "",
+        f"Train-step time (ms, median of {options.repeats} interleaved runs after warm-up, same process); in "
+        "brackets the speedup over backprop:",
+        "",
+        common.markdown_table(headers, time_rows),
         "",
         f"## What the long GRU's k=2 step holds at its memory peak ({peak:.1f} MiB of temporaries)",
         "",
@@ -148,8 +166,9 @@ def main():
         "",
         common.markdown_table(["MiB", "what it is", "made by (XLA op name)"], [[f"{s:.1f}", r, f"`{op[-90:]}`"] for s, _, op, r in buffers]),
     ]
-    path = common.write_results("memory", "\n".join(md), {"environment": env, "temp_mib": data, "peak_mib": peak,
-                                                           "peak_buffers": [dict(mib=s, name=n, op=o, role=r) for s, n, o, r in buffers]})
+    path = common.write_results("memory", "\n".join(md), {
+        "environment": env, "temp_mib": memory, "step_ms": times, "peak_mib": peak,
+        "peak_buffers": [dict(mib=s, name=n, op=o, role=r) for s, n, o, r in buffers]})
     print(path.read_text())
 
 
