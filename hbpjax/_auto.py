@@ -188,8 +188,7 @@ class _Found:
 def _analyse(eqn: core.JaxprEqn, *, gamma: float, eval_eqn=None, exact: bool = False) -> _Found:
     params = eqn.params
     options = marked_options(eqn)
-    num_consts, num_carry = params["num_consts"], params["num_carry"]
-    body = params["jaxpr"]
+    num_consts, num_carry, body = _jaxpr.scan_layout(eqn)
     carry_avals = [v.aval for v in body.jaxpr.invars[num_consts : num_consts + num_carry]]
     carry = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in carry_avals)
     split, stack = scan_stack(
@@ -344,7 +343,7 @@ class Rewriter:
     def _run(self, stack, eqn, invals, slot):
         # Literal operands (a Python float as the initial carry) become arrays of their type.
         invals = [jax.numpy.asarray(v, a.aval.dtype) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
-        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
         consts = tuple(invals[:num_consts])
         init = list(invals[num_consts : num_consts + num_carry])
         xs = list(invals[num_consts + num_carry :])

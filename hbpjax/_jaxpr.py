@@ -137,3 +137,23 @@ def user_source(eqn: core.JaxprEqn) -> str:
     if frames:
         return f"{frames[0].file_name}:{frames[0].line_num}"
     return "<unknown>"
+
+
+def scan_layout(eqn: core.JaxprEqn) -> tuple[int, int, Any]:
+    """``(num_consts, num_carry, body)`` of a ``scan`` equation, whatever the JAX version.
+
+    Up to jax 0.11 the parameters hold the counts (``num_consts``, ``num_carry``) and the body as a
+    ``ClosedJaxpr``. From jax 0.12 they describe the operands as one ``(consts, carry, xs)`` tree
+    (``ft_in``: ``unpack()`` gives the three parts, ``len`` of each its number of leaves) and hold
+    the body as a ``Jaxpr`` that is also its own closed form (``.jaxpr``, ``.consts``). In both, the
+    equation's operands are consts, carry and xs, and its results the new carry then the per-step
+    outputs the body computes.
+    """
+    params = eqn.params
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"], params["jaxpr"]
+    consts, carry, xs = params["ft_in"].unpack()
+    if len(consts) + len(carry) + len(xs) != len(eqn.invars):  # a layout this code does not know
+        raise NotImplementedError(f"hbpjax: unrecognised scan parameters {sorted(params)} in this JAX version.")
+    return len(consts), len(carry), params["jaxpr"]
+
