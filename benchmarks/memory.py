@@ -169,6 +169,13 @@ def main():
     path = common.write_results("memory", "\n".join(md), {
         "environment": env, "temp_mib": memory, "step_ms": times, "peak_mib": peak,
         "peak_buffers": [dict(mib=s, name=n, op=o, role=r) for s, n, o, r in buffers]})
+    quote = "\n".join([
+        "Temporary memory, MiB (ratio to backprop):", "", common.markdown_table(headers, mem_rows), "",
+        "Train-step time, ms (speedup over backprop):", "", common.markdown_table(headers, time_rows), "",
+        common.env_line(env),
+    ])
+    if common.quote_in_readme("memory", quote):
+        print("updated the README's quote of these results")
     print(path.read_text())
 
 
