@@ -112,16 +112,24 @@ def test_vmap_per_example_gradients():
     assert_trees_close(full, exact, rtol=1e-4, atol=1e-6)  # ... and k >= T is exact
 
 
+def _contractive_problem(L=16, seed=2, d=4):
+    """A float64 residual stack whose sweeps shrink the change ~10x each: ``(loss, W, h0)``.
+    Call it under ``jax.enable_x64(True)``."""
+    W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(seed), (L, d, d), jnp.float64)
+    h0 = jnp.ones(d, jnp.float64)
+
+    def loss(W, h0):
+        _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
+        return jnp.sum(jnp.cos(hs))
+
+    return loss, W, h0
+
+
 def test_tol_stops_early_on_a_contractive_stack():
     """Each sweep shrinks the change ~10x; tol=1e-4 stops after a few sweeps, well under the cap."""
     with jax.enable_x64(True):
-        L, d = 16, 4
-        W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(2), (L, d, d), jnp.float64)
-        h0 = jnp.ones(d, jnp.float64)
-
-        def loss(W, h0):
-            _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
-            return jnp.sum(jnp.cos(hs))
+        L = 16
+        loss, W, h0 = _contractive_problem(L)
 
         def grad(**kw):
             return jax.jit(hbpjax.highway_grad(loss, **kw))(W, h0)
@@ -280,13 +288,8 @@ def test_gradient_of_a_tol_mode_gradient():
     """A gradient penalty over a tol-mode highway gradient: jax.grad of it works (it was a
     while_loop), and equals the same penalty with the number of sweeps tol stopped at."""
     with jax.enable_x64(True):
-        L, d = 12, 4
-        W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(25), (L, d, d), jnp.float64)
-        h0 = jnp.ones(d, jnp.float64)
-
-        def loss(W, h0):
-            _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
-            return jnp.sum(jnp.cos(hs))
+        L = 12
+        loss, W, h0 = _contractive_problem(L, seed=25)
 
         def penalty(W, **options):
             return jnp.sum(hbpjax.highway_grad(loss, **options)(W, h0) ** 2)
@@ -386,13 +389,8 @@ def test_report_says_where_tol_stopped():
     """The reported sweeps are those tol stopped at: the same gradient as that fixed k, and the
     last change is <= tol (while one sweep fewer still changed more)."""
     with jax.enable_x64(True):
-        L, d = 16, 4
-        W = (0.1 / np.sqrt(d)) * jax.random.normal(jax.random.key(2), (L, d, d), jnp.float64)
-        h0 = jnp.ones(d, jnp.float64)
-
-        def loss(W, h0):
-            _, hs = hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), h0, W)
-            return jnp.sum(jnp.cos(hs))
+        L = 16
+        loss, W, h0 = _contractive_problem(L)
 
         g, report = hbpjax.highway_grad(loss, iterations=L, tol=1e-4, return_report=True)(W, h0)
         (k,) = report.sweeps.tolist()
