@@ -3,7 +3,7 @@
 1. Compiled temporary memory (XLA's buffer assignment, ``memory_analysis()``) of one jitted
    value-and-gradient step, backprop against Highway-BP k=0, k=2 and k=2 with
    ``save_linearization=False``, on the long GRU of ``core_speed.py`` and on the char GRU, the
-   pre-activation ResNet and the GPT of ``models_speed.py``; and the train step's time for each
+   char LSTM, the pre-activation ResNet and the GPT of ``models_speed.py``; and the train step's time for each
    (interleaved), so the cost of ``save_linearization=False`` is measured beside what it saves.
 2. An accounting of the long GRU's k=2 step: every buffer of at least half a carry-sized stack that
    is alive at the step's memory peak, read off XLA's own dump of the compiled program (its buffer
@@ -27,12 +27,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 NO_SAVE = "k=2, save_linearization=False"
 
-ROLES = [  # (pattern in the op name, what the buffer is)
-    ("while/body", "sweep temporary (the VJP of all layers, the right-hand side, the scan)"),
+ROLES = [  # (pattern in the op name, what the buffer is), first match wins
+    ("while/body", "sweep temporary (inside a loop over the sweeps)"),
     ("jit(plan)", "prefix-scan plan (products of K over spans)"),
-    ("jit(solve)", "a solve of the prefix scan (w)"),
-    ("jvp(jvp(vmap", "linearization residual (what the VJP of all layers reads)"),
-    ("concatenate", "K of the next layer (shifted)"),
+    ("jit(solve)", "a solve of the prefix scan"),
+    ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (its output, J^T y)"),
+    ("jvp(jvp(vmap", "linearization of the layers (residuals the VJP of all layers reads, and K)"),
+    ("transpose(jvp())/add", "right-hand side of the scan (b from outside, or b + the blocks' terms)"),
+    ("concatenate", "a shifted copy"),
     ("jvp()/sub", "the loss's own forward value (h - target)"),
     ("broadcast_in_dim", "forward outputs / saved carries"),
 ]
@@ -60,7 +62,7 @@ def measure(repeats):
         NO_SAVE: (hbpjax.highway_value_and_grad(loss, iterations=2, save_linearization=False), args),
     }
     for name, _, _, make, loss_fn, (x, y) in models_speed.configs(False):
-        if not any(w in name for w in ("char GRU, hidden 16", "pre-act ResNet", "GPT pre-LN")):
+        if not any(w in name for w in ("char GRU, hidden 16", "char LSTM", "pre-act ResNet", "GPT pre-LN")):
             continue
         graphdef, state = nnx.split(make())
         step = lambda t, graphdef=graphdef, loss_fn=loss_fn: (lambda state, x, y: t(loss_fn)(nnx.merge(graphdef, state), x, y))

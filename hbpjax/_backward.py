@@ -58,12 +58,21 @@ class Chain(Protocol):
     def from_next(self, first: PyTree) -> PyTree:
         """The next chunk's value of a per-layer quantity at its first layer (zeros past the end)."""
 
-    def on_last(self, x: PyTree) -> PyTree:
-        """``x`` where this chunk ends the stack, zeros elsewhere (the final carry's cotangent)."""
+    def from_previous(self, last: PyTree) -> PyTree:
+        """The previous chunk's value of a per-layer quantity at its last layer (zeros before the
+        first chunk)."""
 
-    def solver(self, planned: PyTree, k_next: PyTree) -> Callable[[PyTree], PyTree]:
-        """``solve(u) -> w`` for ``w[j] = u[j] + k_next[j] * w[j + 1]`` over the whole stack, given
-        this chunk's ``k_next`` and its plan ``_prefix.plan(k_next)``."""
+    def on_last(self, x: PyTree) -> PyTree:
+        """``x`` where this chunk ends the stack, zeros elsewhere, for ``x`` the cotangent of a
+        replicated value (the final carry's)."""
+
+    def only_last(self, x: PyTree) -> PyTree:
+        """This chunk's own ``x`` where it ends the stack, zeros elsewhere."""
+
+    def solver(self, planned: PyTree, k: PyTree) -> Callable[[PyTree], PyTree]:
+        """``solve(u) -> y`` for ``y[j] = u[j] + k[j] * y[j + 1]`` over the whole stack (``y`` past
+        this chunk's end is the next chunk's ``y[0]``), given this chunk's ``k`` and its plan
+        ``_prefix.plan(k)``."""
 
     def reduce_first(self, x: PyTree) -> PyTree:
         """The cotangent of the initial carry from this chunk's (only the first chunk's counts)."""
@@ -85,11 +94,19 @@ class Local:
         """The next chunk's first value of a per-layer quantity (zero past the end)."""
         return tmap(jnp.zeros_like, first)
 
+    def from_previous(self, last):
+        """The previous chunk's last value of a per-layer quantity (zero before the start)."""
+        return tmap(jnp.zeros_like, last)
+
     def on_last(self, x):
         """``x`` where this chunk ends the stack, zero elsewhere."""
         return x
 
-    def solver(self, planned, k_next):
+    def only_last(self, x):
+        """This chunk's ``x`` where it ends the stack, zero elsewhere."""
+        return x
+
+    def solver(self, planned, k):
         return lambda u: _solve(planned, u)
 
     def reduce_first(self, x):
@@ -122,15 +139,21 @@ class DeviceChain:
     def from_next(self, first):
         return self._shift(first, -1)  # the last chunk receives zeros
 
+    def from_previous(self, last):
+        return self._shift(last, +1)  # the first chunk receives zeros
+
     def on_last(self, x):
         # The cotangent of a replicated output reaches the devices in parts (shard_map splits it);
         # their sum is the whole cotangent, which belongs to the chunk that computed the output.
         return tmap(lambda a: jnp.where(self.index == self.size - 1, lax.psum(a, self.axis), jnp.zeros_like(a)), x)
 
-    def solver(self, planned, k_next):
+    def only_last(self, x):
+        return tmap(lambda a: jnp.where(self.index == self.size - 1, a, jnp.zeros_like(a)), x)
+
+    def solver(self, planned, k):
         # Within the chunk w = w_local + P * W_next, where W_next is w at the first layer of the next
-        # chunk and P[j] = prod_{m >= j} k_next[m] (k only: computed once per backward).
-        last_only = tmap(lambda k: jnp.zeros_like(k).at[-1].set(k[-1]), k_next)
+        # chunk and P[j] = prod_{m >= j} k[m] (k only: computed once per backward).
+        last_only = tmap(lambda a: jnp.zeros_like(a).at[-1].set(a[-1]), k)
         P = _solve(planned, last_only)
         A_all = self._gather(tmap(lambda p: p[0], P))  # each chunk's transfer coefficient
         A_plan = _plan(A_all)
@@ -254,6 +277,18 @@ def _shift_up(a, fill):
     return jnp.concatenate([a[1:], fill[None]], axis=0)
 
 
+def _last(a):
+    """``a[-1]`` as a small buffer of its own: a reduction, which XLA does not fuse into the ops that
+    read it (a slice would be, keeping all of ``a`` alive for as long as they run)."""
+    at_last = (jnp.arange(a.shape[0]) == a.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
+    return jnp.sum(jnp.where(at_last, a, jnp.zeros_like(a)), axis=0)
+
+
+def _shift_down(a, fill):
+    """``out[j] = a[j - 1]``, ``out[0] = fill``."""
+    return jnp.concatenate([fill[None], a[:-1]], axis=0)
+
+
 def _flip(tree):
     return tmap(lambda a: jnp.flip(a, 0), tree)
 
@@ -261,13 +296,17 @@ def _flip(tree):
 def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents, *, report: bool = False):
     """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps.
 
+    The sweeps solve for ``y[j]``, the cotangent of the carry *entering* layer ``j`` (``h_j``), so
+    that ``y[j] = e[j - 1] + (K_j + J_j)^T y[j + 1]`` pairs each layer's own diagonal ``K_j`` with
+    ``y[j]``: the prefix scan reads ``K`` where the linearization left it, with no shifted copy.
+
     Args:
       stack: the stack's description.
       settings: iterations and tol.
       chain: where this chunk of the stack sits.
       residuals: ``(init, saved, xs, consts)`` as saved by the forward of :func:`differentiate`.
       cotangents: ``(ct_final, ct_ys)``: of the final carry leaves and of the per-step outputs.
-      report: also track the sweeps run and the final relative change of ``w``.
+      report: also track the sweeps run and the final relative change of ``y``.
 
     Returns:
       ``((ct_init, ct_xs, ct_consts), report)``; ``report`` is ``float32[2]``, ``[sweeps run, last
@@ -283,9 +322,8 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     h_prev = [prev[i] for i in stack.diff]
     xe = (xs, [prev[i] for i in stack.state])
 
-    # Cotangent arriving from outside at each differentiated carry h_1..h_L (the final carry's,
-    # `last`, joins at h_L where the sweeps build their right-hand side), and at the block's own
-    # per-step outputs.
+    # Cotangent arriving from outside at each differentiated carry h_1..h_L (step j's output is
+    # h_{j+1}), and at the block's own per-step outputs.
     e = [None] * len(stack.diff)
     ct_block = [None] * stack.block_outputs
     for route, ct in zip(stack.y_route, jax.tree.leaves(ct_ys)):
@@ -294,8 +332,10 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         elif route is not None and route[0] == BLOCK:
             ct_block[route[1]] = ct
     outside_only_at_end = all(ej is None for ej in e)  # a deep net read at its output only
-    e = [jnp.zeros_like(prev[i]) if ej is None else ej for i, ej in zip(stack.diff, e)]
+    # The cotangent from outside at h_L, the carry past this chunk's last layer that no chunk's y
+    # holds: the final carry's, and the last step's output's (on the chunk that ends the stack).
     last = chain.on_last([ct_final[i] for i in stack.diff])
+    tail = [lj if ej is None else lj + chain.only_last(_last(ej)) for ej, lj in zip(e, last)]
 
     # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
     # their cotangent is summed inside the transposed ops, never stacked per step.
@@ -308,14 +348,19 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         (z, _), vjp_block = jax.vjp(all_blocks, h_prev, xe, consts)
     all_residuals = jax.vmap(stack.residual)
     _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
-    _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
 
-    def layer_vjp(w):
-        """(d h, d xe, d consts) of every layer's block path for carry cotangents ``w``."""
-        (ct_z,) = vjp_res_z(w)
+    def layer_vjp(after):
+        """(d h, d xe, d consts) of every layer's block path for the cotangents ``after[j]`` of
+        each layer's output."""
+        (ct_z,) = vjp_res_z(after)
         return vjp_block((ct_z, ct_block))
 
-    # w[j] = e[j] + v[j+1] + K'[j+1] * w[j+1]: the diagonal of the *next* layer multiplies w[j+1].
+    def outputs(y):
+        """The cotangent of every layer's output: ``y[j + 1]``, and past the chunk's end the next
+        chunk's ``y[0]`` plus what comes from outside."""
+        nxt = chain.from_next(tmap(lambda a: a[0], y))
+        return tmap(lambda a, n, t: _shift_up(a, n + t), y, nxt, tail)
+
     # The residual path the prefix scan solves: K' = (1 - gamma) * clip(K, -1, 1). What is left of
     # K (gamma's share, and any |K| > 1) joins the block's term in the sweeps; K + J is unchanged,
     # so k >= L stays exact. With |K| > 1 the sweeps would otherwise add up terms of size |K|^L
@@ -326,81 +371,93 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     clamp = stack.block_reads_carry and not stack.k_within_one
     if stack.k_is_one and isinstance(chain, Local):
         # h + z: K = 1, so K' = 1 - gamma is a constant and the scan a (discounted) reverse sum.
+        k_diag = k_scan = None
         k_first = [jnp.ones((), h.dtype) for h in h_prev]
-        k_next = k_scan = None
         solve = functools.partial(_reverse_sum, 1.0 - gamma)
     else:
+        _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
         if clamp:
             scanned = lambda k: (1.0 - gamma) * _unit(k)
         else:
             scanned = lambda k: (1.0 - gamma) * k if gamma else k
-        # Only the shifted K is kept (the initial carry needs K_1 alone), and only its scanned part
-        # when |K| <= 1 is known: XLA hoists anything the sweeps compute from it out of their loop.
         k_first = tmap(lambda k: k[0], k_diag)
-        k_next = tmap(lambda k, ka: _shift_up(k, ka), k_diag, chain.from_next(k_first))
-        k_scan = tmap(scanned, k_next)
+        k_scan = tmap(scanned, k_diag)
         planned = _plan(k_scan)  # the k-only half of the prefix scan, shared by every sweep
         solve = chain.solver(planned, k_scan)
 
-    def rest(w):
-        """What the scan leaves out of K, times w, at the next layer: (K - K')[j+1] w[j+1]."""
-        w_after = chain.from_next(tmap(lambda a: a[0], w))
-        shifted = tmap(_shift_up, w, w_after)
+    def rest(after):
+        """What the scan leaves out of K: (K - K')[j] y[j+1]."""
         if k_scan is None:  # K = 1: the rest is gamma
-            return tmap(lambda ws: gamma * ws, shifted)
+            return tmap(lambda a: gamma * a, after)
         if clamp or gamma == 1.0:
-            return tmap(lambda k, ks, ws: k * ws - ks * ws, k_next, k_scan, shifted)
+            return tmap(lambda k, ks, a: k * a - ks * a, k_diag, k_scan, after)
         ratio = gamma / (1.0 - gamma)  # K - K' = gamma K = ratio K' (gamma < 1 here)
-        return tmap(lambda ks, ws: ratio * (ks * ws), k_scan, shifted)
+        return tmap(lambda ks, a: ratio * (ks * a), k_scan, after)
 
-    def block_terms(w):
-        """``shift(v) + rest``: what the blocks (and the rest of K) add to the right-hand side."""
-        v = layer_vjp(w)[0]
-        v_after = chain.from_next(tmap(lambda a: a[0], v))
-        u = tmap(_shift_up, v, v_after)
+    def block_terms(after):
+        """``J^T y[j+1] + rest``: what the blocks (and the rest of K) add to the right-hand side."""
+        u = layer_vjp(after)[0]
         if clamp or gamma:
-            u = tmap(jnp.add, u, rest(w))
+            u = tmap(jnp.add, u, rest(after))
         return u
 
-    # The scan is linear in its right-hand side: w^{k+1} = solve(e + terms(w^k)) = w_path +
-    # solve(terms(w^k)), with w_path = solve(e) the residual path alone. The sweeps keep w_path, and
-    # the cotangents from outside are read once, here.
-    if stack.k_is_one and not gamma and outside_only_at_end and isinstance(chain, Local):
-        w_path = tmap(lambda ej, lj: jnp.broadcast_to(lj, ej.shape), e, last)  # K = 1: no scan at all
-    else:
-        w_path = solve(tmap(_add_at_last, e, last))
+    # Every sweep solves y = solve(b + terms(y_previous)), with b what comes from outside: b[j] =
+    # e[j - 1] (the previous chunk's last e at j = 0) plus, at the chunk's last layer, K' times the
+    # cotangent from outside at h_L. Only b is kept across the sweeps (XLA reads the cotangents
+    # from outside once, to build it).
+    k_last = [jnp.ones((), h.dtype) - gamma for h in h_prev] if k_scan is None else [k[-1] for k in k_scan]
+    b = []
+    for h, ej, kl, t in zip(h_prev, e, k_last, tail):
+        bj = jnp.zeros_like(h) if ej is None else _shift_down(ej, chain.from_previous(ej[-1]))
+        b.append(_add_at_last(bj, kl * t))
 
-    def sweep(w):
-        # One buffer for the right-hand side (XLA would otherwise build it twice, in the two
-        # layouts the scan reads it in).
-        return tmap(jnp.add, w_path, solve(lax.optimization_barrier(block_terms(w))))
+    def sweep(after):
+        # The sweeps carry y shifted to the layers' outputs (`after`, what the VJPs read): the
+        # shift fuses into the scan's last step. One buffer for the right-hand side (XLA would
+        # otherwise build it twice, in the two layouts the scan reads it in).
+        return outputs(solve(tmap(jnp.add, b, lax.optimization_barrier(block_terms(after)))))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
-    # from w = 0); without them the first estimate is the residual path alone.
-    w = sweep(tmap(jnp.zeros_like, w_path)) if ct_block else w_path
+    # from y = 0); without them the first estimate is the residual path alone, solve(b).
+    if ct_block:
+        after = sweep(tmap(jnp.zeros_like, b))
+    elif k_scan is None and not gamma and outside_only_at_end:  # K = 1 and b = 0 but at h_L
+        after = outputs(tmap(lambda h, t: jnp.broadcast_to(t, h.shape), h_prev, tail))
+    else:
+        after = outputs(solve(b))
     exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
     if settings.traced:  # known at run time only: a loop with a run-time trip count
         sweeps = jnp.clip(settings.iterations, 0, exact_after)
     else:
         sweeps = min(settings.iterations, exact_after)
-    w, done = _run_sweeps(
-        sweep, w, sweeps, tol=settings.tol, chain=chain, report=report,
-        straight_line=stack.linearize == "unroll" and not settings.traced,
+    after, done = _run_sweeps(
+        sweep, after, sweeps, tol=settings.tol, chain=chain, report=report,
+        straight_line=not settings.traced and (stack.linearize == "unroll" or sweeps <= STRAIGHT_LINE_SWEEPS),
     )
-    return _cotangents(stack, chain, init, w, k_first, layer_vjp), done
+    return _cotangents(stack, chain, init, after, k_first, layer_vjp), done
+
+
+# Up to this many sweeps (a number known at trace time) run as straight-line code rather than a
+# loop. XLA keeps everything a loop reads from outside alive, and in a layout of the loop's, for all
+# of the loop; written out, each sweep's temporaries are freed as soon as it is done and the last
+# sweep shares buffers with the final VJP. On the GPT of benchmarks/models_speed.py k=2 takes 208
+# instead of 282 MiB of temporaries and compiles in about the same time. Past this many sweeps,
+# compile time (which grows with the number of sweeps written out) matters more.
+STRAIGHT_LINE_SWEEPS = 16
 
 
 def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
     """``sweeps`` sweeps from ``w`` (stopping once the relative change is ``<= tol``, if given).
 
     Returns ``(w, report)``, ``report = float32[2] [sweeps run, last relative change]`` when asked
-    for. Without ``tol`` and ``report`` this is a plain loop over the sweeps; otherwise every sweep
+    for. Without ``tol`` and ``report`` this is a plain loop over the sweeps (or, with
+    ``straight_line``, the sweeps written out one after the other); otherwise every sweep
     also measures how much ``w`` changed, and ``tol`` skips the remaining ones (``lax.cond``: they
     cost nothing at run time) rather than ending a ``while_loop``, so the result can itself be
     differentiated (a gradient penalty, meta-learning). A traced ``sweeps`` makes it a while loop.
     """
     if tol is None and not report:
-        if straight_line:  # the unrolled linearization: straight-line code throughout
+        if straight_line:
             for _ in range(sweeps):
                 w = sweep(w)
         else:  # a loop over the k sweeps (never over the L layers): compile time does not grow with k
@@ -431,11 +488,11 @@ def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
     return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
-def _cotangents(stack, chain, init, w, k_first, layer_vjp):
-    """``(ct_init, ct_xs, ct_consts)`` from the final carry cotangents ``w``."""
-    ct_h, (ct_xs, _), ct_consts = layer_vjp(w)
-    # The initial carry gets the full Jacobian of layer 1: (K_1 + J_1)^T w_1.
-    ct_h0 = chain.reduce_first(tmap(lambda k, wj, g: k * wj[0] + g[0], k_first, w, ct_h))
+def _cotangents(stack, chain, init, after, k_first, layer_vjp):
+    """``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's output."""
+    ct_h, (ct_xs, _), ct_consts = layer_vjp(after)
+    # The initial carry gets the full Jacobian of the first layer: (K_0 + J_0)^T after[0].
+    ct_h0 = chain.reduce_first(tmap(lambda k, a, g: k * a[0] + g[0], k_first, after, ct_h))
     ct_init = [None] * len(init)
     for i, g in zip(stack.diff, ct_h0):
         ct_init[i] = g

@@ -52,9 +52,16 @@ def test_backward_has_no_loop_over_layers(model, iterations):
     exact = loops(jax.make_jaxpr(jax.grad(loss, argnums))(*args))
     assert exact.count(("scan", T)) == 2  # the detector sees backprop's backward loop
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, argnums, iterations=iterations))(*args))
-    assert highway.count(("scan", T)) == 1, highway  # the forward, nothing else
-    # Any other loop is the loop over sweeps, of length k; no while loop at all.
-    assert set(highway) <= {("scan", T), ("scan", iterations)}
+    # The forward, nothing else: a few sweeps are straight-line code.
+    assert highway == [("scan", T)], highway
+
+
+def test_many_sweeps_loop_over_sweeps_only(monkeypatch):
+    """Past STRAIGHT_LINE_SWEEPS the sweeps are a loop of length k, and still none over layers."""
+    monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 2)
+    loss, args = MODELS["gru"]()
+    highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=3))(*args))
+    assert sorted(highway) == [("scan", 3), ("scan", T)], highway
 
 
 def test_unrolled_linearization_has_no_loop_in_the_backward():
@@ -63,7 +70,8 @@ def test_unrolled_linearization_has_no_loop_in_the_backward():
     assert highway == [("scan", T)]  # the forward; layers and sweeps are straight-line code
 
 
-def test_tol_mode_loops_over_sweeps_only():
+def test_tol_mode_loops_over_sweeps_only(monkeypatch):
+    monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 2)
     loss, args = MODELS["gru"]()
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))
     assert highway.count(("scan", T)) == 1
@@ -71,6 +79,10 @@ def test_tol_mode_loops_over_sweeps_only():
     # differentiated again); its body holds no scan.
     assert highway.count(("scan", 5)) == 1
     assert len(highway) == 2
+    # Written out (5 sweeps are few): no loop but the forward.
+    monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 16)
+    highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))
+    assert highway == [("scan", T)], highway
 
 
 def test_traced_iterations_loop_over_sweeps_only():
@@ -82,7 +94,7 @@ def test_traced_iterations_loop_over_sweeps_only():
 def test_two_stacks_each_have_one_forward_loop():
     loss, args = two_stacks(jax.random.key(3), dtype=jnp.float32)
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, (0, 1, 2), iterations=2))(*args))
-    assert sorted(n for kind, n in highway if kind == "scan") == [2, 2, 5, 6]  # two sweep loops
+    assert sorted(n for kind, n in highway if kind == "scan") == [5, 6]  # the sweeps are written out
 
 
 @pytest.mark.parametrize("iterations", [0, 1, 4])
