@@ -432,7 +432,9 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
         sweeps = min(settings.iterations, exact_after)
     after, done = _run_sweeps(
         sweep, after, sweeps, tol=settings.tol, chain=chain, report=report,
-        straight_line=not settings.traced and (stack.linearize == "unroll" or sweeps <= STRAIGHT_LINE_SWEEPS),
+        straight_line=not settings.traced and (
+            stack.linearize == "unroll" or (settings.save_linearization and sweeps <= STRAIGHT_LINE_SWEEPS)
+        ),
     )
     return _cotangents(stack, chain, init, after, k_first, layer_vjp), done
 
@@ -442,7 +444,9 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
 # of the loop; written out, each sweep's temporaries are freed as soon as it is done and the last
 # sweep shares buffers with the final VJP. On the GPT of benchmarks/models_speed.py k=2 takes 208
 # instead of 282 MiB of temporaries and compiles in about the same time. Past this many sweeps,
-# compile time (which grows with the number of sweeps written out) matters more.
+# compile time (which grows with the number of sweeps written out) matters more. Not with
+# save_linearization=False: there the loop is what keeps one sweep's recomputation from being
+# scheduled beside the next one's (long GRU: 30.5 MiB as a loop, 43.9 written out).
 STRAIGHT_LINE_SWEEPS = 16
 
 
