@@ -145,7 +145,7 @@ class DeviceChain:
     def on_last(self, x):
         # The cotangent of a replicated output reaches the devices in parts (shard_map splits it);
         # their sum is the whole cotangent, which belongs to the chunk that computed the output.
-        return tmap(lambda a: jnp.where(self.index == self.size - 1, lax.psum(a, self.axis), jnp.zeros_like(a)), x)
+        return self.only_last(tmap(lambda a: lax.psum(a, self.axis), x))
 
     def only_last(self, x):
         return tmap(lambda a: jnp.where(self.index == self.size - 1, a, jnp.zeros_like(a)), x)
@@ -265,11 +265,15 @@ def _unit(k):
     return jnp.clip(k, -1.0, 1.0)
 
 
+def _at_last(a):
+    """A boolean mask over ``a``'s leading axis, true at its last row (broadcasts against ``a``)."""
+    return (jnp.arange(a.shape[0]) == a.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
+
+
 def _add_at_last(a, x):
     """``a`` with ``x`` added to ``a[-1]``: elementwise (fused, in place), not a scatter that would
     copy ``a`` where it is read elsewhere."""
-    at_last = (jnp.arange(a.shape[0]) == a.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
-    return a + jnp.where(at_last, x[None], jnp.zeros_like(x)[None])
+    return a + jnp.where(_at_last(a), x[None], jnp.zeros_like(x)[None])
 
 
 def _shift_up(a, fill):
@@ -282,8 +286,7 @@ def _last(a):
     read it (a slice would be, keeping all of ``a`` alive for as long as they run). It reads the
     last two rows only (a reduction over one row would be simplified back into a slice)."""
     two = a[-2:]
-    at_last = (jnp.arange(two.shape[0]) == two.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
-    return jnp.sum(jnp.where(at_last, two, jnp.zeros_like(two)), axis=0)
+    return jnp.sum(jnp.where(_at_last(two), two, jnp.zeros_like(two)), axis=0)
 
 
 def _shift_down(a, fill):
