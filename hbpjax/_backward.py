@@ -4,7 +4,8 @@ Given the saved carries and the cotangents arriving from outside, :func:`highway
 
 1. linearizes every layer once, in parallel: one ``jax.vjp`` of ``vmap(block)`` over all layers,
    per-step inputs mapped and shared values broadcast, so shared weights get one summed gradient
-   instead of a ``(L, ...)`` stack of per-step gradients;
+   instead of a ``(L, ...)`` stack of per-step gradients. What it stores for the sweeps is what is
+   costly to recompute (matmuls, transcendentals); each VJP redoes the elementwise arithmetic;
 2. takes the diagonal ``K`` of the residual's carry Jacobian (one ``jvp`` with ones);
 3. solves the residual-path-only recurrence with one prefix scan, then runs ``k`` sweeps of "all
    layers' VJPs at once, then one prefix scan";
@@ -276,6 +277,19 @@ def _add_at_last(a, x):
     return a + jnp.where(_at_last(a), x[None], jnp.zeros_like(x)[None])
 
 
+def _own_buffer(a):
+    """``a``, computed into a buffer of its own: a no-op in-place update of its first row.
+
+    An in-place ``dynamic_update_slice`` needs its operand in memory, so XLA computes ``a`` once.
+    Otherwise, for a sweep's right-hand side (``b`` plus the sum of the layer VJP's matmul
+    outputs), it fuses ``a``'s elementwise producers into every level of the prefix scan that
+    reads ``a`` and keeps those larger operands alive through the whole scan (long GRU of
+    benchmarks/memory.py: 4 MiB more at the peak). (``lax.optimization_barrier`` does not do this:
+    XLA removes barriers before it fuses.)
+    """
+    return lax.dynamic_update_index_in_dim(a, a[0], 0, 0)
+
+
 def _shift_up(a, fill):
     """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
     return jnp.concatenate([a[1:], fill[None]], axis=0)
@@ -342,14 +356,24 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     last = chain.on_last([ct_final[i] for i in stack.diff])
     tail = [lj if ej is None else lj + chain.only_last(_last(ej)) for ej, lj in zip(e, last)]
 
+    exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
+    if settings.traced:  # known at run time only: a loop with a run-time trip count
+        sweeps = jnp.clip(settings.iterations, 0, exact_after)
+    else:
+        sweeps = min(settings.iterations, exact_after)
+
     # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
-    # their cotangent is summed inside the transposed ops, never stacked per step.
+    # their cotangent is summed inside the transposed ops, never stacked per step. Read by more
+    # than one VJP, the linearization stores only what is costly to recompute (_lean); read once
+    # (k = 0 and no per-step block outputs) it is kept whole: nothing to save, no work to redo.
+    read_once = not settings.traced and sweeps == 0 and not ct_block
+    block = stack.block if read_once else _lean(stack.block)
     if not settings.save_linearization:
         z, vjp_block = _linearize_in_chunks(stack.block, h_prev, xe, consts)
     elif stack.linearize == "unroll":
-        (z, _), vjp_block = _linearize_unrolled(stack.block, h_prev, xe, consts)
+        (z, _), vjp_block = _linearize_unrolled(block, h_prev, xe, consts)
     else:
-        all_blocks = jax.vmap(stack.block, in_axes=(0, 0, None))
+        all_blocks = jax.vmap(block, in_axes=(0, 0, None))
         (z, _), vjp_block = jax.vjp(all_blocks, h_prev, xe, consts)
     all_residuals = jax.vmap(stack.residual)
     _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
@@ -418,23 +442,17 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
 
     def sweep(after):
         # The sweeps carry y shifted to the layers' outputs (`after`, what the VJPs read): the
-        # shift fuses into the scan's last step. One buffer for the right-hand side (XLA would
-        # otherwise build it twice, in the two layouts the scan reads it in).
-        return outputs(solve(tmap(jnp.add, b, lax.optimization_barrier(block_terms(after)))))
+        # shift fuses into the scan's last step.
+        return outputs(solve(tmap(_own_buffer, tmap(jnp.add, b, block_terms(after)))))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
     # from y = 0); without them the first estimate is the residual path alone, solve(b).
     if ct_block:
-        after = sweep(tmap(jnp.zeros_like, b))
+        after = sweep(tmap(jnp.zeros_like, h_prev))
     elif k_scan is None and not gamma and outside_only_at_end:  # K = 1 and b = 0 but at h_L
         after = outputs(tmap(lambda h, t: jnp.broadcast_to(t, h.shape), h_prev, tail))
     else:
         after = outputs(solve(b))
-    exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
-    if settings.traced:  # known at run time only: a loop with a run-time trip count
-        sweeps = jnp.clip(settings.iterations, 0, exact_after)
-    else:
-        sweeps = min(settings.iterations, exact_after)
     after, done = _run_sweeps(
         sweep, after, sweeps, tol=settings.tol, chain=chain, report=report,
         straight_line=not settings.traced and (
@@ -447,8 +465,9 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
 # Up to this many sweeps (a number known at trace time) run as straight-line code rather than a
 # loop. XLA keeps everything a loop reads from outside alive, and in a layout of the loop's, for all
 # of the loop; written out, each sweep's temporaries are freed as soon as it is done and the last
-# sweep shares buffers with the final VJP. On the GPT of benchmarks/models_speed.py k=2 takes 208
-# instead of 282 MiB of temporaries and compiles in about the same time. Past this many sweeps,
+# sweep shares buffers with the final VJP. On the GPT of benchmarks/models_speed.py k=2 takes 171
+# instead of 227 MiB of temporaries (282 against 208 when this was introduced) and compiles in
+# about the same time. Past this many sweeps,
 # compile time (which grows with the number of sweeps written out) matters more. Not with
 # save_linearization=False: there the loop is what keeps one sweep's recomputation from being
 # scheduled beside the next one's (long GRU: 30.5 MiB as a loop, 43.9 written out).
@@ -510,6 +529,31 @@ def _cotangents(stack, chain, init, after, k_first, layer_vjp):
         ct_xs = tmap(lambda a: None if a is None else jnp.flip(a, 0), ct_xs)
     ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
     return ct_init, ct_xs, ct_consts
+
+
+# Elementwise arithmetic and layout changes: cheap to redo from the values they read, and each
+# one's output as large as its inputs. The layers' linearization does not store their outputs.
+RECOMPUTED = frozenset({
+    "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "copy_p",
+    "expand_dims", "integer_pow", "max", "min", "mul", "neg", "reshape", "select_n", "sign",
+    "square", "squeeze", "sub", "transpose",
+})
+
+
+def _saved(prim, *avals, **params) -> bool:
+    """The ``jax.checkpoint`` policy of the layers' linearization: store what is costly to
+    recompute (matmuls, transcendentals, reductions, comparisons, ...), not elementwise arithmetic."""
+    return prim.name not in RECOMPUTED
+
+
+def _lean(block):
+    """``block`` whose linearization (``jax.vjp``) stores only the values :func:`_saved` keeps.
+
+    A VJP recomputes the rest from them, fused into the ops that read it. Left to JAX's own rules,
+    the linearization of a GRU cell stores ``u``, ``u (1 - u)``, ``c`` and ``1 - c**2`` (four
+    carry-sized stacks, kept through all sweeps); this way only ``u`` and ``c``.
+    """
+    return jax.checkpoint(block, policy=_saved)
 
 
 REMAT_CHUNKS = 8

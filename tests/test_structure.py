@@ -126,3 +126,24 @@ def test_save_linearization_false_loops_over_groups_of_layers_only():
     loss, args = mlp_stack(jax.random.key(0), dtype=jnp.float32, L=16)
     found = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2, save_linearization=False))(*args))
     assert found.count(("scan", 16)) == 1 and set(found) <= {("scan", 16), ("scan", 2), ("scan", 8)}, found
+
+
+def test_linearization_read_by_several_vjps_stores_only_costly_values():
+    """What the sweeps keep of a GRU cell's linearization: its gate values u and c (sigmoid, tanh),
+    not also u (1 - u) and 1 - c**2, which each VJP recomputes from them (_lean's policy)."""
+    from hbpjax._backward import _lean
+
+    def cell(h, x, W):
+        u = jax.nn.sigmoid(x @ W[0] + h @ W[1])
+        c = jnp.tanh(x @ W[2] + h @ W[3])
+        return (1.0 - u, u * c), ()
+
+    h, x = jnp.ones((T, 3, 4)), jnp.ones((T, 3, 2))
+    W = [jnp.ones((2, 4)), jnp.ones((4, 4)), jnp.ones((2, 4)), jnp.ones((4, 4))]
+
+    def stored(block):
+        _, vjp = jax.vjp(jax.vmap(block, in_axes=(0, 0, None)), h, x, W)
+        return sum(a.shape == h.shape for a in jax.tree.leaves(vjp)) - 1  # not h itself
+
+    assert stored(cell) == 4  # control: JAX's own rules keep both derivatives too
+    assert stored(_lean(cell)) == 2
