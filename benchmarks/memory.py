@@ -29,6 +29,7 @@ NO_SAVE = "k=2, save_linearization=False"
 
 ROLES = [  # (pattern in the op name, what the buffer is), first match wins
     ("while/body", "sweep temporary (inside a loop over the sweeps)"),
+    ("jvp()/while", "the carries the forward saved (the layers' inputs)"),
     ("jit(plan)", "prefix-scan plan (products of K over spans)"),
     ("jit(solve)", "a solve of the prefix scan"),
     ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (its output, J^T y)"),
@@ -102,15 +103,19 @@ def accounting():
 
 
 def _peak(live_text, hlo_text):
-    ranges = [(m.group(1), int(m.group(3)), int(m.group(4)))
+    ranges = [(m.group(1) + (m.group(2) if m.group(2) not in (None, "{}") else ""), int(m.group(3)), int(m.group(4)))
               for m in re.finditer(r"^\s+(\S+?)(\{[^}]*\})?:(\d+)-(\d+)$", live_text.split("BufferLiveRange")[1], re.M)]
     shapes = dict(re.findall(r"%([\w.\-]+) = (\S+) ", hlo_text))
-    params = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(", hlo_text))
+    # Tuple-shaped results (a while loop's carries): one buffer per element, named "name{i}".
+    for name, elements in re.findall(r"%([\w.\-]+) = \(([^()]*)\) ", hlo_text):
+        for i, element in enumerate(re.findall(r"[a-z]\w*\[[\d,]*\]", elements)):
+            shapes[f"{name}{{{i}}}"] = element
+    params = set(re.findall(r"%([\w.\-]+) = (?:\([^()]*\)|\S+) parameter\(", hlo_text))
     consts = set(re.findall(r"%([\w.\-]+) = \S+ constant\(", hlo_text))
 
     def size(name):
         m = re.match(r"(f32|s32|f64)\[([\d,]*)\]", shapes.get(name, ""))
-        if not m or name in params or name in consts:
+        if not m or name.split("{")[0] in params or name in consts:
             return 0
         n = 1
         for d in filter(None, m.group(2).split(",")):
@@ -126,7 +131,7 @@ def _peak(live_text, hlo_text):
     out = []
     for name, s, e in ranges:
         if s <= peak <= e and size(name) >= 2**21:
-            meta = re.search(r"%" + re.escape(name) + r" = [^\n]*op_name=\"([^\"]*)\"", hlo_text)
+            meta = re.search(r"%" + re.escape(name.split("{")[0]) + r" = [^\n]*op_name=\"([^\"]*)\"", hlo_text)
             op = meta.group(1) if meta else ""
             role = next((r for p, r in ROLES if p in op), "other")
             out.append((size(name) / 2**20, name, op, role))
