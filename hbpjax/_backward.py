@@ -466,11 +466,11 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
 # loop. XLA keeps everything a loop reads from outside alive, and in a layout of the loop's, for all
 # of the loop; written out, each sweep's temporaries are freed as soon as it is done and the last
 # sweep shares buffers with the final VJP. On the GPT of benchmarks/models_speed.py k=2 takes 171
-# instead of 227 MiB of temporaries (282 against 208 when this was introduced) and compiles in
-# about the same time. Past this many sweeps,
-# compile time (which grows with the number of sweeps written out) matters more. Not with
-# save_linearization=False: there the loop is what keeps one sweep's recomputation from being
-# scheduled beside the next one's (long GRU: 30.5 MiB as a loop, 43.9 written out).
+# instead of 227 MiB of temporaries (208 against 282 when this was introduced) and compiles in
+# about the same time. Past this many sweeps, compile time (which grows with the number of sweeps
+# written out) matters more. Not with save_linearization=False: there the loop is what keeps one
+# sweep's recomputation from being scheduled beside the next one's (long GRU: 30.5 MiB as a loop,
+# 43.9 written out).
 STRAIGHT_LINE_SWEEPS = 16
 
 
@@ -531,8 +531,8 @@ def _cotangents(stack, chain, init, after, k_first, layer_vjp):
     return ct_init, ct_xs, ct_consts
 
 
-# Elementwise arithmetic and layout changes: cheap to redo from the values they read, and each
-# one's output as large as its inputs. The layers' linearization does not store their outputs.
+# Elementwise arithmetic and layout changes: cheap to redo from the values they read, fused into
+# the ops that read them. The layers' linearization does not store their outputs.
 RECOMPUTED = frozenset({
     "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "copy_p",
     "expand_dims", "integer_pow", "max", "min", "mul", "neg", "reshape", "select_n", "sign",

@@ -66,9 +66,11 @@ def highway_value_and_grad(
         ``StackInfo -> bool`` choosing per scan.
       return_report: also return a :class:`hbpjax.SweepReport`: per converted stack, the sweeps
         its backward ran and the relative change of the last one.
-      save_linearization: keep every layer's linearization between sweeps (default; usually fastest). With
-        ``False`` each sweep recomputes it, a group of layers at a time (8 groups): the backward's
-        memory drops to about backprop's, for one more forward of every layer per sweep.
+      save_linearization: keep every layer's linearization between sweeps (default; usually fastest;
+        what is costly to recompute, such as matmul and transcendental outputs, is stored, and each
+        sweep redoes the elementwise arithmetic). With ``False`` each sweep recomputes it, a group of
+        layers at a time (8 groups): the backward's memory drops to about backprop's, for one more
+        forward of every layer per sweep.
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or
