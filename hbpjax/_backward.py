@@ -535,9 +535,9 @@ def _cotangents(stack, chain, init, after, k_first, layer_vjp):
 # the ops that read them. The layers' linearization does not store their outputs.
 RECOMPUTED = frozenset({
     "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "copy_p",
-    "expand_dims", "integer_pow", "max", "min", "mul", "neg", "reshape", "select_n", "sign",
-    "square", "squeeze", "sub", "transpose",
-})
+    "expand_dims", "integer_pow", "max", "min", "mul", "neg", "one_minus_square", "reshape",
+    "select_n", "sign", "square", "squeeze", "sub", "transpose",
+})  # one_minus_square: the derivative of tanh, a primitive of its own in jax 0.12
 
 
 def _saved(prim, *avals, **params) -> bool:
