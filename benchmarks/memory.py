@@ -9,7 +9,7 @@
    is alive at the step's memory peak, read off XLA's own dump of the compiled program (its buffer
    live ranges), with the operation that makes it.
 
-Run:  python benchmarks/memory.py [--repeats 7]        writes results/memory.{md,json}
+Run:  python benchmarks/memory.py [--repeats 7] [--name memory]   writes results/<name>.{md,json}
 """
 
 from __future__ import annotations
@@ -143,6 +143,9 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant (interleaved)")
+    parser.add_argument("--name", default="memory",
+                        help="results file name; anything but 'memory' leaves the README's quote alone "
+                        "(for a run with another jax version)")
     options = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import common
@@ -173,7 +176,7 @@ def main():
         "",
         common.markdown_table(["MiB", "what it is", "made by (XLA op name)"], [[f"{s:.1f}", r, f"`{op[-90:]}`"] for s, _, op, r in buffers]),
     ]
-    path = common.write_results("memory", "\n".join(md), {
+    path = common.write_results(options.name, "\n".join(md), {
         "environment": env, "temp_mib": memory, "step_ms": times, "peak_mib": peak,
         "peak_buffers": [dict(mib=s, name=n, op=o, role=r) for s, n, o, r in buffers]})
     quote = "\n".join([
@@ -181,7 +184,7 @@ def main():
         "Train-step time, ms (speedup over backprop):", "", common.markdown_table(headers, time_rows), "",
         common.env_line(env),
     ])
-    if common.quote_in_readme("memory", quote):
+    if options.name == "memory" and common.quote_in_readme("memory", quote):
         print("updated the README's quote of these results")
     print(path.read_text())
 
