@@ -122,7 +122,7 @@ def run():
                     outside, inside = collectives(compiled.as_text())
                     if k:  # a few sweeps are written out as straight-line code: what one more adds
                         fewer = sum(collectives(fn_k(k - 1).lower(*args).compile().as_text()), Counter())
-                        inside = sum(collectives(compiled.as_text()), Counter()) - fewer
+                        inside = outside + inside - fewer
                         outside = fewer - Counter({op: (k - 1) * n for op, n in inside.items()})
                     entry[name] = {
                         "rel_error": float(np.linalg.norm(a - b) / np.linalg.norm(b)),

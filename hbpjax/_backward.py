@@ -443,7 +443,7 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     def sweep(after):
         # The sweeps carry y shifted to the layers' outputs (`after`, what the VJPs read): the
         # shift fuses into the scan's last step.
-        return outputs(solve(tmap(_own_buffer, tmap(jnp.add, b, block_terms(after)))))
+        return outputs(solve(tmap(lambda bj, t: _own_buffer(bj + t), b, block_terms(after))))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
     # from y = 0); without them the first estimate is the residual path alone, solve(b).
@@ -534,9 +534,9 @@ def _cotangents(stack, chain, init, after, k_first, layer_vjp):
 # Elementwise arithmetic and layout changes: cheap to redo from the values they read, fused into
 # the ops that read them. The layers' linearization does not store their outputs.
 RECOMPUTED = frozenset({
-    "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "copy_p",
-    "expand_dims", "integer_pow", "max", "min", "mul", "neg", "one_minus_square", "reshape",
-    "select_n", "sign", "square", "squeeze", "sub", "transpose",
+    "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "integer_pow",
+    "max", "min", "mul", "neg", "one_minus_square", "reshape", "select_n", "sign", "square",
+    "squeeze", "sub", "transpose",
 })  # one_minus_square: the derivative of tanh, a primitive of its own in jax 0.12
 
 
