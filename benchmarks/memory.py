@@ -33,7 +33,7 @@ ROLES = [  # (pattern in the op name, what the buffer is), first match wins
     ("jit(plan)", "prefix-scan plan (products of K over spans)"),
     ("jit(solve)", "a solve of the prefix scan"),
     ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (its output, J^T y)"),
-    ("jvp(jvp(vmap", "linearization of the layers (residuals the VJP of all layers reads, and K)"),
+    ("linearization", "linearization of the layers (residuals the VJP of all layers reads, and K)"),
     ("transpose(jvp())/add", "right-hand side of the scan (b from outside, or b + the blocks' terms)"),
     ("concatenate", "a shifted copy"),
     ("jvp()/sub", "the loss's own forward value (h - target)"),

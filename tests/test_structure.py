@@ -10,6 +10,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
@@ -147,3 +148,31 @@ def test_linearization_read_by_several_vjps_stores_only_costly_values():
 
     assert stored(cell) == 4  # control: JAX's own rules keep both derivatives too
     assert stored(_lean(cell)) == 2
+
+
+@pytest.mark.parametrize("dtype, rounded", [(jnp.float32, False), (jnp.bfloat16, True)])
+def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
+    """jax.checkpoint rounds each value it stores to its own dtype's precision (reduce_precision),
+    which newer XLA keeps as a second copy of the value. The sweeps' linearization drops the
+    rounding where it changes nothing (float32, float64) and keeps it elsewhere (bfloat16), with
+    the same VJP as jax.vjp's."""
+    from hbpjax._backward import _lean, _vjp_unrounded
+
+    def cell(h, x, W):
+        u = jax.nn.sigmoid(x @ W[0] + h @ W[1])
+        return (1.0 - u, u * jnp.tanh(h @ W[2])), ()
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    h, x = jax.random.normal(keys[0], (T, 3, 4), dtype), jax.random.normal(keys[1], (T, 3, 2), dtype)
+    W = [jax.random.normal(k, s, dtype) for k, s in zip(keys[2:], [(2, 4), (4, 4), (4, 4)])]
+    blocks = jax.vmap(_lean(cell), in_axes=(0, 0, None))
+    ct = ((jnp.ones_like(h), jnp.ones_like(h)), ())
+
+    def grads(vjp):
+        out, fun = vjp(blocks, h, x, W)
+        return out, fun(ct)
+
+    assert "reduce_precision" in str(jax.make_jaxpr(lambda: grads(jax.vjp))())  # control
+    assert ("reduce_precision" in str(jax.make_jaxpr(lambda: grads(_vjp_unrounded))())) == rounded
+    for ours, theirs in zip(jax.tree.leaves(grads(_vjp_unrounded)), jax.tree.leaves(grads(jax.vjp))):
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
