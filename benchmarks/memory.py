@@ -32,7 +32,7 @@ ROLES = [  # (pattern in the op name, what the buffer is), first match wins
     ("jvp()/while", "the carries the forward saved (the layers' inputs)"),
     ("jit(plan)", "prefix-scan plan (products of K over spans)"),
     ("jit(solve)", "a solve of the prefix scan"),
-    ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (its output, J^T y)"),
+    ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (J^T y and the products it sums)"),
     ("linearization", "linearization of the layers (residuals the VJP of all layers reads, and K)"),
     ("transpose(jvp())/add", "right-hand side of the scan (b from outside, or b + the blocks' terms)"),
     ("concatenate", "a shifted copy"),
