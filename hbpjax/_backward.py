@@ -562,11 +562,12 @@ def _vjp_unrounded(fun, *args):
     ``jax.checkpoint`` puts on the values it stores.
 
     ``jax.checkpoint`` passes every stored value through ``reduce_precision`` to its own dtype's
-    precision (against excess precision in fused bfloat16 code). Newer XLA keeps such a rounding as
-    a buffer of its own beside the value, which the forward's other readers still read unrounded:
-    a second copy of every stored stack through all sweeps (long GRU of benchmarks/memory.py with
-    jax 0.12: 47.8 instead of 39.9 MiB at k = 2). For float32 and float64 the rounding changes no
-    value, so the linearization is traced once and evaluated without it; other dtypes keep it.
+    precision (against excess precision in fused bfloat16 code). XLA with jax 0.12 keeps such a
+    rounding as a buffer of its own beside the value, which the forward's other readers (``K``, the
+    plan) still read: a second copy of every stored stack through all sweeps (long GRU of
+    benchmarks/memory.py with jax 0.12: 47.8 instead of 43.8 MiB at k = 2). For float32 and float64
+    the rounding changes no value, so the linearization is traced once and evaluated without it,
+    equation by equation; other dtypes keep it.
     """
     structure = []
 
