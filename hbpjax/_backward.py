@@ -367,15 +367,13 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     # than one VJP, the linearization stores only what is costly to recompute (_lean); read once
     # (k = 0 and no per-step block outputs) it is kept whole: nothing to save, no work to redo.
     read_once = not settings.traced and sweeps == 0 and not ct_block
-    block = stack.block if read_once else _lean(stack.block)
+    block, vjp = (stack.block, jax.vjp) if read_once else (_lean(stack.block), _vjp_unrounded)
     if not settings.save_linearization:
         z, vjp_block = _linearize_in_chunks(stack.block, h_prev, xe, consts)
     elif stack.linearize == "unroll":
-        (z, _), vjp_block = _linearize_unrolled(block, h_prev, xe, consts)
+        (z, _), vjp_block = _linearize_unrolled(block, h_prev, xe, consts, vjp=vjp)
     else:
-        all_blocks = jax.vmap(block, in_axes=(0, 0, None))
-        vjp = jax.vjp if read_once else _vjp_unrounded
-        (z, _), vjp_block = vjp(all_blocks, h_prev, xe, consts)
+        (z, _), vjp_block = vjp(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts)
     all_residuals = jax.vmap(stack.residual)
     _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
 
@@ -578,24 +576,20 @@ def _vjp_unrounded(fun, *args):
         return leaves
 
     closed = jax.make_jaxpr(flat)(*args)
-    env = _jaxpr.closed_env(closed, jax.tree.leaves(args))
     with jax.named_scope("linearization"):  # profiles and HLO dumps name its ops
-        for eqn in closed.jaxpr.eqns:
-            invals = [_jaxpr.read(env, a) for a in eqn.invars]
-            if eqn.primitive.name == "reduce_precision" and _no_op_rounding(eqn):
-                env[eqn.outvars[0]] = invals[0]
-            else:
-                env.update(zip(eqn.outvars, _jaxpr.bind(eqn, invals)))
-    return jax.tree.unflatten(structure[0], [_jaxpr.read(env, a) for a in closed.jaxpr.outvars])
+        leaves = _jaxpr.run(closed.jaxpr, _jaxpr.closed_env(closed, jax.tree.leaves(args)), eval_eqn=_unrounded)
+    return jax.tree.unflatten(structure[0], leaves)
 
 
-def _no_op_rounding(eqn) -> bool:
-    """Whether a ``reduce_precision`` rounds float32 / float64 values to their own precision."""
+def _unrounded(eqn, invals) -> list:
+    """Evaluates ``eqn``, passing the value through where it is a ``reduce_precision`` of float32 /
+    float64 to their own precision."""
     dtype = eqn.invars[0].aval.dtype
-    if dtype not in (jnp.float32, jnp.float64):
-        return False
-    info = jnp.finfo(dtype)
-    return eqn.params.get("exponent_bits") == info.nexp and eqn.params.get("mantissa_bits") == info.nmant
+    if eqn.primitive.name == "reduce_precision" and dtype in (jnp.float32, jnp.float64):
+        info = jnp.finfo(dtype)
+        if (eqn.params.get("exponent_bits"), eqn.params.get("mantissa_bits")) == (info.nexp, info.nmant):
+            return [invals[0]]
+    return _jaxpr.bind(eqn, invals)
 
 
 REMAT_CHUNKS = 8
@@ -630,8 +624,8 @@ def _linearize_in_chunks(block, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
     return z, vjp_block
 
 
-def _linearize_unrolled(block, h_prev, xe, consts):
-    """One ``jax.vjp`` per layer instead of one of ``vmap(block)``: L independent linearizations.
+def _linearize_unrolled(block, h_prev, xe, consts, *, vjp=jax.vjp):
+    """One ``vjp`` per layer instead of one of ``vmap(block)``: L independent linearizations.
 
     Nothing chains them, so the backward stays parallel; XLA just sees L separate ops instead of
     one batched op. That is faster where it executes the batched form poorly (convolutions with
@@ -642,7 +636,7 @@ def _linearize_unrolled(block, h_prev, xe, consts):
     at = lambda tree, j: tmap(lambda a: a[j], tree)
     outs, vjps = [], []
     for j in range(length):
-        out_j, vjp_j = jax.vjp(block, at(h_prev, j), at(xe, j), consts)
+        out_j, vjp_j = vjp(block, at(h_prev, j), at(xe, j), consts)
         outs.append(out_j)
         vjps.append(vjp_j)
 

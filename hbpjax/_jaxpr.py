@@ -82,11 +82,14 @@ def evaluate(
     return [read(env, a) for a in targets]
 
 
-def run(jaxpr: core.Jaxpr, env: dict) -> list:
-    """Every equation of ``jaxpr`` in order (effects included): its outputs, given its inputs in ``env``."""
+def run(
+    jaxpr: core.Jaxpr, env: dict, *, eval_eqn: Callable[[core.JaxprEqn, list], list] = bind
+) -> list:
+    """Every equation of ``jaxpr`` in order (effects included): its outputs, given its inputs in
+    ``env``. ``eval_eqn`` evaluates one equation, as in :func:`evaluate`."""
     env = dict(env)
     for eqn in jaxpr.eqns:
-        env.update(zip(eqn.outvars, bind(eqn, [read(env, a) for a in eqn.invars])))
+        env.update(zip(eqn.outvars, eval_eqn(eqn, [read(env, a) for a in eqn.invars])))
     return [read(env, a) for a in jaxpr.outvars]
 
 
