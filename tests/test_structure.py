@@ -176,3 +176,15 @@ def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
     assert ("reduce_precision" in str(jax.make_jaxpr(lambda: grads(_vjp_unrounded))())) == rounded
     for ours, theirs in zip(jax.tree.leaves(grads(_vjp_unrounded)), jax.tree.leaves(grads(jax.vjp))):
         np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+
+
+@pytest.mark.parametrize("linearize", ["vmap", "unroll"])
+def test_highway_backward_keeps_no_rounded_copies(linearize):
+    """Both ways of linearizing the layers read the stored values unrounded (float32)."""
+    loss, args = gru_stack(jax.random.key(0), dtype=jnp.float32, linearize=linearize)
+    assert "reduce_precision" in str(jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=_everything)))(*args))
+    assert "reduce_precision" not in str(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2))(*args))
+
+
+def _everything(prim, *avals, **params):
+    return True
