@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 
 from . import _jaxpr, _prefix
+from ._common import own_buffer
 from ._stack import BLOCK, CARRY, Stack
 
 PyTree = Any
@@ -277,19 +278,6 @@ def _add_at_last(a, x):
     return a + jnp.where(_at_last(a), x[None], jnp.zeros_like(x)[None])
 
 
-def _own_buffer(a):
-    """``a``, computed into a buffer of its own: a no-op in-place update of its first row.
-
-    An in-place ``dynamic_update_slice`` needs its operand in memory, so XLA computes ``a`` once.
-    Otherwise, for a sweep's right-hand side (``b`` plus the sum of the layer VJP's matmul
-    outputs), it fuses ``a``'s elementwise producers into every level of the prefix scan that
-    reads ``a`` and keeps those larger operands alive through the whole scan (long GRU of
-    benchmarks/memory.py: 4 MiB more at the peak). (``lax.optimization_barrier`` does not do this:
-    XLA removes barriers before it fuses.)
-    """
-    return lax.dynamic_update_index_in_dim(a, a[0], 0, 0)
-
-
 def _shift_up(a, fill):
     """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
     return jnp.concatenate([a[1:], fill[None]], axis=0)
@@ -441,8 +429,10 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
 
     def sweep(after):
         # The sweeps carry y shifted to the layers' outputs (`after`, what the VJPs read): the
-        # shift fuses into the scan's last step.
-        return outputs(solve(tmap(lambda bj, t: _own_buffer(bj + t), b, block_terms(after))))
+        # shift fuses into the scan's last step. The right-hand side gets a buffer of its own:
+        # fused into the scan's levels, it would keep the larger operands it is summed from alive
+        # through the whole scan (long GRU of benchmarks/memory.py: 4 MiB more at the peak).
+        return outputs(solve(tmap(lambda bj, t: own_buffer(bj + t), b, block_terms(after))))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
     # from y = 0); without them the first estimate is the residual path alone, solve(b).

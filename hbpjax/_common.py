@@ -1,4 +1,5 @@
-"""Helpers that several modules need: names in errors, option checks, residual application.
+"""Helpers that several modules need: names in errors, option checks, residual application,
+buffer placement.
 
 A leaf module: it imports nothing from hbpjax, so ``_scan``, ``_stack``, ``_layers``, ``_prefix`` and
 the Flax adapters can all import it without cycles.
@@ -155,3 +156,15 @@ def sharding_spec(a) -> tuple:
     """The explicit sharding spec of ``a``'s type, one entry per dimension (``None`` if unsharded)."""
     spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
     return spec + (None,) * (jnp.ndim(a) - len(spec))
+
+
+def own_buffer(a: jax.Array) -> jax.Array:
+    """``a``, computed into a buffer of its own: a no-op in-place update of its first row.
+
+    An in-place ``dynamic_update_slice`` needs its operand in memory, so XLA computes ``a`` once
+    instead of fusing ``a``'s producers into the ops that read it (which can keep their larger
+    inputs alive for as long as those ops run, or recompute them many times).
+    ``lax.optimization_barrier`` does not do this: XLA removes barriers before it fuses.
+    """
+    return jax.lax.dynamic_update_index_in_dim(a, a[0], 0, 0)
+
