@@ -33,9 +33,9 @@ ROLES = [  # (pattern in the op name, what the buffer is), first match wins
     ("jit(plan)", "prefix-scan plan (products of K over spans)"),
     ("jit(solve)", "a solve of the prefix scan"),
     ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (J^T y and the products it sums)"),
-    ("linearization", "linearization of the layers (residuals the VJP of all layers reads, and K)"),
+    ("linearization", "linearization of the layers (the values the VJP of all layers reads)"),
     ("transpose(jvp())/add", "right-hand side of the scan (b from outside, or b + the blocks' terms)"),
-    ("concatenate", "a shifted copy"),
+    ("concatenate", "the sweeps' estimate y, shifted to the layers' outputs (what the VJPs read)"),
     ("jvp()/sub", "the loss's own forward value (h - target)"),
     ("broadcast_in_dim", "forward outputs / saved carries"),
 ]

@@ -2,10 +2,11 @@
 
 Given the saved carries and the cotangents arriving from outside, :func:`highway_backward`
 
-1. linearizes every layer once, in parallel: one ``jax.vjp`` of ``vmap(block)`` over all layers,
-   per-step inputs mapped and shared values broadcast, so shared weights get one summed gradient
-   instead of a ``(L, ...)`` stack of per-step gradients. What it stores for the sweeps is what is
-   costly to recompute (matmuls, transcendentals); each VJP redoes the elementwise arithmetic;
+1. linearizes every layer once, in parallel: one ``jax.vjp`` over all layers of the block path
+   (the block, then the residual with its own carry held fixed), per-step inputs mapped and
+   shared values broadcast, so shared weights get one summed gradient instead of a ``(L, ...)``
+   stack of per-step gradients. What it stores for the sweeps is what is costly to recompute
+   (matmuls, transcendentals); each VJP redoes the elementwise arithmetic;
 2. takes the diagonal ``K`` of the residual's carry Jacobian (one ``jvp`` with ones);
 3. solves the residual-path-only recurrence with one prefix scan, then runs ``k`` sweeps of "all
    layers' VJPs at once, then one prefix scan";
@@ -354,22 +355,24 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     # their cotangent is summed inside the transposed ops, never stacked per step. Read by more
     # than one VJP, the linearization stores only what is costly to recompute (_lean); read once
     # (k = 0 and no per-step block outputs) it is kept whole: nothing to save, no work to redo.
+    # What is linearized is the block path of each layer's output (_block_path), so that one VJP
+    # takes the cotangents of the layers' outputs to those of their inputs.
     read_once = not settings.traced and sweeps == 0 and not ct_block
-    block, vjp = (stack.block, jax.vjp) if read_once else (_lean(stack.block), _vjp_unrounded)
+    path = _block_path(stack)
+    whole = read_once or _holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
+    block, vjp = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
     if not settings.save_linearization:
-        z, vjp_block = _linearize_in_chunks(stack.block, h_prev, xe, consts)
+        z, vjp_block = _linearize_in_chunks(path, h_prev, xe, consts)
     elif stack.linearize == "unroll":
-        (z, _), vjp_block = _linearize_unrolled(block, h_prev, xe, consts, vjp=vjp)
+        z, vjp_block = _linearize_unrolled(block, h_prev, xe, consts, vjp=vjp)
     else:
-        (z, _), vjp_block = vjp(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts)
+        _, vjp_block, z = vjp(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
     all_residuals = jax.vmap(stack.residual)
-    _, vjp_res_z = jax.vjp(lambda zz: all_residuals(h_prev, zz), z)
 
     def layer_vjp(after):
         """(d h, d xe, d consts) of every layer's block path for the cotangents ``after[j]`` of
         each layer's output."""
-        (ct_z,) = vjp_res_z(after)
-        return vjp_block((ct_z, ct_block))
+        return vjp_block((after, ct_block))
 
     def outputs(y):
         """The cotangent of every layer's output: ``y[j + 1]``, and past the chunk's end the next
@@ -535,6 +538,27 @@ def _saved(prim, *avals, **params) -> bool:
     return prim.name not in RECOMPUTED
 
 
+def _block_path(stack: Stack) -> Callable:
+    """``(h, xe, consts) -> ((residual(h, z), yb), z)`` for ``z, yb = block(h, xe, consts)``, with
+    the residual's own ``h`` held fixed.
+
+    Its VJP (the auxiliary ``z`` is not differentiated) takes the cotangent of a layer's output
+    straight to ``J^T`` of it, the block path's share (the residual's own dependence on ``h`` is
+    the diagonal ``K``, which the prefix scan handles). Linearizing the block alone would leave the
+    residual's part outside, and its product (``after * h`` for a gated residual) would enter
+    ``jax.checkpoint``'s VJP as the cotangent of ``z``; that VJP passes its cotangents through an
+    optimization barrier, so the product would be a carry-sized buffer of its own in every sweep
+    (long GRU of benchmarks/memory.py with jax 0.12: 40.0 instead of 32.0 MiB of temporaries at
+    k = 2). Inside, XLA fuses it into the ops that read it.
+    """
+
+    def path(h, xe, consts):
+        z, yb = stack.block(h, xe, consts)
+        return (stack.residual(tmap(lax.stop_gradient, h), z), yb), z
+
+    return path
+
+
 def _lean(block):
     """``block`` whose linearization (``jax.vjp``) stores only the values :func:`_saved` keeps.
 
@@ -545,23 +569,42 @@ def _lean(block):
     return jax.checkpoint(block, policy=_saved)
 
 
-def _vjp_unrounded(fun, *args):
-    """``jax.vjp(fun, *args)`` for a ``fun`` under :func:`_lean`, without the no-op roundings
+def _holds_complex(fun, *args) -> bool:
+    """Whether ``fun`` computes any complex value (at any depth of its jaxpr).
+
+    ``jax.checkpoint`` rounds the values it stores with ``reduce_precision``, which JAX does not
+    accept for complex dtypes (a ``TypeError`` while tracing): such blocks are linearized whole,
+    without :func:`_lean`.
+    """
+
+    def walk(jaxpr) -> bool:
+        return any(
+            jnp.issubdtype(getattr(v.aval, "dtype", np.float32), jnp.complexfloating)
+            for eqn in jaxpr.eqns
+            for v in eqn.outvars
+        ) or any(walk(sub) for eqn in jaxpr.eqns for sub in _jaxpr.sub_jaxprs(eqn))
+
+    closed = jax.make_jaxpr(fun)(*args)
+    return walk(closed.jaxpr) or any(jnp.iscomplexobj(a) for a in jax.tree.leaves(args))
+
+
+def _vjp_unrounded(fun, *args, has_aux=False):
+    """``jax.vjp(fun, *args, has_aux=has_aux)`` for a ``fun`` under :func:`_lean`, without the no-op roundings
     ``jax.checkpoint`` puts on the values it stores.
 
     ``jax.checkpoint`` passes every stored value through ``reduce_precision`` to its own dtype's
     precision (against excess precision in fused bfloat16 code). XLA with jax 0.12 keeps such a
     rounding as a buffer of its own beside the value, which the forward's other readers (``K``, the
     plan) still read: a second copy of every stored stack through all sweeps (long GRU of
-    benchmarks/memory.py with jax 0.12: 47.8 instead of 43.8 MiB at k = 2). For float32 and float64
+    benchmarks/memory.py with jax 0.12: 40.0 instead of 32.0 MiB at k = 2). For float32 and float64
     the rounding changes no value, so the linearization is traced once and evaluated without it,
     equation by equation; other dtypes keep it.
     """
     structure = []
 
     def flat(*args):
-        out, vjp_fun = jax.vjp(fun, *args)  # a pytree: its leaves are the stored values
-        leaves, tree = jax.tree.flatten((out, vjp_fun))
+        # The VJP function is a pytree: its leaves are the stored values.
+        leaves, tree = jax.tree.flatten(jax.vjp(fun, *args, has_aux=has_aux))
         structure.append(tree)
         return leaves
 
@@ -585,8 +628,9 @@ def _unrounded(eqn, invals) -> list:
 REMAT_CHUNKS = 8
 
 
-def _linearize_in_chunks(block, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
-    """``z`` of every layer and a VJP that recomputes each layer's linearization when called.
+def _linearize_in_chunks(path, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
+    """``z`` of every layer and a VJP of ``path`` (see :func:`_block_path`) that recomputes each
+    layer's linearization when called.
 
     For ``save_linearization=False``: nothing of the linearization is kept between sweeps. Each
     VJP runs the layers again in ``chunks`` consecutive groups (``lax.map``: ``L / chunks`` layers at
@@ -597,15 +641,15 @@ def _linearize_in_chunks(block, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
     """
     length = h_prev[0].shape[0]
     chunks = max(c for c in range(1, min(chunks, length) + 1) if length % c == 0)
-    all_blocks = jax.vmap(block, in_axes=(0, 0, None))
-    z = all_blocks(h_prev, xe, consts)[0]
+    all_paths = jax.vmap(path, in_axes=(0, 0, None))
+    z = all_paths(h_prev, xe, consts)[1]
     grouped = lambda tree: tmap(lambda a: a.reshape((chunks, length // chunks) + a.shape[1:]), tree)
     ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
 
     def vjp_block(ct):
         def one(group):
             h, x, c = group
-            return jax.vjp(all_blocks, h, x, consts)[1](c)
+            return jax.vjp(all_paths, h, x, consts, has_aux=True)[1](c)
 
         ct_h, ct_xe, ct_consts = lax.map(one, grouped((h_prev, xe, ct)))
         total = lambda a: a[0] if getattr(a, "dtype", None) == jax.dtypes.float0 else jnp.sum(a, axis=0)
@@ -614,8 +658,9 @@ def _linearize_in_chunks(block, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
     return z, vjp_block
 
 
-def _linearize_unrolled(block, h_prev, xe, consts, *, vjp=jax.vjp):
-    """One ``vjp`` per layer instead of one of ``vmap(block)``: L independent linearizations.
+def _linearize_unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
+    """``z`` of every layer and a VJP of ``path`` (see :func:`_block_path`) from one ``vjp`` per
+    layer instead of one of ``vmap(path)``: L independent linearizations.
 
     Nothing chains them, so the backward stays parallel; XLA just sees L separate ops instead of
     one batched op. That is faster where it executes the batched form poorly (convolutions with
@@ -624,10 +669,10 @@ def _linearize_unrolled(block, h_prev, xe, consts, *, vjp=jax.vjp):
     """
     length = h_prev[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
-    outs, vjps = [], []
+    zs, vjps = [], []
     for j in range(length):
-        out_j, vjp_j = vjp(block, at(h_prev, j), at(xe, j), consts)
-        outs.append(out_j)
+        _, vjp_j, z_j = vjp(path, at(h_prev, j), at(xe, j), consts, has_aux=True)
+        zs.append(z_j)
         vjps.append(vjp_j)
 
     def stack(trees):
@@ -648,7 +693,7 @@ def _linearize_unrolled(block, h_prev, xe, consts, *, vjp=jax.vjp):
         ct_consts = tmap(total, *[g[2] for g in grads])
         return ct_h, ct_xe, ct_consts
 
-    return stack(outs), vjp_block
+    return stack(zs), vjp_block
 
 
 def _none_if_float0(ct):

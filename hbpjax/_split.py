@@ -243,10 +243,17 @@ def _union(*intervals):
     return (min(i[0] for i in intervals), max(i[1] for i in intervals))
 
 
+def _literal(a) -> tuple:
+    """The interval of a literal: its value for a real scalar, unbounded otherwise."""
+    if jnp.ndim(a.val) == 0 and not jnp.iscomplexobj(a.val):
+        return (float(a.val), float(a.val))
+    return _ALL
+
+
 def _values(eqns, known: dict) -> dict:
     """An interval containing every value of each variable (``known`` seeds some; others unbounded)."""
     ranges = dict(known)
-    get = lambda a: (float(a.val), float(a.val)) if isinstance(a, core.Literal) and jnp.ndim(a.val) == 0 else ranges.get(a, _ALL)
+    get = lambda a: _literal(a) if isinstance(a, core.Literal) else ranges.get(a, _ALL)
     for eqn in eqns:
         name, ins = eqn.primitive.name, [get(a) for a in eqn.invars]
         out = _ALL
@@ -285,7 +292,7 @@ def _values(eqns, known: dict) -> dict:
 def _slopes(eqns, h, values: dict) -> dict:
     """An interval containing d v / d h (elementwise) for every value ``v`` on the path from ``h``."""
     slope = {h: (1.0, 1.0)}
-    value = lambda a: (float(a.val), float(a.val)) if isinstance(a, core.Literal) and jnp.ndim(a.val) == 0 else values.get(a, _ALL)
+    value = lambda a: _literal(a) if isinstance(a, core.Literal) else values.get(a, _ALL)
     for eqn in eqns:
         on = [a for a in eqn.invars if isinstance(a, core.Var) and a in slope]
         if not on:
@@ -333,6 +340,8 @@ def k_bound(jaxpr, h, out, eqns) -> float | None:
     and, along the residual's equations, ranges of the derivative. ``h + z`` gives 1, a GRU's
     ``z h + (1 - z) n`` gives 1, ``relu(h + z)`` gives 1; a LayerNorm's ``gain / std`` is unknown.
     """
+    if any(jnp.iscomplexobj(v.aval) for e in jaxpr.eqns for v in e.outvars if hasattr(v.aval, "dtype")):
+        return None  # the ranges are those of real values
     values = _values(jaxpr.eqns, {})
     lo, hi = _slopes(eqns, h, values).get(out, _ALL)
     bound = max(abs(lo), abs(hi))

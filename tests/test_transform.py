@@ -358,6 +358,26 @@ def test_holomorphic():
         assert tree_rel_error(jax.tree.map(jnp.abs, approx), jax.tree.map(jnp.abs, exact)) > 1e-6
 
 
+def test_holomorphic_block_with_complex_intermediates():
+    """A complex block whose linearization stores intermediate values (not only its output):
+    ``jax.checkpoint`` cannot round complex values, so such blocks are linearized whole."""
+    with jax.enable_x64(True):
+        L = 5
+        W = (0.3 - 0.1j) * jax.random.normal(jax.random.key(27), (L, 3, 3), jnp.float64)
+        h0 = jnp.full(3, 0.5 + 0.5j, jnp.complex128)
+
+        def loss(W, h0):
+            block = lambda h, w: (1.0 - jnp.tanh(h @ w)) * jnp.sin(h)
+            h, hs = hbpjax.residual_scan(block, h0, W)
+            return jnp.sum(hs**2) + jnp.sum(h)
+
+        exact = jax.grad(loss, (0, 1), holomorphic=True)(W, h0)
+        for k in (1, L):
+            got = hbpjax.highway_grad(loss, (0, 1), holomorphic=True, iterations=k)(W, h0)
+            if k == L:
+                assert_trees_close(got, exact)
+
+
 # ------------------------------------------------------------------------------ sweep report
 
 
