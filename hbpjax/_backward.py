@@ -354,7 +354,8 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
     # their cotangent is summed inside the transposed ops, never stacked per step. Read by more
     # than one VJP, the linearization stores only what is costly to recompute (_lean); read once
-    # (k = 0 and no per-step block outputs) it is kept whole: nothing to save, no work to redo.
+    # (k = 0 and no per-step block outputs) it is kept whole: nothing to save, no work to redo. A
+    # block computing complex values is kept whole too (_holds_complex).
     # What is linearized is the block path of each layer's output (_block_path), so that one VJP
     # takes the cotangents of the layers' outputs to those of their inputs.
     read_once = not settings.traced and sweeps == 0 and not ct_block
@@ -589,8 +590,8 @@ def _holds_complex(fun, *args) -> bool:
 
 
 def _vjp_unrounded(fun, *args, has_aux=False):
-    """``jax.vjp(fun, *args, has_aux=has_aux)`` for a ``fun`` under :func:`_lean`, without the no-op roundings
-    ``jax.checkpoint`` puts on the values it stores.
+    """``jax.vjp(fun, *args, has_aux=has_aux)`` for a ``fun`` under :func:`_lean`, without the
+    no-op roundings ``jax.checkpoint`` puts on the values it stores.
 
     ``jax.checkpoint`` passes every stored value through ``reduce_precision`` to its own dtype's
     precision (against excess precision in fused bfloat16 code). XLA with jax 0.12 keeps such a
