@@ -360,14 +360,15 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
     # takes the cotangents of the layers' outputs to those of their inputs.
     read_once = not settings.traced and sweeps == 0 and not ct_block
     path = _block_path(stack)
-    whole = read_once or _holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
-    block, vjp = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
     if not settings.save_linearization:
         z, vjp_block = _linearize_in_chunks(path, h_prev, xe, consts)
-    elif stack.linearize == "unroll":
-        z, vjp_block = _linearize_unrolled(block, h_prev, xe, consts, vjp=vjp)
     else:
-        _, vjp_block, z = vjp(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
+        whole = read_once or _holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
+        block, vjp = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
+        if stack.linearize == "unroll":
+            z, vjp_block = _linearize_unrolled(block, h_prev, xe, consts, vjp=vjp)
+        else:
+            _, vjp_block, z = vjp(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
     all_residuals = jax.vmap(stack.residual)
 
     def layer_vjp(after):
@@ -571,22 +572,15 @@ def _lean(block):
 
 
 def _holds_complex(fun, *args) -> bool:
-    """Whether ``fun`` computes any complex value (at any depth of its jaxpr).
+    """Whether ``fun`` computes any complex value, or is given one.
 
     ``jax.checkpoint`` rounds the values it stores with ``reduce_precision``, which JAX does not
     accept for complex dtypes (a ``TypeError`` while tracing): such blocks are linearized whole,
     without :func:`_lean`.
     """
-
-    def walk(jaxpr) -> bool:
-        return any(
-            jnp.issubdtype(getattr(v.aval, "dtype", np.float32), jnp.complexfloating)
-            for eqn in jaxpr.eqns
-            for v in eqn.outvars
-        ) or any(walk(sub) for eqn in jaxpr.eqns for sub in _jaxpr.sub_jaxprs(eqn))
-
-    closed = jax.make_jaxpr(fun)(*args)
-    return walk(closed.jaxpr) or any(jnp.iscomplexobj(a) for a in jax.tree.leaves(args))
+    if any(jnp.iscomplexobj(a) for a in jax.tree.leaves(args)):
+        return True
+    return _jaxpr.computes_complex(jax.make_jaxpr(fun)(*args).jaxpr)
 
 
 def _vjp_unrounded(fun, *args, has_aux=False):

@@ -14,6 +14,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 from jax.extend import core
 
 Atom = Any  # core.Var or core.Literal
@@ -103,6 +104,17 @@ def closed_env(closed: core.ClosedJaxpr, args: Sequence) -> dict:
 def sub_jaxprs(eqn: core.JaxprEqn) -> list[core.Jaxpr]:
     """The jaxprs an equation holds in its parameters (bodies of scans, jits, conds, ...)."""
     return [getattr(j, "jaxpr", j) for j in core.jaxprs_in_params(eqn.params)]
+
+
+def computes_complex(jaxpr: core.Jaxpr) -> bool:
+    """Whether any equation of ``jaxpr``, at any depth, computes a complex value."""
+    for eqn in jaxpr.eqns:
+        dtypes = (getattr(v.aval, "dtype", None) for v in eqn.outvars)
+        if any(d is not None and np.issubdtype(d, np.complexfloating) for d in dtypes):
+            return True
+        if any(computes_complex(sub) for sub in sub_jaxprs(eqn)):
+            return True
+    return False
 
 
 def scope(eqn: core.JaxprEqn) -> str:

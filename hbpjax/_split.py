@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 from jax.extend import core
 
-from ._jaxpr import Atom, bind, evaluate
+from ._jaxpr import Atom, bind, computes_complex, evaluate
 
 IDENTITY, DIAGONAL, NONE = "identity", "diagonal", "none"
 
@@ -340,7 +340,7 @@ def k_bound(jaxpr, h, out, eqns) -> float | None:
     and, along the residual's equations, ranges of the derivative. ``h + z`` gives 1, a GRU's
     ``z h + (1 - z) n`` gives 1, ``relu(h + z)`` gives 1; a LayerNorm's ``gain / std`` is unknown.
     """
-    if any(jnp.iscomplexobj(v.aval) for e in jaxpr.eqns for v in e.outvars if hasattr(v.aval, "dtype")):
+    if computes_complex(jaxpr):
         return None  # the ranges are those of real values
     values = _values(jaxpr.eqns, {})
     lo, hi = _slopes(eqns, h, values).get(out, _ALL)
