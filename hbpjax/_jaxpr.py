@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
+import jax.numpy as jnp
 from jax.extend import core
 
 Atom = Any  # core.Var or core.Literal
@@ -110,7 +110,7 @@ def computes_complex(jaxpr: core.Jaxpr) -> bool:
     """Whether any equation of ``jaxpr``, at any depth, computes a complex value."""
     for eqn in jaxpr.eqns:
         dtypes = (getattr(v.aval, "dtype", None) for v in eqn.outvars)
-        if any(d is not None and np.issubdtype(d, np.complexfloating) for d in dtypes):
+        if any(d is not None and jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
             return True
         if any(computes_complex(sub) for sub in sub_jaxprs(eqn)):
             return True
