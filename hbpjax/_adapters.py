@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ._scan import residual_scan
+from .residual import gated
 
 PyTree = Any
 
@@ -56,10 +57,19 @@ def min_gru_split(gate: jax.Array, candidate: jax.Array):
     return 1.0 - z, z * candidate
 
 
-def cell_call(cell, carry: PyTree, inputs: jax.Array):
-    """``(new_carry, output)`` of a split cell, as ``nnx.RNN``/``nn.RNN`` expect from a cell."""
-    new = cell.residual(carry, cell.block(carry, inputs))
-    return new, cell.output(new)
+class SplitCell:
+    """What the split cells of both Flax APIs share: called as a cell, ``(new_carry, output)`` as
+    ``nnx.RNN``/``nn.RNN`` expect, from ``residual(carry, block(carry, inputs))``; the output is the
+    new carry unless the cell says otherwise."""
+
+    residual = staticmethod(gated)
+
+    def output(self, carry):
+        return carry
+
+    def __call__(self, carry, inputs):
+        new = self.residual(carry, self.block(carry, inputs))
+        return new, self.output(new)
 
 
 def check_split_cell(name: str, cell: Any, suggestion: str) -> None:

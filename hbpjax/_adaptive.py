@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._common import as_int, as_real
+from ._options import as_int, as_real
 from ._transform import highway_value_and_grad, normalize_argnums
 
 _NAME = "hbpjax.AdaptiveIterations"

@@ -9,9 +9,9 @@ and only the backward of the converted scans changes. Scans inside ``jit``/``nnx
 ``nn.scan`` and ``nn.RNN`` all lower to ``scan``.
 
 A scan is converted when its step has a residual path (:mod:`hbpjax._split`) and the caller's
-``scans=`` choice takes it. :func:`hbpjax.residual_scan` marks its scans (a named scope around the
-scan, another around the block), so they keep their own ``gamma``, ``linearize`` and split (the
-block is a cut, whatever it computes) and count for ``scans="marked"``. Nothing inside a
+``scans=`` choice takes it. The scan of a :func:`hbpjax.residual_scan` carries a mark with its
+options (:mod:`hbpjax._marks`), so it keeps its own ``gamma``, ``linearize`` and split (its block is
+a cut, whatever it computes) and counts for ``scans="marked"``. Nothing inside a
 :func:`hbpjax.exact` region is converted.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -27,16 +26,13 @@ import jax
 import numpy as np
 from jax.extend import core
 
-from . import _jaxpr
+from . import _context, _jaxpr, _marks
 from ._backward import Local, differentiate
-from ._common import is_float
-from ._context import EXACT
+from ._context import EXACT_SCOPE
+from ._jaxpr import is_float
+from ._options import Options, StackOptions
 from ._split import NONE
 from ._stack import scan_forward, scan_stack
-
-#: Scope names that mark what hbpjax's own functions trace (see :func:`marker`).
-RESIDUAL_SCAN, BLOCK = "hbpjax.residual_scan", "hbpjax.block"
-SCANS = ("auto", "marked")
 
 
 class NoStackWarning(UserWarning):
@@ -100,34 +96,6 @@ def _table(infos: Sequence[StackInfo]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-# ---------------------------------------------------------------------------------------- markers
-
-
-def marker(**options) -> str:
-    """The scope name :func:`hbpjax.residual_scan` traces its scan in, carrying its options
-    (``gamma``, ``linearize``; ``layer_axis`` and ``length`` for a layer-parallel stack)."""
-    return RESIDUAL_SCAN + "[" + ",".join(f"{k}={v!r}" if k == "gamma" else f"{k}={v}" for k, v in options.items()) + "]"
-
-
-_MARKER = re.compile(re.escape(RESIDUAL_SCAN) + r"\[([^\]]*)\]\)*$")
-
-
-def marked_options(eqn: core.JaxprEqn) -> dict | None:
-    """The options of a ``residual_scan``'s scan (or layer-parallel ``shard_map``), else ``None``."""
-    found = _MARKER.search(_jaxpr.scope(eqn))
-    if found is None:
-        return None
-    options = dict(item.split("=", 1) for item in found.group(1).split(",") if "=" in item)
-    if "gamma" in options:
-        options["gamma"] = float(options["gamma"])
-    return options
-
-
-def in_block(eqn: core.JaxprEqn) -> bool:
-    """Whether ``eqn`` belongs to the block of a ``residual_scan`` step (a cut for the split)."""
-    return _jaxpr.in_scope(eqn, BLOCK)
-
-
 # ----------------------------------------------------------------------------------------- tracing
 
 
@@ -140,10 +108,17 @@ class Traced:
     """``fun`` traced on some arguments: its jaxpr over the array leaves of ``(args, kwargs)``."""
 
     closed: core.ClosedJaxpr
-    leaves: list  # all leaves of (args, kwargs); non-arrays are baked into the jaxpr
-    dynamic: list[int]  # positions of the array leaves, the jaxpr's inputs
+    in_tree: Any
+    dynamic: list[int]  # positions of the leaves that are the jaxpr's inputs
     out_tree: Any
     out_static: dict  # output leaves that are not arrays (Python values in aux), by position
+
+    def inputs(self, args: tuple, kwargs: dict) -> list:
+        """The jaxpr's inputs from arguments laid out as the traced ones."""
+        leaves, in_tree = jax.tree.flatten((args, kwargs))
+        if in_tree != self.in_tree:
+            raise ValueError(f"hbpjax: arguments changed between tracing and evaluation: {in_tree} vs {self.in_tree}")
+        return [leaves[i] for i in self.dynamic]
 
     def unflatten(self, outs: Sequence):
         outs, leaves = iter(outs), []
@@ -152,10 +127,15 @@ class Traced:
         return jax.tree.unflatten(self.out_tree, leaves)
 
 
-def trace(fun: Callable, args: tuple, kwargs: dict) -> Traced:
-    """Traces ``fun(*args, **kwargs)`` to a jaxpr over the array leaves of the arguments."""
+def trace(fun: Callable, args: tuple, kwargs: dict, *, differentiated: Sequence[int] = ()) -> Traced:
+    """Traces ``fun(*args, **kwargs)`` to a jaxpr over the array leaves of the arguments and every
+    leaf of the positional arguments in ``differentiated`` (Python numbers there are traced, as
+    ``jax.grad`` traces them); other non-array leaves are baked into the jaxpr."""
     leaves, in_tree = jax.tree.flatten((args, kwargs))
-    dynamic = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
+    traced_args = {a % len(args) for a in differentiated} if args else set()
+    starts = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
+    forced = {i for a in traced_args for i in range(starts[a], starts[a + 1])}
+    dynamic = [i for i, leaf in enumerate(leaves) if i in forced or _is_dynamic(leaf)]
     found = {}
 
     def flat_fun(*values):
@@ -169,7 +149,7 @@ def trace(fun: Callable, args: tuple, kwargs: dict) -> Traced:
         return [x for i, x in enumerate(out_leaves) if i not in found["static"]]
 
     closed = jax.make_jaxpr(flat_fun)(*[leaves[i] for i in dynamic])
-    return Traced(closed, leaves, dynamic, found["tree"], found["static"])
+    return Traced(closed, in_tree, dynamic, found["tree"], found["static"])
 
 
 # ------------------------------------------------------------------------------------- the analysis
@@ -185,36 +165,34 @@ class _Found:
     trivial: bool = False  # length 0 or 1: Highway-BP would be exact backprop
 
 
-def _analyse(eqn: core.JaxprEqn, *, gamma: float, eval_eqn=None, exact: bool = False) -> _Found:
+def _analyse(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.JaxprEqn | None, eval_eqn) -> _Found:
+    """The report and stack of a scan equation; ``marked_by`` is the mark of a ``residual_scan``'s
+    scan (its options apply, its block is a cut, and its source is the user's call)."""
+    mark = _marks.stack_mark(marked_by) if marked_by is not None else None
     params = eqn.params
-    options = marked_options(eqn)
     num_consts, num_carry, body = _jaxpr.scan_layout(eqn)
     carry_avals = [v.aval for v in body.jaxpr.invars[num_consts : num_consts + num_carry]]
     carry = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in carry_avals)
     split, stack = scan_stack(
         body, num_consts=num_consts, num_carry=num_carry, length=params["length"], reverse=params["reverse"],
-        unroll=params["unroll"], gamma=options["gamma"] if options else gamma,
-        linearize=options.get("linearize", "vmap") if options else "vmap",
-        opaque=in_block if options else (lambda e: False),
-        eval_eqn=eval_eqn, name=RESIDUAL_SCAN if options else "hbpjax.highway_grad",
+        unroll=params["unroll"], options=mark.options if mark else options,
+        opaque=_marks.is_block if mark else (lambda e: False), eval_eqn=eval_eqn,
     )
     kinds = iter(split.kinds)
     residual = tuple(next(kinds) if is_float(a) else NONE for a in carry_avals)
+    converted = split.has_residual_path and params["length"] >= 2
     if not split.has_residual_path:
-        stack = None
-    if exact:
-        reason = "inside hbpjax.exact(): kept exact"
-    elif stack is None:
         reason = "no carry leaf has a residual path (h_new is not h plus or times something): exact backprop"
     elif params["length"] < 2:
-        reason, stack = f"length {params['length']}: nothing to parallelise (exact)", None
+        reason = f"length {params['length']}: nothing to parallelise (exact)"
     else:
-        reason = "residual_scan" if options else "residual path found"
+        reason = "residual_scan" if mark else "residual path found"
     info = StackInfo(
-        source=_jaxpr.user_source(eqn), kind="residual_scan" if options else "scan", length=params["length"],
-        carry=carry, residual=residual, converted=stack is not None and not exact, reason=reason,
+        source=_jaxpr.user_source(marked_by if mark else eqn), kind="residual_scan" if mark else "scan",
+        length=params["length"],
+        carry=carry, residual=residual, converted=converted, reason=reason,
     )
-    return _Found(info, None if exact else stack, options is not None, trivial=params["length"] < 2)
+    return _Found(info, stack if converted else None, mark is not None, trivial=params["length"] < 2)
 
 
 def _choose(scans) -> Callable[[_Found], bool]:
@@ -225,23 +203,14 @@ def _choose(scans) -> Callable[[_Found], bool]:
     return lambda found: bool(scans(found.info))
 
 
-def check_scans(name: str, scans):
-    """Validates the ``scans=`` option of the transforms."""
-    if callable(scans) or (isinstance(scans, str) and scans in SCANS):
-        return scans
-    if isinstance(scans, str):
-        raise ValueError(
-            f"{name}: `scans` must be 'auto' (every residual scan), 'marked' (only residual_scan and "
-            f"hbpjax modules) or a callable StackInfo -> bool; got {scans!r}."
-        )
-    raise TypeError(
-        f"{name}: `scans` must be 'auto', 'marked' or a callable StackInfo -> bool; got {scans!r} of "
-        f"type {type(scans).__name__}."
-    )
-
-
 _CALLS = ("jit", "pjit")
-_REMATS = ("remat", "remat2", "checkpoint")
+_REMATS = _marks.CHECKPOINTS
+
+
+def _inner(eqn):
+    """``(jaxpr, consts)`` of a call or checkpoint equation."""
+    inner = eqn.params["jaxpr"]
+    return getattr(inner, "jaxpr", inner), getattr(inner, "consts", ())
 
 
 class Rewriter:
@@ -253,23 +222,26 @@ class Rewriter:
       trivial: how many ``residual_scan``s of length 0 or 1 were met (nothing to parallelise:
         their backward is exact either way, so they are not converted and not warned about).
       kept_exact: how many equations were left alone inside :func:`hbpjax.exact` regions.
+      reported: the stacks given a report slot, in program order.
     """
 
-    def __init__(self, settings, choose: Callable[[_Found], bool], slots=None):
-        self.settings = settings
-        self.choose = choose
-        self.slots = slots  # per top-level converted stack, the input its sweep report comes back in
+    def __init__(self, options: Options, slots=None):
+        self.options = options
+        self.choose = _choose(options.scans)
+        self.auto = StackOptions(gamma=options.gamma, name=options.name)  # automatically found stacks'
+        self.slots = slots  # per reporting stack, the input its sweep report comes back in
         self.converted = 0
         self.trivial = 0
         self.kept_exact = 0
-        self.reported: list[StackInfo] = []  # the stacks given a report slot, in program order
+        self.reported: list[StackInfo] = []
         self._nested = 0
         self._found: dict[int, _Found] = {}
         self._rewrites: dict[int, bool] = {}
 
-    def found(self, eqn) -> _Found:
+    def found(self, eqn, marked_by=None) -> _Found:
+        """The analysis of a scan equation (``marked_by``: the mark of a ``residual_scan``'s scan)."""
         if id(eqn) not in self._found:
-            self._found[id(eqn)] = _analyse(eqn, gamma=self.settings.gamma, eval_eqn=self.eval_nested)
+            self._found[id(eqn)] = _analyse(eqn, options=self.auto, marked_by=marked_by, eval_eqn=self.eval_nested)
         return self._found[id(eqn)]
 
     def eval_nested(self, eqn, invals: list) -> list:
@@ -280,9 +252,11 @@ class Rewriter:
         finally:
             self._nested -= 1
 
-    def converts(self, eqn) -> bool:
-        found = self.found(eqn)
+    def converts(self, eqn, marked_by=None) -> bool:
+        found = self.found(eqn, marked_by)
         return found.stack is not None and self.choose(found)
+
+    # ---------------------------------------------------------------- what the program holds
 
     def rewrites(self, jaxpr) -> bool:
         """Whether anything in ``jaxpr`` (through calls and checkpoints) is converted."""
@@ -291,71 +265,96 @@ class Rewriter:
         return self._rewrites[id(jaxpr)]
 
     def _rewrites_eqn(self, eqn) -> bool:
-        if _jaxpr.in_scope(eqn, EXACT):
+        if _jaxpr.in_scope(eqn, EXACT_SCOPE):
             return False
-        name = eqn.primitive.name
+        name, mark = eqn.primitive.name, _marks.stack_mark(eqn)
+        if mark is not None:
+            return True  # evaluated by its contents, counted (converted already, or converted here)
         if name == "scan":
             return self.converts(eqn)
         if name in _CALLS or name in _REMATS:
-            return self.rewrites(eqn.params["jaxpr"].jaxpr if name in _CALLS else _open(eqn.params["jaxpr"]))
+            return self.rewrites(_inner(eqn)[0])
         return False
+
+    def reporting(self, jaxpr) -> list[StackInfo]:
+        """The stacks of ``jaxpr`` that :meth:`eval_eqn` gives a report slot, in program order."""
+        out = []
+        for eqn in jaxpr.eqns:
+            mark = _marks.stack_mark(eqn)
+            if _jaxpr.in_scope(eqn, EXACT_SCOPE) or (mark is not None and mark.layer_axis is not None):
+                continue
+            if mark is not None:
+                scans = [e for e in _inner(eqn)[0].eqns if e.primitive.name == "scan"]
+                out += [self.found(e, eqn).info for e in scans if self.converts(e, eqn)]
+            elif eqn.primitive.name == "scan":
+                out += [self.found(eqn).info] if self.converts(eqn) else []
+            elif eqn.primitive.name in _CALLS or eqn.primitive.name in _REMATS:
+                out += self.reporting(_inner(eqn)[0])
+        return out
+
+    # ---------------------------------------------------------------------------- evaluation
 
     def eval_closed(self, closed, args: Sequence) -> list:
         return self.eval_jaxpr(closed.jaxpr, closed.consts, args)
 
-    def eval_jaxpr(self, jaxpr, consts: Sequence, args: Sequence) -> list:
+    def eval_jaxpr(self, jaxpr, consts: Sequence, args: Sequence, *, marked_by=None) -> list:
         env = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
         for eqn in jaxpr.eqns:
-            outs = self.eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])
+            invals = [_jaxpr.read(env, a) for a in eqn.invars]
+            if marked_by is not None and eqn.primitive.name == "scan":
+                outs = self._eval_scan(eqn, invals, marked_by)
+            else:
+                outs = self.eval_eqn(eqn, invals)
             env.update(zip(eqn.outvars, outs))
         return [_jaxpr.read(env, a) for a in jaxpr.outvars]
 
     def eval_eqn(self, eqn, invals: list) -> list:
-        """One equation: a converted scan, a call with converted scans inside, or bound as traced."""
+        """One equation: a converted scan, a marked one, a call with converted scans inside, or
+        bound as traced."""
         name = eqn.primitive.name
-        if _jaxpr.in_scope(eqn, EXACT):
+        if _jaxpr.in_scope(eqn, EXACT_SCOPE):
             self.kept_exact += 1
             return _jaxpr.bind(eqn, invals)
+        mark = _marks.stack_mark(eqn)
+        if mark is not None or _marks.is_block(eqn):  # the contents, marked scans converted
+            if mark is not None and mark.layer_axis is not None:
+                self.converted += 1  # a layer-parallel residual_scan: Highway-BP inside already
+                mark = None
+            return self.eval_jaxpr(*_inner(eqn), invals, marked_by=eqn if mark is not None else None)
         if name == "scan":
-            self.trivial += self.found(eqn).marked and self.found(eqn).trivial
-            if self.converts(eqn):
-                self.converted += 1
-                slot = None
-                if not self._nested:
-                    self.reported.append(self.found(eqn).info)
-                    if self.slots is not None:
-                        slot = self.slots[len(self.reported) - 1]
-                return self._run(self.found(eqn).stack, eqn, invals, slot)
-        if name in _CALLS and self.rewrites(eqn.params["jaxpr"].jaxpr):
-            inner = eqn.params["jaxpr"]
-            fn = functools.partial(self.eval_closed, inner)
+            return self._eval_scan(eqn, invals, None)
+        if name in _CALLS and self.rewrites(_inner(eqn)[0]):
+            fn = functools.partial(self.eval_jaxpr, *_inner(eqn))
             return list(jax.jit(_named(fn, eqn.params.get("name", "jit")))(*invals))
-        if name in _REMATS and self.rewrites(_open(eqn.params["jaxpr"])):
-            inner = eqn.params["jaxpr"]
-            fn = functools.partial(self.eval_jaxpr, _open(inner), getattr(inner, "consts", ()))
+        if name in _REMATS and self.rewrites(_inner(eqn)[0]):
+            fn = functools.partial(self.eval_jaxpr, *_inner(eqn))
             policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
             return list(jax.checkpoint(lambda *a: fn(a), policy=policy, prevent_cse=prevent_cse)(*invals))
-        if name == "shard_map" and marked_options(eqn) is not None:
-            self.converted += 1  # a layer-parallel residual_scan: Highway-BP inside already
         return _jaxpr.bind(eqn, invals)
 
-    def _run(self, stack, eqn, invals, slot):
+    def _eval_scan(self, eqn, invals, marked_by) -> list:
+        found = self.found(eqn, marked_by)
+        self.trivial += found.marked and found.trivial
+        if not self.converts(eqn, marked_by):
+            return _jaxpr.bind(eqn, invals)
+        self.converted += 1
+        slot = None
+        if not self._nested:
+            self.reported.append(found.info)
+            if self.slots is not None:
+                slot = self.slots[len(self.reported) - 1]
         # Literal operands (a Python float as the initial carry) become arrays of their type.
         invals = [jax.numpy.asarray(v, a.aval.dtype) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
         num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
         consts = tuple(invals[:num_consts])
         init = list(invals[num_consts : num_consts + num_carry])
         xs = list(invals[num_consts + num_carry :])
-        forward = functools.partial(scan_forward, stack)
+        forward = functools.partial(scan_forward, found.stack)
         final, ys = differentiate(
-            stack, init, xs, consts, settings=self.settings, forward=forward, chain=Local, slot=slot
+            found.stack, init, xs, consts, options=self.options, forward=forward, chain=Local, slot=slot
         )
         return [*final, *ys]
-
-
-def _open(jaxpr):
-    return getattr(jaxpr, "jaxpr", jaxpr)
 
 
 def _named(fn, name):
@@ -369,55 +368,45 @@ def _named(fn, name):
     return named
 
 
-def rewrite(fun: Callable, settings, *, scans, name: str, report: bool = False) -> Callable:
-    """``fun`` with its chosen residual scans running as Highway-BP stacks (same values).
+class Conversion:
+    """A function traced once on some arguments, evaluated with its chosen stacks converted.
 
-    With ``report``, the result takes a first argument ``slots`` (``float32[n, 2]``, zeros): the
-    ``i``-th converted stack ignores ``slots[i]`` and returns its sweep report as the cotangent of
-    it, so the gradient with respect to ``slots`` is the report. ``rewritten.stacks(*args,
-    **kwargs)`` says which stacks those are (``n`` of them, in program order).
+    Attributes:
+      traced: the function's jaxpr over its array arguments.
+      stacks: the converted stacks that report (``return_report``), in program order.
     """
-    choose = _choose(scans)
 
-    def run(slots, args, kwargs):
-        traced = trace(fun, args, kwargs)
-        rewriter = Rewriter(settings, choose, slots)
-        outs = rewriter.eval_closed(traced.closed, [traced.leaves[i] for i in traced.dynamic])
+    def __init__(self, fun: Callable, options: Options, args: tuple, kwargs: dict, *, differentiated=()):
+        self.options = options
+        with _context.active(options):
+            self.traced = trace(fun, args, kwargs, differentiated=differentiated)
+        self.stacks = Rewriter(options).reporting(self.traced.closed.jaxpr)
+
+    def evaluate(self, slots, *args, **kwargs):
+        """The function's value at ``(args, kwargs)`` (laid out as the traced ones), its stacks
+        converted. ``slots`` is ``None`` or a ``float32[len(stacks), 2]`` that the stacks ignore and
+        whose cotangent is their sweep report."""
+        rewriter = Rewriter(self.options, slots)
+        outs = rewriter.eval_closed(self.traced.closed, self.traced.inputs(args, kwargs))
+        if [s.source for s in rewriter.reported] != [s.source for s in self.stacks]:
+            raise AssertionError(f"hbpjax: the stacks that report changed: {rewriter.reported} vs {self.stacks}")
         if rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0:
-            seen = [f.info for f in rewriter._found.values()]
-            listing = "".join(f"\n  {i.source} ({i.kind}, L={i.length}): {i.reason}" for i in seen[:5])
-            listing = listing or " The function runs no scan (a Python loop of layers is not a stack)."
-            warnings.warn(
-                NoStackWarning(
-                    f"{name}: found no residual stack to convert (scans={scans!r}), so this gradient is "
-                    f"plain backprop.{listing}\nhbpjax.find_stacks(fun, *args) lists every scan and "
-                    "why it was not converted."
-                ),
-                stacklevel=3,
-            )
-        return traced.unflatten(outs), rewriter
+            _warn_none_converted(self.options, rewriter)
+        return self.traced.unflatten(outs)
 
-    if report:
 
-        @functools.wraps(fun)
-        def rewritten(slots, *args, **kwargs):
-            return run(slots, args, kwargs)[0]
-
-    else:
-
-        @functools.wraps(fun)
-        def rewritten(*args, **kwargs):
-            return run(None, args, kwargs)[0]
-
-    def stacks(*args, **kwargs) -> list[StackInfo]:
-        """The converted stacks that report, in program order (the rewrite run abstractly)."""
-        traced = trace(fun, args, kwargs)
-        rewriter = Rewriter(settings, choose)
-        jax.make_jaxpr(lambda *d: rewriter.eval_closed(traced.closed, d))(*[traced.leaves[i] for i in traced.dynamic])
-        return rewriter.reported
-
-    rewritten.stacks = stacks
-    return rewritten
+def _warn_none_converted(options: Options, rewriter: Rewriter) -> None:
+    seen = [f.info for f in rewriter._found.values()]
+    listing = "".join(f"\n  {i.source} ({i.kind}, L={i.length}): {i.reason}" for i in seen[:5])
+    listing = listing or " The function runs no scan (a Python loop of layers is not a stack)."
+    warnings.warn(
+        NoStackWarning(
+            f"{options.name}: found no residual stack to convert (scans={options.scans!r}), so this gradient is "
+            f"plain backprop.{listing}\nhbpjax.find_stacks(fun, *args) lists every scan and why it was not "
+            "converted."
+        ),
+        stacklevel=4,
+    )
 
 
 # --------------------------------------------------------------------------------------- find_stacks
@@ -449,44 +438,42 @@ def find_stacks(fun: Callable, *args, **kwargs) -> Stacks:
     """
     if not callable(fun):
         raise TypeError(f"hbpjax.find_stacks: `fun` must be callable; got {fun!r}.")
-    from . import _context
-
-    settings = _context.HighwaySettings(iterations=0)
-    with _context.active(settings):  # layer-parallel residual_scans trace as they would under highway_grad
+    options = Options(iterations=0, name="hbpjax.find_stacks")
+    with _context.active(options):  # residual_scans trace as they do under highway_grad
         traced = trace(fun, args, kwargs)
-    rewriter = Rewriter(settings, _choose("auto"))
     infos = Stacks()
-    _collect(rewriter, traced.closed.jaxpr, infos, exact=False, nested=False)
+    _collect(Rewriter(options), traced.closed.jaxpr, infos, exact=False, nested=False)
     return infos
 
 
-def _collect(rewriter: Rewriter, jaxpr, infos: list, *, exact: bool, nested: bool) -> None:
+def _collect(rewriter: Rewriter, jaxpr, infos: list, *, exact: bool, nested: bool, marked_by=None) -> None:
     """Appends, in program order, what ``jaxpr`` holds: scans (then what their bodies hold), calls'
     contents, layer-parallel stacks, and chains of residual blocks written out one by one."""
     chains = {id(eqn): info for eqn, info in _unrolled(jaxpr)}
     for eqn in jaxpr.eqns:
         if id(eqn) in chains:
             infos.append(chains[id(eqn)])
-        inner_exact = exact or _jaxpr.in_scope(eqn, EXACT)
-        name = eqn.primitive.name
-        if name == "scan":
-            found = rewriter.found(eqn)
+        inner_exact = exact or _jaxpr.in_scope(eqn, EXACT_SCOPE)
+        name, eqn_mark = eqn.primitive.name, _marks.stack_mark(eqn)
+        if eqn_mark is not None and eqn_mark.layer_axis is not None:
+            infos.append(
+                StackInfo(
+                    source=_jaxpr.user_source(eqn), kind="residual_scan", length=eqn_mark.length, carry=(),
+                    residual=(), converted=not inner_exact,
+                    reason=f"layer-parallel over mesh axis {eqn_mark.layer_axis!r}",
+                )
+            )
+        elif eqn_mark is not None:
+            _collect(rewriter, _inner(eqn)[0], infos, exact=inner_exact, nested=nested, marked_by=eqn)
+        elif name == "scan":
+            found = rewriter.found(eqn, marked_by)
             info = found.info
             if inner_exact:
                 info = dataclasses.replace(info, converted=False, reason="inside hbpjax.exact(): kept exact")
             elif nested and found.stack is not None:
                 info = dataclasses.replace(info, reason=info.reason + " (nested: converted within the outer block)")
             infos.append(info)
-            _collect(rewriter, eqn.params["jaxpr"].jaxpr, infos, exact=inner_exact, nested=True)
-        elif name == "shard_map" and marked_options(eqn) is not None:
-            options = marked_options(eqn)
-            infos.append(
-                StackInfo(
-                    source=_jaxpr.user_source(eqn), kind="residual_scan", length=int(options.get("length", 0)),
-                    carry=(), residual=(), converted=not inner_exact,
-                    reason=f"layer-parallel over mesh axis {options.get('layer_axis')!r}",
-                )
-            )
+            _collect(rewriter, _jaxpr.scan_layout(eqn)[2].jaxpr, infos, exact=inner_exact, nested=True)
         else:
             for sub in _jaxpr.sub_jaxprs(eqn):
                 _collect(rewriter, sub, infos, exact=inner_exact, nested=nested)

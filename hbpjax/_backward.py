@@ -1,16 +1,15 @@
-"""The Highway-BP backward of a residual stack, for a stack on one device or split over devices.
+"""The Highway-BP backward of a residual stack, on one device or split over devices.
 
-Given the saved carries and the cotangents arriving from outside, :func:`highway_backward`
+Given the saved carries and the cotangents arriving from outside, :func:`highway_backward` runs
+four steps, each a function here (or in :mod:`hbpjax._linearize`):
 
-1. linearizes every layer once, in parallel: one ``jax.vjp`` over all layers of the block path
-   (the block, then the residual with its own carry held fixed), per-step inputs mapped and
-   shared values broadcast, so shared weights get one summed gradient instead of a ``(L, ...)``
-   stack of per-step gradients. What it stores for the sweeps is what is costly to recompute
-   (matmuls, transcendentals); each VJP redoes the elementwise arithmetic;
-2. takes the diagonal ``K`` of the residual's carry Jacobian (one ``jvp`` with ones);
-3. solves the residual-path-only recurrence with one prefix scan, then runs ``k`` sweeps of "all
-   layers' VJPs at once, then one prefix scan";
-4. reads parameter, input and initial-carry cotangents off one last VJP at the final estimate.
+1. :func:`hbpjax._linearize.linearize`: every layer's block path linearized once, all at once;
+2. :func:`residual_path`: the diagonal ``K`` of the residual's carry Jacobian, and the prefix
+   scan along it planned once (:mod:`hbpjax._prefix`);
+3. :func:`sweep`: the residual-path-only recurrence solved with one prefix scan, then ``k`` sweeps
+   of "all layers' VJPs at once, then one prefix scan";
+4. :func:`read_cotangents`: parameter, input and initial-carry cotangents off one last VJP at the
+   final estimate.
 
 Everything that crosses the boundary of the stack's chunk goes through a :class:`Chain`:
 :class:`Local` for a whole stack on one device, or :class:`DeviceChain` for a stack whose layers are
@@ -25,16 +24,16 @@ layer-parallel stacks alike.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from . import _jaxpr, _prefix
-from ._common import own_buffer
+from . import _prefix
+from ._linearize import Linearization, linearize
+from ._options import Options
+from ._prefix import own_buffer
 from ._stack import BLOCK, CARRY, Stack
 
 PyTree = Any
@@ -77,6 +76,10 @@ class Chain(Protocol):
         this chunk's end is the next chunk's ``y[0]``), given this chunk's ``k`` and its plan
         ``_prefix.plan(k)``."""
 
+    def constant_k_solver(self, discount: float) -> Callable[[PyTree], PyTree] | None:
+        """``solve(u)`` for a constant ``k = discount`` (the residual path ``h + z``, ``K = 1``, with
+        ``discount = 1 - gamma``) if this chain has one that needs no plan, else ``None``."""
+
     def reduce_first(self, x: PyTree) -> PyTree:
         """The cotangent of the initial carry from this chunk's (only the first chunk's counts)."""
 
@@ -111,6 +114,12 @@ class Local:
 
     def solver(self, planned, k):
         return lambda u: _solve(planned, u)
+
+    def constant_k_solver(self, discount):
+        """A reverse cumulative sum (``discount = 1``) or, for ``gamma > 0``, its discounted form."""
+        if discount == 1.0:
+            return lambda u: tmap(lambda a: lax.cumsum(a, axis=0, reverse=True), u)
+        return lambda u: _solve(_plan(tmap(lambda a: jnp.full_like(a, discount), u)), u)
 
     def reduce_first(self, x):
         """The cotangent of ``init``: only the chunk holding layer 1 contributes."""
@@ -176,6 +185,9 @@ class DeviceChain:
 
         return solve
 
+    def constant_k_solver(self, discount):
+        return None  # the chunks' transfer coefficients are per device: the general solver
+
     def _gather(self, x):
         """Every chunk's ``x`` stacked on a new leading axis, on every device (one collective).
 
@@ -207,7 +219,7 @@ def differentiate(
     xs: PyTree,
     consts: tuple,
     *,
-    settings,
+    options: Options,
     forward: Callable,
     chain: Callable[[], Chain],
     slot: jax.Array | None = None,
@@ -221,7 +233,7 @@ def differentiate(
     Args:
       stack: the stack's description.
       init, xs, consts: the flat carry leaves, the per-step inputs and the shared values.
-      settings: the :class:`hbpjax._context.HighwaySettings` of the backward.
+      options: the transform's options (iterations, tol, save_linearization).
       forward: ``forward(init, xs, consts) -> (final, ys, saved)``.
       chain: ``chain() -> Chain``, called inside the backward (a device chain reads its position on
         the mesh axis there).
@@ -230,7 +242,7 @@ def differentiate(
     """
 
     # A traced number of sweeps is an input of the custom_vjp (its backward may not close over it).
-    k = settings.iterations if settings.traced else None
+    k = options.iterations if options.traced else None
 
     def primal(init, xs, consts, k, slot):
         final, ys, _ = forward(init, xs, consts)
@@ -242,8 +254,8 @@ def differentiate(
 
     def bwd(residuals, cotangents):
         *residuals, k = residuals
-        run_settings = settings if k is None else dataclasses.replace(settings, iterations=k)
-        cts, report = highway_backward(stack, run_settings, chain(), residuals, cotangents, report=slot is not None)
+        run_options = options if k is None else dataclasses.replace(options, iterations=k)
+        cts, report = highway_backward(stack, run_options, chain(), residuals, cotangents, report=slot is not None)
         return (*cts, None, None if slot is None else report.astype(slot_dtype))
 
     slot_dtype = None if slot is None else slot.dtype
@@ -253,56 +265,8 @@ def differentiate(
     return run(init, xs, consts, k, slot)
 
 
-def _reverse_sum(discount, u):
-    """``w[j] = u[j] + discount * w[j + 1]``: a reverse cumulative sum (``discount = 1``) or, for
-    ``gamma > 0``, its discounted form (then through the prefix scan with a constant ``k``)."""
-    if discount == 1.0:
-        return tmap(lambda a: lax.cumsum(a, axis=0, reverse=True), u)
-    return _solve(_plan(tmap(lambda a: jnp.full_like(a, discount), u)), u)
-
-
-def _unit(k):
-    """``k`` with its magnitude capped at 1 (``clip`` for reals; complex ``k`` keep their phase)."""
-    if jnp.iscomplexobj(k):
-        return k / jnp.maximum(jnp.abs(k), 1.0)
-    return jnp.clip(k, -1.0, 1.0)
-
-
-def _at_last(a):
-    """A boolean mask over ``a``'s leading axis, true at its last row (broadcasts against ``a``)."""
-    return (jnp.arange(a.shape[0]) == a.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
-
-
-def _add_at_last(a, x):
-    """``a`` with ``x`` added to ``a[-1]``: elementwise (fused, in place), not a scatter that would
-    copy ``a`` where it is read elsewhere."""
-    return a + jnp.where(_at_last(a), x[None], jnp.zeros_like(x)[None])
-
-
-def _shift_up(a, fill):
-    """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
-    return jnp.concatenate([a[1:], fill[None]], axis=0)
-
-
-def _last(a):
-    """``a[-1]`` as a small buffer of its own: a reduction, which XLA does not fuse into the ops that
-    read it (a slice would be, keeping all of ``a`` alive for as long as they run). It reads the
-    last two rows only (a reduction over one row would be simplified back into a slice)."""
-    two = a[-2:]
-    return jnp.sum(jnp.where(_at_last(two), two, jnp.zeros_like(two)), axis=0)
-
-
-def _shift_down(a, fill):
-    """``out[j] = a[j - 1]``, ``out[0] = fill``."""
-    return jnp.concatenate([fill[None], a[:-1]], axis=0)
-
-
-def _flip(tree):
-    return tmap(lambda a: jnp.flip(a, 0), tree)
-
-
-def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents, *, report: bool = False):
-    """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``settings.iterations`` sweeps.
+def highway_backward(stack: Stack, options: Options, chain: Chain, residuals, cotangents, *, report: bool = False):
+    """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``options.iterations`` sweeps.
 
     The sweeps solve for ``y[j]``, the cotangent of the carry *entering* layer ``j`` (``h_j``), so
     that ``y[j] = e[j - 1] + (K_j + J_j)^T y[j + 1]`` pairs each layer's own diagonal ``K_j`` with
@@ -310,7 +274,7 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
 
     Args:
       stack: the stack's description.
-      settings: iterations and tol.
+      options: iterations, tol, save_linearization.
       chain: where this chunk of the stack sits.
       residuals: ``(init, saved, xs, consts)`` as saved by the forward of :func:`differentiate`.
       cotangents: ``(ct_final, ct_ys)``: of the final carry leaves and of the per-step outputs.
@@ -321,17 +285,44 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
       relative change]`` (NaN when no sweep ran), or ``None`` without ``report``.
     """
     init, saved, xs, consts = residuals
+    at = incoming(stack, chain, saved, xs, cotangents)
+    exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
+    if options.traced:  # known at run time only: a loop with a run-time trip count
+        sweeps = jnp.clip(options.iterations, 0, exact_after)
+    else:
+        sweeps = min(options.iterations, exact_after)
+    read_once = not options.traced and sweeps == 0 and not at.ct_block
+    lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
+    path = residual_path(stack, chain, at.h_prev, lin.z)
+    after, done = sweep(stack, options, chain, at, lin, path, sweeps, report=report)
+    return read_cotangents(stack, chain, init, after, at, lin, path), done
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    """What the backward of a chunk starts from (per differentiated carry leaf, lists).
+
+    Attributes:
+      h_prev: the carry entering every layer (``h_0 .. h_{L-1}``, as the forward saved it).
+      xe: every layer's per-step inputs and its non-differentiated carry leaves (state).
+      e: the cotangent arriving from outside at every layer's output ``h_1 .. h_L`` (``None``
+        where none does).
+      ct_block: the cotangents of the block's own per-step outputs.
+      tail: the cotangent from outside at the carry past this chunk's last layer.
+    """
+
+    h_prev: list
+    xe: tuple
+    e: list
+    ct_block: list
+    tail: list
+
+
+def incoming(stack: Stack, chain: Chain, saved, xs, cotangents) -> Incoming:
+    """The layers' inputs and the cotangents from outside, in the order the forward ran."""
     ct_final, ct_ys = cotangents
     if stack.reverse:  # the same maths on the steps in the order the forward ran them
         saved, xs, ct_ys = _flip(saved), _flip(xs), _flip(ct_ys)
-
-    # Inputs of each layer: the carries h_0..h_{L-1}, as the forward saved them.
-    prev = saved
-    h_prev = [prev[i] for i in stack.diff]
-    xe = (xs, [prev[i] for i in stack.state])
-
-    # Cotangent arriving from outside at each differentiated carry h_1..h_L (step j's output is
-    # h_{j+1}), and at the block's own per-step outputs.
     e = [None] * len(stack.diff)
     ct_block = [None] * stack.block_outputs
     for route, ct in zip(stack.y_route, jax.tree.leaves(ct_ys)):
@@ -339,132 +330,133 @@ def highway_backward(stack: Stack, settings, chain: Chain, residuals, cotangents
             e[route[1]] = ct if e[route[1]] is None else e[route[1]] + ct
         elif route is not None and route[0] == BLOCK:
             ct_block[route[1]] = ct
-    outside_only_at_end = all(ej is None for ej in e)  # a deep net read at its output only
-    # The cotangent from outside at h_L, the carry past this chunk's last layer that no chunk's y
-    # holds: the final carry's, and the last step's output's (on the chunk that ends the stack).
+    # The carry past this chunk's last layer is in no chunk's y: its cotangent is the final carry's
+    # and, on the chunk that ends the stack, the last step's output's.
     last = chain.on_last([ct_final[i] for i in stack.diff])
     tail = [lj if ej is None else lj + chain.only_last(_last(ej)) for ej, lj in zip(e, last)]
+    h_prev = [saved[i] for i in stack.diff]
+    return Incoming(h_prev, (xs, [saved[i] for i in stack.state]), e, ct_block, tail)
 
-    exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
-    if settings.traced:  # known at run time only: a loop with a run-time trip count
-        sweeps = jnp.clip(settings.iterations, 0, exact_after)
+
+@dataclasses.dataclass(frozen=True)
+class ResidualPath:
+    """The residual path the prefix scan follows, ``K' = (1 - gamma) * clip(K, -1, 1)``.
+
+    What the scan leaves out of ``K`` (``gamma``'s share, and any ``|K| > 1``) joins the block's
+    term in the sweeps (:meth:`rest`); ``K + J`` is unchanged, so ``k >= L`` stays exact.
+
+    Attributes:
+      k_first: ``K`` of the first layer (the initial carry's cotangent needs the whole of it).
+      k_last: ``K'`` of this chunk's last layer.
+      solve: ``solve(u) -> y`` with ``y[j] = u[j] + K'[j] y[j + 1]`` over the whole stack.
+      k_diag, k_scan: ``K`` and ``K'`` of every layer; ``None`` when ``K = 1`` (``K' = 1 - gamma``).
+      gamma: the stack's ``gamma``.
+      clamp: whether ``K'`` is clipped (``|K| <= 1`` is not known and the block reads the carry).
+    """
+
+    k_first: list
+    k_last: list
+    solve: Callable
+    k_diag: list | None
+    k_scan: list | None
+    gamma: float
+    clamp: bool
+
+    def rest(self, after):
+        """What the scan leaves out of ``K``: ``(K - K')[j] y[j + 1]``, or ``None`` if nothing."""
+        gamma = self.gamma
+        if not (self.clamp or gamma):
+            return None
+        if self.k_scan is None:  # K = 1: the rest is gamma
+            return tmap(lambda a: gamma * a, after)
+        if self.clamp or gamma == 1.0:
+            return tmap(lambda k, ks, a: k * a - ks * a, self.k_diag, self.k_scan, after)
+        ratio = gamma / (1.0 - gamma)  # K - K' = gamma K = ratio K' (gamma < 1 here)
+        return tmap(lambda ks, a: ratio * (ks * a), self.k_scan, after)
+
+
+def residual_path(stack: Stack, chain: Chain, h_prev: list, z) -> ResidualPath:
+    """Step 2: ``K`` of every layer (one ``jvp`` with ones) and the prefix scan along ``K'``, planned
+    once for all sweeps.
+
+    ``K'`` is clipped to ``[-1, 1]``: with ``|K| > 1`` the sweeps would add up terms of size
+    ``|K|^L`` that cancel (garbage, then NaN, where backprop is finite). The clip is skipped where
+    the split proves ``|K| <= 1`` (gates, ReLU masks, ``h + z``) and where the block ignores the
+    carry (``J = 0``: ``K`` is kept whole, so ``k = 0`` stays exact, and the scan caps its products).
+    """
+    gamma = stack.options.gamma
+    clamp = stack.block_reads_carry and not stack.k_within_one
+    solve = chain.constant_k_solver(1.0 - gamma) if stack.k_is_one else None
+    if solve is not None:  # h + z: K = 1, so K' = 1 - gamma is a constant
+        ones = [jnp.ones((), h.dtype) for h in h_prev]
+        return ResidualPath(ones, [1 - gamma for _ in ones], solve, None, None, gamma, clamp=False)
+    residuals = jax.vmap(stack.residual)
+    _, k_diag = jax.jvp(lambda h: residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
+    if clamp:
+        scanned = lambda k: (1.0 - gamma) * _unit(k)
     else:
-        sweeps = min(settings.iterations, exact_after)
+        scanned = lambda k: (1.0 - gamma) * k if gamma else k
+    k_scan = tmap(scanned, k_diag)
+    planned = _plan(k_scan)  # the k-only half of the prefix scan, shared by every sweep
+    return ResidualPath(
+        tmap(lambda k: k[0], k_diag), [k[-1] for k in k_scan], chain.solver(planned, k_scan), k_diag, k_scan,
+        gamma, clamp,
+    )
 
-    # Linearize every layer once, all in parallel. Shared values are broadcast (in_axes=None):
-    # their cotangent is summed inside the transposed ops, never stacked per step. Read by more
-    # than one VJP, the linearization stores only what is costly to recompute (_lean); read once
-    # (k = 0 and no per-step block outputs) it is kept whole: nothing to save, no work to redo. A
-    # block computing complex values is kept whole too (_holds_complex).
-    # What is linearized is the block path of each layer's output (_block_path), so that one VJP
-    # takes the cotangents of the layers' outputs to those of their inputs.
-    read_once = not settings.traced and sweeps == 0 and not ct_block
-    path = _block_path(stack)
-    if not settings.save_linearization:
-        z, vjp_block = _linearize_in_chunks(path, h_prev, xe, consts)
-    else:
-        whole = read_once or _holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
-        block, vjp = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
-        if stack.linearize == "unroll":
-            z, vjp_block = _linearize_unrolled(block, h_prev, xe, consts, vjp=vjp)
-        else:
-            _, vjp_block, z = vjp(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
-    all_residuals = jax.vmap(stack.residual)
 
-    def layer_vjp(after):
-        """(d h, d xe, d consts) of every layer's block path for the cotangents ``after[j]`` of
-        each layer's output."""
-        return vjp_block((after, ct_block))
+def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linearization, path: ResidualPath,
+          sweeps, *, report: bool):
+    """Step 3: the first estimate (the residual path alone), then ``sweeps`` sweeps.
+
+    Every sweep solves ``y = solve(b + J^T y_previous + rest)``, with ``b`` what comes from
+    outside: ``b[j] = e[j - 1]`` (the previous chunk's last ``e`` at ``j = 0``) plus, at the chunk's
+    last layer, ``K'`` times the cotangent from outside at ``h_L``. Only ``b`` is kept across the
+    sweeps (XLA reads the cotangents from outside once, to build it). The sweeps carry ``y``
+    shifted to the layers' outputs (``after``, what the VJPs read): the shift fuses into the scan.
+
+    Returns:
+      ``(after, report)``: the final cotangents of every layer's output, and the report (or ``None``).
+    """
+    b = []
+    for h, ej, kl, t in zip(at.h_prev, at.e, path.k_last, at.tail):
+        bj = jnp.zeros_like(h) if ej is None else _shift_down(ej, chain.from_previous(ej[-1]))
+        b.append(_add_at_last(bj, kl * t))
 
     def outputs(y):
         """The cotangent of every layer's output: ``y[j + 1]``, and past the chunk's end the next
         chunk's ``y[0]`` plus what comes from outside."""
         nxt = chain.from_next(tmap(lambda a: a[0], y))
-        return tmap(lambda a, n, t: _shift_up(a, n + t), y, nxt, tail)
+        return tmap(lambda a, n, t: _shift_up(a, n + t), y, nxt, at.tail)
 
-    # The residual path the prefix scan solves: K' = (1 - gamma) * clip(K, -1, 1). What is left of
-    # K (gamma's share, and any |K| > 1) joins the block's term in the sweeps; K + J is unchanged,
-    # so k >= L stays exact. With |K| > 1 the sweeps would otherwise add up terms of size |K|^L
-    # that cancel (garbage, then NaN, where backprop is finite). The clip is skipped where the
-    # split proves |K| <= 1 (gates, ReLU masks, h + z) and where the block ignores the carry (J = 0:
-    # K is kept whole, so k = 0 stays exact, and the scan caps its products, see _prefix).
-    gamma = stack.gamma
-    clamp = stack.block_reads_carry and not stack.k_within_one
-    if stack.k_is_one and isinstance(chain, Local):
-        # h + z: K = 1, so K' = 1 - gamma is a constant and the scan a (discounted) reverse sum.
-        k_diag = k_scan = None
-        k_first = [jnp.ones((), h.dtype) for h in h_prev]
-        solve = functools.partial(_reverse_sum, 1.0 - gamma)
-    else:
-        _, k_diag = jax.jvp(lambda h: all_residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
-        if clamp:
-            scanned = lambda k: (1.0 - gamma) * _unit(k)
-        else:
-            scanned = lambda k: (1.0 - gamma) * k if gamma else k
-        k_first = tmap(lambda k: k[0], k_diag)
-        k_scan = tmap(scanned, k_diag)
-        planned = _plan(k_scan)  # the k-only half of the prefix scan, shared by every sweep
-        solve = chain.solver(planned, k_scan)
-
-    def rest(after):
-        """What the scan leaves out of K: (K - K')[j] y[j+1]."""
-        if k_scan is None:  # K = 1: the rest is gamma
-            return tmap(lambda a: gamma * a, after)
-        if clamp or gamma == 1.0:
-            return tmap(lambda k, ks, a: k * a - ks * a, k_diag, k_scan, after)
-        ratio = gamma / (1.0 - gamma)  # K - K' = gamma K = ratio K' (gamma < 1 here)
-        return tmap(lambda ks, a: ratio * (ks * a), k_scan, after)
-
-    def block_terms(after):
-        """``J^T y[j+1] + rest``: what the blocks (and the rest of K) add to the right-hand side."""
-        u = layer_vjp(after)[0]
-        if clamp or gamma:
-            u = tmap(jnp.add, u, rest(after))
-        return u
-
-    # Every sweep solves y = solve(b + terms(y_previous)), with b what comes from outside: b[j] =
-    # e[j - 1] (the previous chunk's last e at j = 0) plus, at the chunk's last layer, K' times the
-    # cotangent from outside at h_L. Only b is kept across the sweeps (XLA reads the cotangents
-    # from outside once, to build it).
-    k_last = [jnp.ones((), h.dtype) - gamma for h in h_prev] if k_scan is None else [k[-1] for k in k_scan]
-    b = []
-    for h, ej, kl, t in zip(h_prev, e, k_last, tail):
-        bj = jnp.zeros_like(h) if ej is None else _shift_down(ej, chain.from_previous(ej[-1]))
-        b.append(_add_at_last(bj, kl * t))
-
-    def sweep(after):
-        # The sweeps carry y shifted to the layers' outputs (`after`, what the VJPs read): the
-        # shift fuses into the scan's last step. The right-hand side gets a buffer of its own:
-        # fused into the scan's levels, it would keep the larger operands it is summed from alive
-        # through the whole scan (long GRU of benchmarks/memory.py: 4 MiB more at the peak).
-        return outputs(solve(tmap(lambda bj, t: own_buffer(bj + t), b, block_terms(after))))
+    def one_sweep(after):
+        terms = lin.vjp(after, at.ct_block)[0]
+        rest = path.rest(after)
+        if rest is not None:
+            terms = tmap(jnp.add, terms, rest)
+        # The right-hand side in a buffer of its own: fused into the scan's levels, it would keep
+        # the larger operands it is summed from alive through the whole scan.
+        return outputs(path.solve(tmap(lambda bj, t: own_buffer(bj + t), b, terms)))
 
     # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
     # from y = 0); without them the first estimate is the residual path alone, solve(b).
-    if ct_block:
-        after = sweep(tmap(jnp.zeros_like, h_prev))
-    elif k_scan is None and not gamma and outside_only_at_end:  # K = 1 and b = 0 but at h_L
-        after = outputs(tmap(lambda h, t: jnp.broadcast_to(t, h.shape), h_prev, tail))
+    if at.ct_block:
+        after = one_sweep(tmap(jnp.zeros_like, at.h_prev))
+    elif path.k_scan is None and not path.gamma and all(ej is None for ej in at.e):
+        after = outputs(tmap(lambda h, t: jnp.broadcast_to(t, h.shape), at.h_prev, at.tail))  # K = 1, b = 0 but at h_L
     else:
-        after = outputs(solve(b))
-    after, done = _run_sweeps(
-        sweep, after, sweeps, tol=settings.tol, chain=chain, report=report,
-        straight_line=not settings.traced and (
-            stack.linearize == "unroll" or (settings.save_linearization and sweeps <= STRAIGHT_LINE_SWEEPS)
-        ),
+        after = outputs(path.solve(b))
+    straight_line = not options.traced and (
+        stack.options.linearize == "unroll" or (options.save_linearization and sweeps <= STRAIGHT_LINE_SWEEPS)
     )
-    return _cotangents(stack, chain, init, after, k_first, layer_vjp), done
+    return _run_sweeps(one_sweep, after, sweeps, tol=options.tol, chain=chain, report=report, straight_line=straight_line)
 
 
 # Up to this many sweeps (a number known at trace time) run as straight-line code rather than a
 # loop. XLA keeps everything a loop reads from outside alive, and in a layout of the loop's, for all
 # of the loop; written out, each sweep's temporaries are freed as soon as it is done and the last
-# sweep shares buffers with the final VJP. On the GPT of benchmarks/models_speed.py k=2 takes 171
-# instead of 227 MiB of temporaries (208 against 282 when this was introduced) and compiles in
-# about the same time. Past this many sweeps, compile time (which grows with the number of sweeps
-# written out) matters more. Not with save_linearization=False: there the loop is what keeps one
-# sweep's recomputation from being scheduled beside the next one's (long GRU: 30.5 MiB as a loop,
-# 43.9 written out).
+# sweep shares buffers with the final VJP. Past this many sweeps, compile time (which grows with the
+# number of sweeps written out) matters more. Not with save_linearization=False: there the loop is
+# what keeps one sweep's recomputation from being scheduled beside the next one's.
 STRAIGHT_LINE_SWEEPS = 16
 
 
@@ -510,11 +502,12 @@ def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
     return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
-def _cotangents(stack, chain, init, after, k_first, layer_vjp):
-    """``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's output."""
-    ct_h, (ct_xs, _), ct_consts = layer_vjp(after)
+def read_cotangents(stack: Stack, chain: Chain, init, after, at: Incoming, lin: Linearization, path: ResidualPath):
+    """Step 4: ``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's
+    output, through one last VJP of every layer."""
+    ct_h, (ct_xs, _), ct_consts = lin.vjp(after, at.ct_block)
     # The initial carry gets the full Jacobian of the first layer: (K_0 + J_0)^T after[0].
-    ct_h0 = chain.reduce_first(tmap(lambda k, a, g: k * a[0] + g[0], k_first, after, ct_h))
+    ct_h0 = chain.reduce_first(tmap(lambda k, a, g: k * a[0] + g[0], path.k_first, after, ct_h))
     ct_init = [None] * len(init)
     for i, g in zip(stack.diff, ct_h0):
         ct_init[i] = g
@@ -525,174 +518,48 @@ def _cotangents(stack, chain, init, after, k_first, layer_vjp):
     return ct_init, ct_xs, ct_consts
 
 
-# Elementwise arithmetic and layout changes: cheap to redo from the values they read, fused into
-# the ops that read them. The layers' linearization does not store their outputs.
-RECOMPUTED = frozenset({
-    "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "integer_pow",
-    "max", "min", "mul", "neg", "one_minus_square", "reshape", "select_n", "sign", "square",
-    "squeeze", "sub", "transpose",
-})  # one_minus_square: the derivative of tanh, a primitive of its own in jax 0.12
-
-
-def _saved(prim, *avals, **params) -> bool:
-    """The ``jax.checkpoint`` policy of the layers' linearization: store what is costly to
-    recompute (matmuls, transcendentals, reductions, comparisons, ...), not elementwise arithmetic."""
-    return prim.name not in RECOMPUTED
-
-
-def _block_path(stack: Stack) -> Callable:
-    """``(h, xe, consts) -> ((residual(h, z), yb), z)`` for ``z, yb = block(h, xe, consts)``, with
-    the residual's own ``h`` held fixed.
-
-    Its VJP (the auxiliary ``z`` is not differentiated) takes the cotangent of a layer's output
-    straight to ``J^T`` of it, the block path's share (the residual's own dependence on ``h`` is
-    the diagonal ``K``, which the prefix scan handles). Linearizing the block alone would leave the
-    residual's part outside, and its product (``after * h`` for a gated residual) would enter
-    ``jax.checkpoint``'s VJP as the cotangent of ``z``; that VJP passes its cotangents through an
-    optimization barrier, so the product would be a carry-sized buffer of its own in every sweep
-    (long GRU of benchmarks/memory.py with jax 0.12: 40.0 instead of 32.0 MiB of temporaries at
-    k = 2). Inside, XLA fuses it into the ops that read it.
-    """
-
-    def path(h, xe, consts):
-        z, yb = stack.block(h, xe, consts)
-        return (stack.residual(tmap(lax.stop_gradient, h), z), yb), z
-
-    return path
-
-
-def _lean(block):
-    """``block`` whose linearization (``jax.vjp``) stores only the values :func:`_saved` keeps.
-
-    A VJP recomputes the rest from them, fused into the ops that read it. Left to JAX's own rules,
-    the linearization of a GRU cell stores ``u``, ``u (1 - u)``, ``c`` and ``1 - c**2`` (four
-    carry-sized stacks, kept through all sweeps); this way only ``u`` and ``c``.
-    """
-    return jax.checkpoint(block, policy=_saved)
-
-
-def _holds_complex(fun, *args) -> bool:
-    """Whether ``fun`` computes any complex value, or is given one.
-
-    ``jax.checkpoint`` rounds the values it stores with ``reduce_precision``, which JAX does not
-    accept for complex dtypes (a ``TypeError`` while tracing): such blocks are linearized whole,
-    without :func:`_lean`.
-    """
-    if any(jnp.iscomplexobj(a) for a in jax.tree.leaves(args)):
-        return True
-    return _jaxpr.computes_complex(jax.make_jaxpr(fun)(*args).jaxpr)
-
-
-def _vjp_unrounded(fun, *args, has_aux=False):
-    """``jax.vjp(fun, *args, has_aux=has_aux)`` for a ``fun`` under :func:`_lean`, without the
-    no-op roundings ``jax.checkpoint`` puts on the values it stores.
-
-    ``jax.checkpoint`` passes every stored value through ``reduce_precision`` to its own dtype's
-    precision (against excess precision in fused bfloat16 code). XLA with jax 0.12 keeps such a
-    rounding as a buffer of its own beside the value, which the forward's other readers (``K``, the
-    plan) still read: a second copy of every stored stack through all sweeps (long GRU of
-    benchmarks/memory.py with jax 0.12: 40.0 instead of 32.0 MiB at k = 2). For float32 and float64
-    the rounding changes no value, so the linearization is traced once and evaluated without it,
-    equation by equation; other dtypes keep it.
-    """
-    structure = []
-
-    def flat(*args):
-        # The VJP function is a pytree: its leaves are the stored values.
-        leaves, tree = jax.tree.flatten(jax.vjp(fun, *args, has_aux=has_aux))
-        structure.append(tree)
-        return leaves
-
-    closed = jax.make_jaxpr(flat)(*args)
-    with jax.named_scope("linearization"):  # profiles and HLO dumps name its ops
-        leaves = _jaxpr.run(closed.jaxpr, _jaxpr.closed_env(closed, jax.tree.leaves(args)), eval_eqn=_unrounded)
-    return jax.tree.unflatten(structure[0], leaves)
-
-
-def _unrounded(eqn, invals) -> list:
-    """Evaluates ``eqn``, passing the value through where it is a ``reduce_precision`` of float32 /
-    float64 to their own precision."""
-    dtype = eqn.invars[0].aval.dtype
-    if eqn.primitive.name == "reduce_precision" and dtype in (jnp.float32, jnp.float64):
-        info = jnp.finfo(dtype)
-        if (eqn.params.get("exponent_bits"), eqn.params.get("mantissa_bits")) == (info.nexp, info.nmant):
-            return [invals[0]]
-    return _jaxpr.bind(eqn, invals)
-
-
-REMAT_CHUNKS = 8
-
-
-def _linearize_in_chunks(path, h_prev, xe, consts, chunks: int = REMAT_CHUNKS):
-    """``z`` of every layer and a VJP of ``path`` (see :func:`_block_path`) that recomputes each
-    layer's linearization when called.
-
-    For ``save_linearization=False``: nothing of the linearization is kept between sweeps. Each
-    VJP runs the layers again in ``chunks`` consecutive groups (``lax.map``: ``L / chunks`` layers at
-    once, one group after the other), so only one group's residuals and temporaries are alive at a
-    time; the price is one more forward of every layer per sweep and a sequential depth of
-    ``chunks`` per sweep. (Recomputing all layers at once would save nothing: XLA would hoist the
-    recomputation out of the loop over sweeps.)
-    """
-    length = h_prev[0].shape[0]
-    chunks = max(c for c in range(1, min(chunks, length) + 1) if length % c == 0)
-    all_paths = jax.vmap(path, in_axes=(0, 0, None))
-    z = all_paths(h_prev, xe, consts)[1]
-    grouped = lambda tree: tmap(lambda a: a.reshape((chunks, length // chunks) + a.shape[1:]), tree)
-    ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
-
-    def vjp_block(ct):
-        def one(group):
-            h, x, c = group
-            return jax.vjp(all_paths, h, x, consts, has_aux=True)[1](c)
-
-        ct_h, ct_xe, ct_consts = lax.map(one, grouped((h_prev, xe, ct)))
-        total = lambda a: a[0] if getattr(a, "dtype", None) == jax.dtypes.float0 else jnp.sum(a, axis=0)
-        return ungrouped(ct_h), ungrouped(ct_xe), tmap(total, ct_consts)
-
-    return z, vjp_block
-
-
-def _linearize_unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
-    """``z`` of every layer and a VJP of ``path`` (see :func:`_block_path`) from one ``vjp`` per
-    layer instead of one of ``vmap(path)``: L independent linearizations.
-
-    Nothing chains them, so the backward stays parallel; XLA just sees L separate ops instead of
-    one batched op. That is faster where it executes the batched form poorly (convolutions with
-    per-layer kernels on a CPU become grouped convolutions), for stacks short enough that compile
-    time (linear in L) does not matter.
-    """
-    length = h_prev[0].shape[0]
-    at = lambda tree, j: tmap(lambda a: a[j], tree)
-    zs, vjps = [], []
-    for j in range(length):
-        _, vjp_j, z_j = vjp(path, at(h_prev, j), at(xe, j), consts, has_aux=True)
-        zs.append(z_j)
-        vjps.append(vjp_j)
-
-    def stack(trees):
-        def one(*a):
-            if getattr(a[0], "dtype", None) == jax.dtypes.float0:  # integer inputs: no cotangent
-                return np.zeros((len(a),) + a[0].shape, jax.dtypes.float0)
-            return jnp.stack(a)
-
-        return tmap(one, *trees)
-
-    def total(*a):
-        return a[0] if getattr(a[0], "dtype", None) == jax.dtypes.float0 else sum(a[1:], a[0])
-
-    def vjp_block(ct_out):
-        grads = [vjp(at(ct_out, j)) for j, vjp in enumerate(vjps)]
-        ct_h = stack([g[0] for g in grads])
-        ct_xe = stack([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
-        ct_consts = tmap(total, *[g[2] for g in grads])
-        return ct_h, ct_xe, ct_consts
-
-    return stack(zs), vjp_block
-
-
 def _none_if_float0(ct):
     """Integer / key inputs get a ``None`` (zero) cotangent from the custom_vjp."""
     if ct is None or getattr(ct, "dtype", None) == jax.dtypes.float0:
         return None
     return ct
+
+
+def _unit(k):
+    """``k`` with its magnitude capped at 1 (``clip`` for reals; complex ``k`` keep their phase)."""
+    if jnp.iscomplexobj(k):
+        return k / jnp.maximum(jnp.abs(k), 1.0)
+    return jnp.clip(k, -1.0, 1.0)
+
+
+def _at_last(a):
+    """A boolean mask over ``a``'s leading axis, true at its last row (broadcasts against ``a``)."""
+    return (jnp.arange(a.shape[0]) == a.shape[0] - 1).reshape((-1,) + (1,) * (a.ndim - 1))
+
+
+def _add_at_last(a, x):
+    """``a`` with ``x`` added to ``a[-1]``: elementwise (fused, in place), not a scatter that would
+    copy ``a`` where it is read elsewhere."""
+    return a + jnp.where(_at_last(a), x[None], jnp.zeros_like(x)[None])
+
+
+def _last(a):
+    """``a[-1]`` as a small buffer of its own: a reduction, which XLA does not fuse into the ops that
+    read it (a slice would be, keeping all of ``a`` alive for as long as they run). It reads the
+    last two rows only (a reduction over one row would be simplified back into a slice)."""
+    two = a[-2:]
+    return jnp.sum(jnp.where(_at_last(two), two, jnp.zeros_like(two)), axis=0)
+
+
+def _shift_up(a, fill):
+    """``out[j] = a[j + 1]``, ``out[-1] = fill``."""
+    return jnp.concatenate([a[1:], fill[None]], axis=0)
+
+
+def _shift_down(a, fill):
+    """``out[j] = a[j - 1]``, ``out[0] = fill``."""
+    return jnp.concatenate([fill[None], a[:-1]], axis=0)
+
+
+def _flip(tree):
+    return tmap(lambda a: jnp.flip(a, 0), tree)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._context import check_iterations
+from ._options import check_iterations
 from ._transform import highway_grad, normalize_argnums
 
 _NAME = "hbpjax.gradient_agreement"

@@ -14,10 +14,19 @@ import os
 import re
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax.extend import core
 
 Atom = Any  # core.Var or core.Literal
+
+
+def is_float(x) -> bool:
+    """Whether a value (or aval) holds real or complex floating-point numbers (differentiable)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        dtype = jnp.result_type(x)
+    return dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact)
 
 
 def read(env: dict, atom: Atom):
@@ -52,12 +61,46 @@ def needed(eqns: Sequence[core.JaxprEqn], targets: Iterable[Atom]) -> list[core.
 
 
 def depends_on(eqns: Sequence[core.JaxprEqn], sources: Iterable[core.Var], targets: Iterable[Atom]) -> bool:
-    """Whether any of ``targets`` is computed from any of ``sources``."""
-    reached = set(sources)
-    for eqn in eqns:
-        if any(isinstance(a, core.Var) and a in reached for a in eqn.invars):
-            reached.update(eqn.outvars)
+    """Whether any of ``targets`` is computed from any of ``sources``.
+
+    Calls whose inner jaxpr lines up with the equation (``jit``, checkpoints, ``custom_jvp`` calls)
+    are followed inside: an output depends on the inputs its inner computation reads, not on every
+    input of the call.
+    """
+    reached = _reached(eqns, set(sources))
     return any(isinstance(a, core.Var) and a in reached for a in targets)
+
+
+def _reached(eqns: Sequence[core.JaxprEqn], reached: set) -> set:
+    reached = set(reached)
+    for eqn in eqns:
+        hit = [isinstance(a, core.Var) and a in reached for a in eqn.invars]
+        if not any(hit):
+            continue
+        inner = _aligned_call(eqn)
+        if inner is None:
+            reached.update(eqn.outvars)
+            continue
+        inside = _reached(inner.eqns, {v for v, h in zip(inner.invars, hit) if h})
+        reached.update(o for o, io in zip(eqn.outvars, inner.outvars) if isinstance(io, core.Var) and io in inside)
+    return reached
+
+
+#: Call-like primitives and the parameter holding the jaxpr they evaluate on their operands.
+_CALL_JAXPRS = {
+    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
+}
+
+
+def _aligned_call(eqn: core.JaxprEqn):
+    """The inner jaxpr of a call whose inputs and outputs are the equation's, else ``None``."""
+    key = _CALL_JAXPRS.get(eqn.primitive.name)
+    inner = eqn.params.get(key) if key else None
+    inner = getattr(inner, "jaxpr", inner)
+    if inner is None or len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
+        return None
+    return inner
 
 
 def evaluate(

@@ -25,18 +25,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from . import _marks
 from ._backward import DeviceChain, differentiate
-from ._common import RESIDUAL_SCAN, sharding_spec
-from ._auto import in_block
+from ._prefix import sharding_spec
 from ._stack import scan_stack, scan_steps
 
-_NAME = RESIDUAL_SCAN
 
-
-def resolve(layer_axis, mesh, length):
-    """The mesh and the number of chunks ``D`` for ``layer_axis``, with clear errors."""
+def resolve(layer_axis, mesh, length, *, name: str):
+    """The mesh and the number of chunks ``D`` for ``layer_axis``, with clear errors naming ``name``."""
     if not isinstance(layer_axis, str):
-        raise TypeError(f"{_NAME}: `layer_axis` must be a mesh axis name (str); got {layer_axis!r}.")
+        raise TypeError(f"{name}: `layer_axis` must be a mesh axis name (str); got {layer_axis!r}.")
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
     elif jax.sharding.get_abstract_mesh().empty and isinstance(mesh, jax.sharding.Mesh):
@@ -47,56 +45,59 @@ def resolve(layer_axis, mesh, length):
     names = tuple(getattr(mesh, "axis_names", ()) or ())
     if not names:
         raise ValueError(
-            f"{_NAME}: layer_axis={layer_axis!r} needs a device mesh: pass mesh=jax.make_mesh(...) or "
+            f"{name}: layer_axis={layer_axis!r} needs a device mesh: pass mesh=jax.make_mesh(...) or "
             "call inside `with jax.set_mesh(mesh):`."
         )
     if layer_axis not in names:
-        raise ValueError(f"{_NAME}: layer_axis={layer_axis!r} is not an axis of the mesh; its axes are {names}.")
+        raise ValueError(f"{name}: layer_axis={layer_axis!r} is not an axis of the mesh; its axes are {names}.")
     size = dict(zip(names, mesh.axis_sizes))[layer_axis]
     if length % size:
         raise ValueError(
-            f"{_NAME}: {length} layers cannot be split evenly over the {size} devices of mesh axis "
+            f"{name}: {length} layers cannot be split evenly over the {size} devices of mesh axis "
             f"{layer_axis!r}; use a multiple of {size} layers."
         )
     return mesh, size
 
 
-def layer_parallel_scan(step, init, xs, *, settings, axis, mesh, size, length, unroll, gamma, linearize):
+def layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, size, length, unroll):
     """``(final carry, per-step outputs)`` of ``lax.scan(step, init, xs)`` split over ``axis``.
 
     Args:
-      step: the marked step of a :func:`hbpjax.residual_scan`, ``step(h, x) -> (h_new, ys)``.
+      step: the step of a :func:`hbpjax.residual_scan`, ``step(h, x) -> (h_new, ys)``, its block
+        marked (:mod:`hbpjax._marks`) when ``options`` is given.
       init, xs: the initial carry and the per-step inputs (pytrees).
-      settings: the backward's :class:`hbpjax._context.HighwaySettings`, or ``None`` for exact
+      options: the active transform's :class:`~hbpjax._options.Options`, or ``None`` for exact
         backprop (JAX differentiates the chain: D sequential hops back).
+      stack_options: the stack's own options (``gamma``, ``linearize``).
       axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
-      length, unroll, gamma, linearize: the stack's options.
+      length, unroll: the number of layers and the forward's unrolling.
     """
     # The values the step closes over enter the shard_map as explicit (replicated) arguments: a
     # closed-over array would keep the outer mesh in its type inside the manual region.
     example = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
     outer_consts = tuple(jax.closure_convert(step, init, example)[1])
     carry_tree, x_tree = jax.tree.structure(init), jax.tree.structure(xs)
-    options = dict(length=length, unroll=unroll, gamma=gamma, linearize=linearize)
 
     # A traced number of sweeps enters the manual region as a (replicated) argument.
-    k = settings.iterations if settings is not None and settings.traced else None
+    k = options.iterations if options is not None and options.traced else None
 
     def local(init, xs, const_args, k):
-        run_settings = settings if k is None else dataclasses.replace(settings, iterations=k)
+        run_options = options if k is None else dataclasses.replace(options, iterations=k)
         # Traced again here, inside the shard_map, so the step's jaxpr has this device's types; the
         # closed-over values it finds are the same objects as outside: swap in the arguments.
         x0 = jax.tree.unflatten(x_tree, [a[0] for a in xs])
         converted, inner = jax.closure_convert(step, jax.tree.unflatten(carry_tree, init), x0)
         by_id = {id(c): a for c, a in zip(outer_consts, const_args)}
         consts = tuple(by_id.get(id(c), c) for c in inner)
-        stack, ys_tree = _step_stack(converted, consts, init, x0, carry_tree, **options)
+        stack, ys_tree = _step_stack(
+            converted, consts, init, x0, carry_tree, length=length, unroll=unroll, options=stack_options
+        )
         forward = functools.partial(_pipeline, stack, axis=axis, size=size)
-        if settings is None or not stack.split.has_residual_path:
+        if options is None or not stack.split.has_residual_path:
             final, ys, _ = forward(init, xs, consts)
         else:
             chain = lambda: DeviceChain(axis, size)
-            final, ys = differentiate(stack, init, xs, consts, settings=run_settings, forward=forward, chain=chain)
+            final, ys = differentiate(stack, init, xs, consts, options=run_options, forward=forward, chain=chain)
         return jax.tree.unflatten(carry_tree, final), jax.tree.unflatten(ys_tree, ys)
 
     if _is_explicit(mesh, axis):
@@ -131,7 +132,7 @@ def _step_stack(converted, consts, init, x0, carry_tree, **options):
         return [*jax.tree.leaves(new), *y_leaves]
 
     body = jax.make_jaxpr(flat_step)(*consts, *init, *x_leaves)
-    _, stack = scan_stack(body, num_consts=nc, num_carry=nh, opaque=in_block, name=RESIDUAL_SCAN, **options)
+    _, stack = scan_stack(body, num_consts=nc, num_carry=nh, opaque=_marks.is_block, **options)
     return stack, found["ys"]
 
 

@@ -25,13 +25,28 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from ._common import own_buffer, sharding_spec
-
 PyTree = Any
 
 __all__ = ["METHODS", "affine_scan", "plan", "solve"]
 
 METHODS = ("parallel", "sequential")
+
+
+def sharding_spec(a) -> tuple:
+    """The explicit sharding spec of ``a``'s type, one entry per dimension (``None`` if unsharded)."""
+    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", ()) or ())
+    return spec + (None,) * (jnp.ndim(a) - len(spec))
+
+
+def own_buffer(a: jax.Array) -> jax.Array:
+    """``a``, computed into a buffer of its own: a no-op in-place update of its first row.
+
+    An in-place ``dynamic_update_slice`` needs its operand in memory, so XLA computes ``a`` once
+    instead of fusing ``a``'s producers into the ops that read it (which can keep their larger
+    inputs alive for as long as those ops run, or recompute them many times).
+    ``lax.optimization_barrier`` does not do this: XLA removes barriers before it fuses.
+    """
+    return jax.lax.dynamic_update_index_in_dim(a, a[0], 0, 0)
 
 
 def _reshape_leading(a, shape):
@@ -63,9 +78,7 @@ def _plan_leaf(k):
     few ops that each read level 0 at up to ``2**l`` positions per element: it recomputes the
     lower levels inside them and, the code that would duplicate being too large, does not fuse
     ``k``'s own producer (``1 - u`` for a GRU's gate ``u``) into them but stores ``k`` as one more
-    carry-sized array. One level per op, ``k`` is recomputed where it is read (long GRU of
-    benchmarks/memory.py at k = 2 with jax 0.10: 32.0 instead of 39.9 MiB of temporaries, and
-    faster).
+    carry-sized array. One level per op, ``k`` is recomputed where it is read.
     """
     levels = []
     while k.shape[0] > 1:

@@ -1,4 +1,10 @@
-"""``SweepReport``: what the backward of each converted stack did (``return_report=True``)."""
+"""``SweepReport``: what the backward of each converted stack did (``return_report=True``), and how
+the transforms get it out of the backward.
+
+Every stack that reports takes a slot, a ``float32[2]`` input that it ignores; its backward returns
+the report as the slot's cotangent. The transform differentiates with respect to the slots too, and
+their gradient is the report.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,11 @@ class SweepReport:
     sources: tuple[str, ...] = ()
 
     @classmethod
+    def empty(cls) -> "SweepReport":
+        """The report of a gradient that converted nothing (exact backprop)."""
+        return cls.from_slots(jnp.zeros((0, 2)), ())
+
+    @classmethod
     def from_slots(cls, slots: jax.Array, sources) -> "SweepReport":
         """The report from the gradient with respect to the stacks' report slots."""
         slots = jnp.real(slots)
@@ -50,3 +61,31 @@ class SweepReport:
         for source, k, c in zip(self.sources, np.atleast_1d(sweeps), np.atleast_1d(change)):
             lines.append(f"{source:<{width}}  {int(k):6d}  {float(c):11.3e}")
         return "\n".join(lines)
+
+
+def value_and_grad(transform, conversion, argnums, args: tuple, kwargs: dict, *, holomorphic: bool = False):
+    """``transform``'s value and gradient of a converted function, and its report if asked for.
+
+    Args:
+      transform: ``transform(f, argnums) -> value_and_grad_f`` (``jax.value_and_grad`` or
+        ``nnx.value_and_grad`` with the caller's other options).
+      conversion: the traced function (:class:`hbpjax._auto.Conversion` or a Flax adapter's), with
+        ``options``, ``stacks`` and ``evaluate(slots, *args, **kwargs)``.
+      argnums: as given to the transform (ints, or ``nnx.DiffState``).
+      args, kwargs: the call's arguments.
+      holomorphic: complex slots for a holomorphic gradient.
+
+    Returns:
+      ``(value, grads)``, or ``((value, grads), SweepReport)`` when the options ask for a report.
+    """
+    if not conversion.options.report:
+        return transform(lambda *a, **kw: conversion.evaluate(None, *a, **kw), argnums)(*args, **kwargs)
+    stacks = conversion.stacks
+    slots = jnp.zeros((len(stacks), 2), jnp.complex64 if holomorphic else jnp.float32)
+    several = isinstance(argnums, (tuple, list))
+    nums = tuple(argnums) if several else (argnums,)
+    with_slots = lambda *a: conversion.evaluate(a[-1], *a[:-1], **kwargs)
+    value, grads = transform(with_slots, (*nums, len(args)))(*args, slots)
+    *grads, slot_grads = grads
+    grads = tuple(grads) if several else grads[0]
+    return (value, grads), SweepReport.from_slots(slot_grads, [s.source for s in stacks])

@@ -2,35 +2,36 @@
 
 Forward: ``z_i = block(h_{i-1}, x_i)``, ``h_i = residual(h_{i-1}, z_i)`` for ``i = 1..L``.
 
-It *is* ``lax.scan``, traced in a named scope that carries its options, with the block's equations
-in another: under ``jax.grad`` (or anything else JAX does with a scan: forward mode, higher order,
-an inner ``jax.grad`` of a loss) nothing changes. ``highway_grad`` finds the marked scan in the
-traced program (:mod:`hbpjax._auto`) and runs its backward as Highway-BP, with the block as the cut
-of the residual split: every layer linearized once in parallel, then ``k`` sweeps of "all layers'
-VJPs at once, then one prefix scan". Nothing in this backward loops over the layers; its sequential
-depth is about ``(k+1)(1+log2 L)``.
+It *is* ``lax.scan``: under ``jax.grad`` (or anything else JAX does with a scan: forward mode,
+higher order, an inner ``jax.grad`` of a loss) nothing changes. While a highway transform traces the
+function, the scan carries its :class:`~hbpjax._options.StackOptions` and its block carries a mark
+(:mod:`hbpjax._marks`), so the conversion (:mod:`hbpjax._auto`) runs its backward as Highway-BP with
+the stack's own ``gamma`` and ``linearize``, and the block as the cut of the residual split: every
+layer linearized once in parallel, then ``k`` sweeps of "all layers' VJPs at once, then one prefix
+scan". Nothing in this backward loops over the layers; its sequential depth is about
+``(k+1)(1+log2 L)``.
 
 With ``layer_axis`` the layers are split in contiguous chunks over a mesh axis
-(:mod:`hbpjax._layers`); that stack's custom VJP is built while it is traced, from the settings of
-the active ``highway_grad``.
+(:mod:`hbpjax._layers`); that stack's custom VJP is built while it is traced, from the options of
+the active transform.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _context, _layers
-from ._common import RESIDUAL_SCAN, apply_residual, as_int, check_gamma, check_linearize, split_aux
+from . import _context, _layers, _marks
+from . import residual as _residual
+from ._options import StackOptions, as_int, describe
 from .residual import additive
 
 PyTree = Any
 
-_NAME = RESIDUAL_SCAN
+_NAME = "hbpjax.residual_scan"
 
 
 def residual_scan(
@@ -112,37 +113,47 @@ def residual_scan(
             f"{_NAME}: `residual` must be callable as residual(h, z) -> h_new (for instance "
             f"hbpjax.residual.additive); got {residual!r}."
         )
-    gamma = check_gamma(_NAME, gamma)
-    check_linearize(_NAME, linearize)
+    options = StackOptions(gamma=gamma, linearize=linearize, name=_NAME)
     length = _scan_length(xs, length)
+    highway = _context.current()  # the active transform's options; None: plain lax.scan
+    # The block is a cut of the residual split, whatever it computes: under a transform, marked so.
+    marked_block = block if highway is None else _marks.mark(block, _marks.BLOCK)
 
     def step(h, x):
-        # The block is a cut of the residual split, whatever it computes: mark its equations.
-        with jax.named_scope(_auto.BLOCK):
-            z, aux = split_aux(has_aux, block(h, x))
-        h_new = apply_residual(residual, h, z)
+        z, aux = _split_aux(has_aux, marked_block(h, x))
+        h_new = _residual.apply(residual, h, z, name=_NAME)
         return h_new, (h_new, jax.tree.map(lax.stop_gradient, aux))
 
     if layer_axis is None:
-        # Marked for highway_grad, which converts the scan; under jax.grad it is this lax.scan.
-        with jax.named_scope(_auto.marker(gamma=gamma, linearize=linearize)):
-            final, (carries, aux) = lax.scan(step, init, xs, length=length, unroll=unroll)
+        scan = lambda init, xs: lax.scan(step, init, xs, length=length, unroll=unroll)
+        if highway is not None:  # the conversion finds the scan and its options by this mark
+            scan = _marks.mark(scan, _marks.StackMark(options))
+        final, (carries, aux) = scan(init, xs)
     else:
-        mesh, size = _layers.resolve(layer_axis, mesh, length)
-        settings = _context.current()
-        highway = settings is not None and settings.iterations is not None and length > 0
-        scope = _auto.marker(gamma=gamma, linearize=linearize, layer_axis=layer_axis, length=length)
-        with jax.named_scope(scope) if highway else contextlib.nullcontext():
-            final, (carries, aux) = _layers.layer_parallel_scan(
-                step, init, xs, settings=settings if highway else None, axis=layer_axis, mesh=mesh, size=size,
-                length=length, unroll=unroll, gamma=gamma, linearize=linearize,
-            )
+        mesh, size = _layers.resolve(layer_axis, mesh, length, name=_NAME)
+        converted = highway is not None and length > 0
+        run = lambda init, xs: _layers.layer_parallel_scan(
+            step, init, xs, options=highway if converted else None, stack_options=options, axis=layer_axis,
+            mesh=mesh, size=size, length=length, unroll=unroll,
+        )
+        if converted:  # already Highway-BP inside; marked so the conversion counts and lists it
+            run = _marks.mark(run, _marks.StackMark(options, layer_axis=layer_axis, length=length))
+        final, (carries, aux) = run(init, xs)
     if has_aux:
         return final, carries, aux
     return final, carries
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _split_aux(has_aux: bool, out):
+    """``(z, aux)`` from a block's output (``aux`` is ``None`` without ``has_aux``)."""
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(f"{_NAME}: with has_aux=True `block` must return a pair (z, aux); got {describe(out)}.")
+    return out[0], out[1]
 
 
 def _scan_length(xs, length) -> int:

@@ -14,8 +14,9 @@ conversion of a ``lax.scan`` found in a user's function):
   leaf, like the carries :func:`hbpjax.residual_scan` returns), into the block (``y_i`` is any other
   function of ``(h_{i-1}, x_i)``, computed by ``block`` as ``yb``), or nowhere (non-differentiable
   outputs, aux state);
-* the options: length, direction, forward unrolling, the backward-only ``gamma`` and how the
-  backward linearizes the layers.
+* the options: length, direction, forward unrolling, and the stack's own
+  :class:`~hbpjax._options.StackOptions` (the backward-only ``gamma``, how the backward linearizes
+  the layers).
 
 :func:`hbpjax._backward.differentiate` turns a stack and a forward function into the
 ``jax.custom_vjp`` whose backward is Highway-BP, on one device or over a chain of devices.
@@ -30,8 +31,9 @@ from typing import Any
 from jax import lax
 from jax.extend import core
 
-from . import _jaxpr, _split
-from ._common import check_gamma, check_linearize, is_float
+from . import _jaxpr, _marks, _split
+from ._jaxpr import is_float
+from ._options import StackOptions
 
 PyTree = Any
 
@@ -50,8 +52,7 @@ class Stack(abc.ABC):
       y_route: per per-step output leaf (flattened), ``(CARRY, p)`` (its cotangent joins that of
         differentiated carry leaf ``p``), ``(BLOCK, m)`` (the block's ``m``-th extra output) or
         ``None`` (no cotangent). Leaves past the end of the tuple have ``None``.
-      gamma: backward-only split ``K' = (1 - gamma) K``, ``J' = J + gamma K``.
-      linearize: ``"vmap"`` or ``"unroll"``.
+      options: the stack's backward-only ``gamma`` and how it is linearized (checked already).
       unroll: forward scan unrolling.
       reverse: the forward runs from the last step to the first (``lax.scan(reverse=True)``).
       block_reads_carry: whether ``block`` depends on ``h`` (``J != 0``). Only then does the
@@ -61,25 +62,18 @@ class Stack(abc.ABC):
         ReLU masks), so the backward needs no clip, and stores no raw ``K``, for it.
       k_is_one: whether ``K = 1`` exactly (every differentiated leaf's residual is ``h + ...``): the
         prefix scan is then a reverse cumulative sum and ``K`` is never computed.
-      name: the public function the stack came from, for error messages.
     """
 
     length: int
     num_carry: int
     diff: tuple[int, ...]
     y_route: tuple[tuple[str, int] | None, ...] = ()
-    gamma: float = 0.0
-    linearize: str = "vmap"
+    options: StackOptions = StackOptions()
     unroll: int | bool = 1
     reverse: bool = False
     block_reads_carry: bool = True
     k_within_one: bool = False
     k_is_one: bool = False
-    name: str = "hbpjax"
-
-    def __post_init__(self):
-        object.__setattr__(self, "gamma", check_gamma(self.name, self.gamma))
-        check_linearize(self.name, self.linearize)
 
     @property
     def state(self) -> tuple[int, ...]:
@@ -139,7 +133,8 @@ class ScanStack(Stack):
       num_consts: how many of the body's inputs are shared values.
       split: the residual split of the body for the differentiated carry leaves.
       block_ys: the per-step outputs the block computes (``(BLOCK, m)`` routes), in order.
-      eval_eqn: how the block evaluates an equation (the automatic stacks rewrite nested scans).
+      eval_eqn: how the block evaluates an equation (the automatic stacks rewrite nested scans);
+        marked checkpoints are evaluated by their contents either way.
     """
 
     body: Any
@@ -152,7 +147,7 @@ class ScanStack(Stack):
         return _jaxpr.closed_env(self.body, [*consts, *carry, *x])
 
     def step(self, carry, x, consts):
-        out = _jaxpr.run(self.body.jaxpr, self._env(consts, carry, x))
+        out = _jaxpr.run(self.body.jaxpr, self._env(consts, carry, x), eval_eqn=_marks.inline())
         return out[: len(carry)], out[len(carry) :]
 
     def block(self, h, xe, consts):
@@ -163,9 +158,8 @@ class ScanStack(Stack):
         for i, v in zip(self.state, s):
             carry[i] = v
         targets = [*self.split.z, *self.block_ys]
-        values = _jaxpr.evaluate(
-            self.body.jaxpr.eqns, self._env(consts, carry, x), targets, eval_eqn=self.eval_eqn or _jaxpr.bind
-        )
+        eval_eqn = _marks.inline(self.eval_eqn or _jaxpr.bind)
+        values = _jaxpr.evaluate(self.body.jaxpr.eqns, self._env(consts, carry, x), targets, eval_eqn=eval_eqn)
         n = len(self.split.z)
         return values[:n], values[n:]
 
@@ -181,12 +175,10 @@ def scan_stack(
     length: int,
     reverse: bool = False,
     unroll: int | bool = 1,
-    gamma: float = 0.0,
-    linearize: str = "vmap",
+    options: StackOptions = StackOptions(),
     opaque=lambda eqn: False,
     eval_eqn=None,
-    name: str = "hbpjax",
-) -> tuple[Any, ScanStack | None]:
+) -> tuple[Any, ScanStack]:
     """``(split, stack)`` for a scan with step ``body``.
 
     ``split.has_residual_path`` says whether Highway-BP applies; the stack is built either way (its
@@ -212,10 +204,10 @@ def scan_stack(
             routes.append(None)
     reads = _jaxpr.depends_on(jaxpr.eqns, [carry_in[i] for i in diff], [*found.z, *block_ys])
     stack = ScanStack(
-        length=length, num_carry=num_carry, diff=diff, y_route=tuple(routes), gamma=gamma,
-        linearize=linearize, unroll=unroll, reverse=reverse, block_reads_carry=reads,
+        length=length, num_carry=num_carry, diff=diff, y_route=tuple(routes), options=options,
+        unroll=unroll, reverse=reverse, block_reads_carry=reads,
         k_within_one=all(b is not None and b <= 1.0 for b in found.k_bounds),
-        k_is_one=bool(found.kinds) and all(kind == _split.IDENTITY for kind in found.kinds), name=name, body=body,
+        k_is_one=bool(found.kinds) and all(kind == _split.IDENTITY for kind in found.kinds), body=body,
         num_consts=num_consts, split=found, block_ys=tuple(block_ys), eval_eqn=eval_eqn,
     )
     return found, stack

@@ -3,6 +3,7 @@
 The function is traced once; its residual stacks (``lax.scan``s with a residual path, and every
 :func:`hbpjax.residual_scan`) are found in the jaxpr and run with a Highway-BP backward
 (:mod:`hbpjax._auto`); everything else is differentiated by ``jax.value_and_grad`` as usual.
+``highway_grad`` is built on ``highway_value_and_grad``, as ``jax.grad`` is.
 """
 
 from __future__ import annotations
@@ -13,26 +14,16 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _context
-from ._common import as_int, describe
-from ._report import SweepReport
+from . import _auto, _context, _report
+from ._options import Options, as_int, describe
 
 DEFAULT_ITERATIONS = 4
 
 
 def highway_value_and_grad(
-    fun: Callable,
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    holomorphic: bool = False,
-    allow_int: bool = False,
-    *,
-    iterations: int | None = DEFAULT_ITERATIONS,
-    tol: float | None = None,
-    gamma: float = 0.0,
-    scans: str | Callable = "auto",
-    return_report: bool = False,
-    save_linearization: bool = True,
+    fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, holomorphic: bool = False,
+    allow_int: bool = False, *, iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None,
+    gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True,
 ) -> Callable[..., tuple[Any, Any]]:
     """Like ``jax.value_and_grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -90,28 +81,18 @@ def highway_value_and_grad(
       2 0.88
       32 1.00
     """
-    return _value_and_grad(
-        "hbpjax.highway_value_and_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
-        allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report, save_linearization=save_linearization,
+    options = Options(
+        iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.highway_value_and_grad"
     )
+    return ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options)
 
 
 def highway_grad(
-    fun: Callable,
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    holomorphic: bool = False,
-    allow_int: bool = False,
-    *,
-    iterations: int | None = DEFAULT_ITERATIONS,
-    tol: float | None = None,
-    gamma: float = 0.0,
-    scans: str | Callable = "auto",
-    return_report: bool = False,
-    save_linearization: bool = True,
+    fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, holomorphic: bool = False,
+    allow_int: bool = False, *, iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None,
+    gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True,
 ) -> Callable:
-    """Like ``jax.grad``, with Highway-BP in every :func:`hbpjax.residual_scan` of ``fun``.
+    """Like ``jax.grad``, with Highway-BP in every residual stack of ``fun``.
 
     Same arguments as :func:`highway_value_and_grad`; returns ``grad`` (or ``(grad, aux)`` with
     ``has_aux``), exactly like ``jax.grad``; with ``return_report``, ``(that, report)``.
@@ -126,16 +107,14 @@ def highway_grad(
       >>> bool(jnp.allclose(g, jax.grad(loss)(W), rtol=1e-4))
       True
     """
-    value_and_grad = _value_and_grad(
-        "hbpjax.highway_grad", fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic,
-        allow_int=allow_int, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report, save_linearization=save_linearization,
-    )
-    return grad_from_value_and_grad(fun, value_and_grad, has_aux, return_report)
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.highway_grad")
+    return grad_from_value_and_grad(fun, ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options))
 
 
-def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: bool, report: bool = False) -> Callable:
-    """``grad`` from ``value_and_grad``, as ``jax.grad`` is built: the gradient (and ``aux``)."""
+def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable) -> Callable:
+    """``grad`` from a ``value_and_grad`` built by one of hbpjax's transforms, as ``jax.grad`` is
+    built: the gradient (and ``aux``), and the report when it returns one."""
+    has_aux, report = value_and_grad.has_aux, value_and_grad.options.report
 
     @functools.wraps(fun)
     def grad_fun(*args, **kwargs):
@@ -147,44 +126,46 @@ def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable, has_aux: b
     return grad_fun
 
 
-def _value_and_grad(
-    name, fun, *, argnums, has_aux, holomorphic, allow_int, iterations, tol, gamma, scans, return_report,
-    save_linearization,
-):
-    if not callable(fun):
-        raise TypeError(f"{name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
-    argnums = normalize_argnums(name, argnums)
-    settings = _context.settings(name, iterations, tol, gamma, save_linearization)
-    scans = _auto.check_scans(name, scans)
-    differentiated = _checked_output(name, fun, has_aux, holomorphic)
-    if settings.iterations is not None:  # None: exact backprop through the very same function
-        differentiated = _auto.rewrite(differentiated, settings, scans=scans, name=name, report=bool(return_report))
-    options = dict(has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int)
+class ValueAndGrad:
+    """What :func:`highway_value_and_grad` returns: ``fun``'s value and gradient, with the residual
+    stacks of ``fun`` converted while it is traced (once per call, or once under ``jax.jit``).
 
-    @functools.wraps(fun)
-    def value_and_grad_fun(*args, **kwargs):
-        check_args(name, argnums, args, allow_int, holomorphic)
-        with _context.active(settings):
-            if not return_report:
-                return jax.value_and_grad(differentiated, argnums, **options)(*args, **kwargs)
-            return with_report(differentiated, settings, argnums, holomorphic, args=args, kwargs=kwargs, options=options)
+    Attributes:
+      fun: the function.
+      argnums, has_aux, holomorphic, allow_int: as for ``jax.value_and_grad`` (``argnums`` checked).
+      options: the transform's :class:`~hbpjax._options.Options`.
+    """
 
-    return value_and_grad_fun
+    def __init__(self, fun, argnums, has_aux, holomorphic, allow_int, *, options: Options):
+        if not callable(fun):
+            raise TypeError(f"{options.name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
+        self.fun, self.options = fun, options
+        self.argnums = self._normalize(argnums)
+        self.has_aux, self.holomorphic, self.allow_int = has_aux, holomorphic, allow_int
+        self.checked = _checked_output(options.name, fun, has_aux, holomorphic)
+        functools.update_wrapper(self, fun)
 
+    def _normalize(self, argnums):
+        return normalize_argnums(self.options.name, argnums)
 
-def with_report(rewritten, settings, argnums, holomorphic, *, args, kwargs, options):
-    """``((value, grads), SweepReport)``: the gradient with respect to the stacks' report slots too."""
-    if settings.iterations is None:
-        value_and_grad = jax.value_and_grad(rewritten, argnums, **options)(*args, **kwargs)
-        return value_and_grad, SweepReport.from_slots(jnp.zeros((0, 2)), ())
-    stacks = rewritten.stacks(*args, **kwargs)
-    slots = jnp.zeros((len(stacks), 2), jnp.complex64 if holomorphic else jnp.float32)
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    with_slots = lambda *a, **kw: rewritten(a[-1], *a[:-1], **kw)
-    value, grads = jax.value_and_grad(with_slots, (*nums, len(args)), **options)(*args, slots, **kwargs)
-    *grads, slot_grads = grads
-    grads = grads[0] if isinstance(argnums, int) else tuple(grads)
-    return (value, grads), SweepReport.from_slots(slot_grads, [s.source for s in stacks])
+    def _check(self, args) -> None:
+        check_args(self.options.name, self.argnums, args, self.allow_int, self.holomorphic)
+
+    def _transform(self, fun, argnums) -> Callable:
+        """The JAX transform this one converts the stacks of: ``jax.value_and_grad``."""
+        return jax.value_and_grad(fun, argnums, has_aux=self.has_aux, holomorphic=self.holomorphic, allow_int=self.allow_int)
+
+    def _conversion(self, args, kwargs):
+        nums = (self.argnums,) if isinstance(self.argnums, int) else self.argnums
+        return _auto.Conversion(self.checked, self.options, args, kwargs, differentiated=nums)
+
+    def __call__(self, *args, **kwargs):
+        self._check(args)
+        if not self.options.highway or _context.in_exact():  # exact backprop through the same function
+            out = self._transform(self.checked, self.argnums)(*args, **kwargs)
+            return (out, _report.SweepReport.empty()) if self.options.report else out
+        conversion = self._conversion(args, kwargs)
+        return _report.value_and_grad(self._transform, conversion, self.argnums, args, kwargs, holomorphic=self.holomorphic)
 
 
 def normalize_argnums(name: str, argnums) -> int | tuple[int, ...]:

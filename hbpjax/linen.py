@@ -19,7 +19,7 @@ import jax
 from flax import linen as nn
 
 from . import _adapters
-from .residual import additive, gated
+from .residual import additive
 
 __all__ = ["GRUCell", "LSTMCell", "ResidualRNN", "ResidualStack"]
 
@@ -120,7 +120,7 @@ class ResidualStack(nn.Module):
         return h
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(_adapters.SplitCell, nn.GRUCell):
     """``flax.linen.GRUCell`` with its update written as a residual split (same parameters).
 
     ``block(h, x) = (z, (1 - z) * n)`` with :func:`hbpjax.residual.gated`: ``h' = z * h + (1-z) n``.
@@ -134,8 +134,6 @@ class GRUCell(nn.GRUCell):
       >>> new_h.shape
       (2, 4)
     """
-
-    residual = staticmethod(gated)
 
     @nn.compact
     def block(self, carry, inputs):
@@ -152,14 +150,9 @@ class GRUCell(nn.GRUCell):
         h_proj = (dense_h(name="hr")(h), dense_h(name="hz")(h), dense_h(name="hn", use_bias=True)(h))
         return _adapters.gru_split(x_proj, h_proj, self.gate_fn, self.activation_fn)
 
-    def output(self, carry):
-        return carry
-
-    def __call__(self, carry, inputs):
-        return _adapters.cell_call(self, carry, inputs)
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_adapters.SplitCell, nn.LSTMCell):
     """``flax.linen.LSTMCell`` with its update written as a residual split (same parameters).
 
     On the carry ``(c, h)``: :func:`hbpjax.residual.gated` with ``a = (f, 0)``, ``b = (i g, h')``.
@@ -173,8 +166,6 @@ class LSTMCell(nn.LSTMCell):
       >>> y.shape
       (2, 4)
     """
-
-    residual = staticmethod(gated)
 
     @nn.compact
     def block(self, carry, inputs):
@@ -193,8 +184,6 @@ class LSTMCell(nn.LSTMCell):
     def output(self, carry):
         return carry[1]
 
-    def __call__(self, carry, inputs):
-        return _adapters.cell_call(self, carry, inputs)
 
 
 class ResidualRNN(nn.Module):

@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as _nnx
 
-from . import _adapters, _auto, _context
-from ._common import describe
-from ._report import SweepReport
-from ._transform import DEFAULT_ITERATIONS, grad_from_value_and_grad, normalize_argnums
-from .residual import additive, gated
+from . import _adapters, _auto
+from ._options import Options, describe
+from ._transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad, normalize_argnums
+from .residual import additive
 
 __all__ = [
     "GRUCell",
@@ -113,14 +112,9 @@ class ResidualStack(_nnx.Module):
         def create(rngs):
             return make_block(rngs)
 
-        self.layers = create(rngs)
-        self.num_layers = num_layers
-        self.residual = residual
-        self.gamma = gamma
-        self.unroll = unroll
-        self.layer_axis = layer_axis
-        self.mesh = mesh
-        self.linearize = linearize
+        self.layers, self.num_layers = create(rngs), num_layers
+        self.residual, self.gamma, self.unroll = residual, gamma, unroll
+        self.layer_axis, self.mesh, self.linearize = layer_axis, mesh, linearize
 
     def __call__(self, h, *args, **kwargs):
         """Runs the stack on carry ``h``; extra arguments are passed unchanged to every layer."""
@@ -144,7 +138,7 @@ class ResidualStack(_nnx.Module):
 # ------------------------------------------------------------------------------------- cells
 
 
-class GRUCell(_nnx.GRUCell):
+class GRUCell(_adapters.SplitCell, _nnx.GRUCell):
     """``nnx.GRUCell`` with its update written as a residual split (same parameters, same values).
 
     ``h' = z * h + (1 - z) * n`` is :func:`hbpjax.residual.gated` with ``block(h, x) = (z, (1-z) n)``,
@@ -160,22 +154,15 @@ class GRUCell(_nnx.GRUCell):
       (2, 5)
     """
 
-    residual = staticmethod(gated)
-
     def block(self, carry, inputs):
         """The block of the residual split: ``(a, b)`` with ``h' = a * h + b``."""
         inputs = jnp.split(self.dense_i(inputs), 3, axis=-1)
         hidden = jnp.split(self.dense_h(carry), 3, axis=-1)
         return _adapters.gru_split(inputs, hidden, self.gate_fn, self.activation_fn)
 
-    def output(self, carry):
-        return carry
-
-    def __call__(self, carry, inputs):
-        return _adapters.cell_call(self, carry, inputs)
 
 
-class LSTMCell(_nnx.OptimizedLSTMCell):
+class LSTMCell(_adapters.SplitCell, _nnx.OptimizedLSTMCell):
     """``nnx.OptimizedLSTMCell`` with its update written as a residual split (same parameters).
 
     On the carry ``(c, h)``: ``c' = f * c + i * g`` and ``h' = o * tanh(c')`` is
@@ -191,8 +178,6 @@ class LSTMCell(_nnx.OptimizedLSTMCell):
       (2, 4)
     """
 
-    residual = staticmethod(gated)
-
     def block(self, carry, inputs):
         gates = jnp.split(self.dense_i(inputs) + self.dense_h(carry[1]), 4, axis=-1)
         return _adapters.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
@@ -200,11 +185,9 @@ class LSTMCell(_nnx.OptimizedLSTMCell):
     def output(self, carry):
         return carry[1]
 
-    def __call__(self, carry, inputs):
-        return _adapters.cell_call(self, carry, inputs)
 
 
-class MinGRUCell(_nnx.Module):
+class MinGRUCell(_adapters.SplitCell, _nnx.Module):
     """A minimal linear diagonal recurrence (minGRU): ``h' = (1 - z) * h + z * h~``.
 
     ``z = sigmoid(W_z x + b_z)`` and ``h~ = W_h x + b_h`` read only the input, so the block does not
@@ -219,8 +202,6 @@ class MinGRUCell(_nnx.Module):
       (2, 4)
     """
 
-    residual = staticmethod(gated)
-
     def __init__(self, in_features: int, hidden_features: int, *, rngs: _nnx.Rngs, param_dtype=jnp.float32):
         self.in_features = in_features
         self.hidden_features = hidden_features
@@ -231,11 +212,6 @@ class MinGRUCell(_nnx.Module):
     def block(self, carry, inputs):
         return _adapters.min_gru_split(self.dense_z(inputs), self.dense_h(inputs))
 
-    def output(self, carry):
-        return carry
-
-    def __call__(self, carry, inputs):
-        return _adapters.cell_call(self, carry, inputs)
 
     def initialize_carry(self, input_shape, rngs=None):
         return jnp.zeros(tuple(input_shape[:-1]) + (self.hidden_features,), self.param_dtype)
@@ -287,13 +263,8 @@ class ResidualRNN(_nnx.Module):
         _adapters.check_split_cell(
             "hbpjax.nnx.ResidualRNN", cell, "Use hbpjax.nnx.GRUCell, LSTMCell or MinGRUCell, or add them."
         )
-        self.cell = cell
-        self.time_major = time_major
-        self.return_carry = return_carry
-        self.reverse = reverse
-        self.keep_order = keep_order
-        self.unroll = unroll
-        self.gamma = gamma
+        self.cell, self.time_major, self.return_carry = cell, time_major, return_carry
+        self.reverse, self.keep_order, self.unroll, self.gamma = reverse, keep_order, unroll, gamma
 
     def __call__(self, inputs, *, initial_carry=None, return_carry=None, time_major=None, reverse=None, keep_order=None):
         return_carry = self.return_carry if return_carry is None else return_carry
@@ -321,41 +292,72 @@ class ResidualRNN(_nnx.Module):
 # ------------------------------------------------------------------------ gradient transforms
 
 
-def _rewrite_graph(f: Callable, settings, *, scans, name: str, report: bool = False) -> Callable:
-    """:func:`hbpjax._auto.rewrite` for a function of NNX modules, which it may mutate.
+class _GraphConversion:
+    """:class:`hbpjax._auto.Conversion` for a function of NNX modules, which it may mutate.
 
     The modules are split into a graph definition and a state; the pure function of the state that
-    merges them, calls ``f`` and returns the new state is traced and rewritten; the new state (updated
-    BatchNorm statistics, RNG counters) is written back to the modules ``f`` was called with. With
-    ``report`` the result takes the report slots first (see :func:`hbpjax._auto.rewrite`), and
-    ``rewritten.stacks(*args, **kwargs)`` lists the stacks that report.
+    merges them, calls ``f`` and returns the new state is traced once and evaluated with its stacks
+    converted; the new state (updated BatchNorm statistics, RNG counters) is written back to the
+    modules ``f`` is evaluated with.
     """
 
-    def pure_for(graphdef):
-        def pure(state):
-            merged_args, merged_kwargs = _nnx.merge(graphdef, state)
-            out = f(*merged_args, **merged_kwargs)
-            return out, _nnx.state((merged_args, merged_kwargs), _nnx.Variable)
+    def __init__(self, f: Callable, options, args: tuple, kwargs: dict):
+        self.f, self.options = f, options
+        self.graphdef, state = _nnx.split((args, kwargs))
+        # Every leaf of the state is traced, as nnx.value_and_grad passes all of it through JAX.
+        self.conversion = _auto.Conversion(self._pure, options, (state,), {}, differentiated=(0,))
+        self.stacks = self.conversion.stacks
 
-        return functools.wraps(f)(pure)
+    def _pure(self, state):
+        merged_args, merged_kwargs = _nnx.merge(self.graphdef, state)
+        out = self.f(*merged_args, **merged_kwargs)
+        return out, _nnx.state((merged_args, merged_kwargs), _nnx.Variable)
 
-    def run(slots, args, kwargs):
+    def evaluate(self, slots, *args, **kwargs):
         graphdef, state = _nnx.split((args, kwargs))
-        rewritten = _auto.rewrite(pure_for(graphdef), settings, scans=scans, name=name, report=report)
-        out, new_state = rewritten(slots, state) if report else rewritten(state)
+        conversion = self.conversion
+        if graphdef != self.graphdef:  # not the graph it was traced with: trace this one
+            conversion = _GraphConversion(self.f, self.options, args, kwargs).conversion
+        out, new_state = conversion.evaluate(slots, state)
         _nnx.update((args, kwargs), new_state)
         return out
 
-    def stacks(*args, **kwargs):
-        graphdef, state = _nnx.split((args, kwargs))
-        return _auto.rewrite(pure_for(graphdef), settings, scans=scans, name=name).stacks(state)
 
-    if report:
-        rewritten = functools.wraps(f)(lambda slots, *args, **kwargs: run(slots, args, kwargs))
-    else:
-        rewritten = functools.wraps(f)(lambda *args, **kwargs: run(None, args, kwargs))
-    rewritten.stacks = stacks
-    return rewritten
+class _ValueAndGrad(ValueAndGrad):
+    """:class:`hbpjax._transform.ValueAndGrad` for ``nnx.value_and_grad``: modules in, ``nnx.State``
+    gradients out, graph updates written back."""
+
+    def __init__(self, f, argnums, has_aux, holomorphic, allow_int, *, options, graph, graph_updates):
+        self.graph, self.graph_updates = graph, graph_updates
+        super().__init__(f, argnums, has_aux, holomorphic, allow_int, options=options)
+
+    def _normalize(self, argnums):
+        plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
+        normalize_argnums(self.options.name, tuple(plain))
+        return argnums
+
+    def _check(self, args) -> None:
+        for a in _diff_argnums(self.argnums):
+            if not -len(args) <= a < len(args):
+                raise TypeError(
+                    f"{self.options.name}: differentiating with respect to argnums={a} requires at least "
+                    f"{max(a + 1, -a)} positional arguments, but got only {len(args)}."
+                )
+            if not isinstance(args[a], (_nnx.Module, _nnx.State)):
+                raise TypeError(
+                    f"{self.options.name}: argument {a} must be an nnx.Module or an nnx.State (the model whose "
+                    f"nnx.Param gradients you want); got {describe(args[a])}. For plain pytrees of "
+                    "arrays use hbpjax.highway_value_and_grad."
+                )
+
+    def _transform(self, fun, argnums):
+        return _nnx.value_and_grad(
+            fun, argnums=argnums, has_aux=self.has_aux, holomorphic=self.holomorphic, allow_int=self.allow_int,
+            graph=self.graph, graph_updates=self.graph_updates,
+        )
+
+    def _conversion(self, args, kwargs):
+        return _GraphConversion(self.checked, self.options, args, kwargs)
 
 
 def _diff_argnums(argnums) -> tuple[int, ...]:
@@ -363,37 +365,11 @@ def _diff_argnums(argnums) -> tuple[int, ...]:
     return tuple(a.argnum if isinstance(a, _nnx.DiffState) else a for a in nums)
 
 
-def _check_nnx_args(name: str, argnums, args) -> None:
-    for a in _diff_argnums(argnums):
-        if not -len(args) <= a < len(args):
-            raise TypeError(
-                f"{name}: differentiating with respect to argnums={a} requires at least "
-                f"{max(a + 1, -a)} positional arguments, but got only {len(args)}."
-            )
-        if not isinstance(args[a], (_nnx.Module, _nnx.State)):
-            raise TypeError(
-                f"{name}: argument {a} must be an nnx.Module or an nnx.State (the model whose "
-                f"nnx.Param gradients you want); got {describe(args[a])}. For plain pytrees of "
-                "arrays use hbpjax.highway_value_and_grad."
-            )
-
-
 def value_and_grad(
-    f: Callable | None = None,
-    *,
-    argnums: int | Any = 0,
-    has_aux: bool = False,
-    holomorphic: bool = False,
-    allow_int: bool = False,
-    graph: bool | None = None,
-    graph_updates: bool | None = None,
-    iterations: int | None = DEFAULT_ITERATIONS,
-    tol: float | None = None,
-    gamma: float = 0.0,
-    scans: str | Callable = "auto",
-    return_report: bool = False,
-    save_linearization: bool = True,
-) -> Callable:
+    f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
+    allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
+    iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None, gamma: float = 0.0,
+    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True) -> Callable:
     """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
 
     Same arguments and results as ``nnx.value_and_grad``: ``nnx.Param`` of the Module arguments are
@@ -413,33 +389,18 @@ def value_and_grad(
       >>> grads["cell"]["dense_h"]["kernel"].shape
       (4, 12)
     """
-    options = dict(
-        argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
-        graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report, save_linearization=save_linearization,
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.nnx.value_and_grad")
+    make = lambda f: _ValueAndGrad(
+        f, argnums, has_aux, holomorphic, allow_int, options=options, graph=graph, graph_updates=graph_updates
     )
-    if f is None:
-        _settings("hbpjax.nnx.value_and_grad", options)  # checked early in the decorator form too
-        return functools.partial(value_and_grad, **options)
-    return _value_and_grad("hbpjax.nnx.value_and_grad", f, **options)
+    return make if f is None else make(f)
 
 
 def grad(
-    f: Callable | None = None,
-    *,
-    argnums: int | Any = 0,
-    has_aux: bool = False,
-    holomorphic: bool = False,
-    allow_int: bool = False,
-    graph: bool | None = None,
-    graph_updates: bool | None = None,
-    iterations: int | None = DEFAULT_ITERATIONS,
-    tol: float | None = None,
-    gamma: float = 0.0,
-    scans: str | Callable = "auto",
-    return_report: bool = False,
-    save_linearization: bool = True,
-) -> Callable:
+    f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
+    allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
+    iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None, gamma: float = 0.0,
+    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True) -> Callable:
     """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
 
     See :func:`value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
@@ -452,52 +413,8 @@ def grad(
       >>> grads = hbpjax.nnx.grad(lambda m, x: jnp.mean(m(x) ** 2), iterations=2)(model, jnp.ones((3, 10, 2)))
       >>> _ = optimizer.update(model, grads)   # a standard optax step
     """
-    options = dict(
-        argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int, graph=graph,
-        graph_updates=graph_updates, iterations=iterations, tol=tol, gamma=gamma, scans=scans,
-        return_report=return_report, save_linearization=save_linearization,
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.nnx.grad")
+    make = lambda f: grad_from_value_and_grad(
+        f, _ValueAndGrad(f, argnums, has_aux, holomorphic, allow_int, options=options, graph=graph, graph_updates=graph_updates)
     )
-    if f is None:
-        _settings("hbpjax.nnx.grad", options)  # checked early in the decorator form too
-        return functools.partial(grad, **options)
-    return grad_from_value_and_grad(f, _value_and_grad("hbpjax.nnx.grad", f, **options), has_aux, return_report)
-
-
-def _settings(name, options):
-    settings = _context.settings(
-        name, options["iterations"], options["tol"], options["gamma"], options.get("save_linearization", True)
-    )
-    return settings, _auto.check_scans(name, options["scans"])
-
-
-def _value_and_grad(name, f, *, argnums, iterations, tol, gamma, scans, return_report, save_linearization, **options):
-    """``nnx.value_and_grad(f, **options)`` with the residual stacks of ``f`` converted."""
-    if not callable(f):
-        raise TypeError(f"{name}: `f` must be callable; got {describe(f)}.")
-    settings, scans = _settings(
-        name, dict(iterations=iterations, tol=tol, gamma=gamma, scans=scans, save_linearization=save_linearization)
-    )
-    plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
-    normalize_argnums(name, tuple(plain))
-    highway = settings.iterations is not None
-    report = bool(return_report)
-    if highway:
-        f = _rewrite_graph(f, settings, scans=scans, name=name, report=report)
-
-    @functools.wraps(f)
-    def value_and_grad_f(*args, **kwargs):
-        _check_nnx_args(name, argnums, args)
-        with _context.active(settings):
-            if not (report and highway):
-                out = _nnx.value_and_grad(f, argnums=argnums, **options)(*args, **kwargs)
-                return (out, SweepReport.from_slots(jnp.zeros((0, 2)), ())) if report else out
-            stacks = f.stacks(*args, **kwargs)
-            slots = jnp.zeros((len(stacks), 2), jnp.complex64 if options.get("holomorphic") else jnp.float32)
-            nums = tuple(argnums) if isinstance(argnums, (tuple, list)) else (argnums,)
-            with_slots = lambda *a: f(a[-1], *a[:-1], **kwargs)
-            value, grads = _nnx.value_and_grad(with_slots, argnums=(*nums, len(args)), **options)(*args, slots)
-            *grads, slot_grads = grads
-            grads = tuple(grads) if isinstance(argnums, (tuple, list)) else grads[0]
-            return (value, grads), SweepReport.from_slots(slot_grads, [s.source for s in stacks])
-
-    return value_and_grad_f
+    return make if f is None else make(f)

@@ -24,26 +24,61 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from ._common import describe, layout_mismatch
+from ._options import describe
 
 PyTree = Any
 
 __all__ = ["additive", "gated", "relu"]
 
 
+def check_layout(h: PyTree, other: PyTree, *, structure: str, shape: str) -> None:
+    """Raises ``ValueError`` unless ``other`` has the tree structure and leaf shapes of the carry ``h``.
+
+    ``structure`` and ``shape`` are the messages, with ``{carry}`` and ``{got}`` filled in with the
+    carry's and the other's tree structure (or first differing leaf shape).
+    """
+    h_tree, other_tree = jax.tree.structure(h), jax.tree.structure(other)
+    if h_tree != other_tree:
+        raise ValueError(structure.format(carry=h_tree, got=other_tree))
+    for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(other)):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(shape.format(carry=jnp.shape(a), got=jnp.shape(b)))
+
+
+def apply(residual, h: PyTree, z: PyTree, *, name: str) -> PyTree:
+    """``residual(h, z)``, with the checks that make a misfit block a clear error (naming ``name``)
+    at trace time."""
+    check = getattr(residual, "check", None)
+    if check is not None:
+        try:
+            check(h, z)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    h_new = residual(h, z)
+    what = f"{name}: residual {getattr(residual, '__name__', repr(residual))}(h, z)"
+    check_layout(
+        h, h_new,
+        structure=what + " must return a carry with the structure of `init` ({carry}); got {got}. Check what `block` returns.",
+        shape=what + " changed a carry shape from {carry} to {got}; the block output z must fit the carry.",
+    )
+    for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(h_new)):
+        if jnp.result_type(a) != jnp.result_type(b):
+            raise TypeError(
+                f"{what} changed a carry dtype from {jnp.result_type(a)} to {jnp.result_type(b)}; make `block` "
+                "return the carry's dtype (or cast `init`)."
+            )
+    return h_new
+
+
 def _same_layout(h: PyTree, z: PyTree, what: str) -> None:
     """Raises ``ValueError`` unless ``z`` has the tree structure and leaf shapes of ``h``."""
-    mismatch = layout_mismatch(h, z)
-    if mismatch and mismatch[0] == "structure":
-        raise ValueError(
-            f"{what} must have the same pytree structure as the carry; carry is {mismatch[1]}, "
-            f"got {mismatch[2]}."
-        )
-    if mismatch:
-        raise ValueError(
-            f"{what} must have the carry's shapes; carry leaf has shape {mismatch[1]}, got {mismatch[2]}."
-        )
+    check_layout(
+        h, z,
+        structure=what + " must have the same pytree structure as the carry; carry is {carry}, got {got}.",
+        shape=what + " must have the carry's shapes; carry leaf has shape {carry}, got {got}.",
+    )
 
 
 def additive(h: PyTree, z: PyTree) -> PyTree:

@@ -132,7 +132,7 @@ def test_save_linearization_false_loops_over_groups_of_layers_only():
 def test_linearization_read_by_several_vjps_stores_only_costly_values():
     """What the sweeps keep of a GRU cell's linearization: its gate values u and c (sigmoid, tanh),
     not also u (1 - u) and 1 - c**2, which each VJP recomputes from them (_lean's policy)."""
-    from hbpjax._backward import _lean
+    from hbpjax._linearize import _lean
 
     def cell(h, x, W):
         u = jax.nn.sigmoid(x @ W[0] + h @ W[1])
@@ -156,7 +156,7 @@ def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
     which newer XLA keeps as a second copy of the value. The sweeps' linearization drops the
     rounding where it changes nothing (float32, float64) and keeps it elsewhere (bfloat16), with
     the same VJP as jax.vjp's."""
-    from hbpjax._backward import _lean, _vjp_unrounded
+    from hbpjax._linearize import _lean, _vjp_unrounded
 
     def cell(h, x, W):
         u = jax.nn.sigmoid(x @ W[0] + h @ W[1])

@@ -1,0 +1,230 @@
+"""Step 1 of the Highway-BP backward: every layer linearized once, all layers at once.
+
+What is linearized is each layer's *block path* (:func:`block_path`): the block, then the residual
+with its own carry held fixed. One VJP of it takes the cotangents of all layers' outputs to the
+block's term ``J^T y`` and to the cotangents of the layers' inputs (per-layer ``xs`` mapped, shared
+values broadcast, so shared weights get one summed gradient instead of a ``(L, ...)`` stack).
+
+How the linearization is kept between the sweeps that read it:
+
+* ``vmap`` (default): one ``jax.vjp`` of the vmapped block path. Read by more than one VJP, it
+  stores only what is costly to recompute (:data:`RECOMPUTED` lists what is not); read once it
+  is kept whole (nothing to save, no work to redo); blocks that compute complex values are kept
+  whole (``jax.checkpoint`` cannot store them).
+* ``unroll``: one ``jax.vjp`` per layer, still independent of each other (for ops that XLA batches
+  poorly, such as convolutions with per-layer kernels on a CPU).
+* ``save_linearization=False``: nothing kept; each VJP recomputes the layers in groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _jaxpr
+from ._options import Options
+from ._stack import Stack
+
+PyTree = Any
+tmap = jax.tree.map
+
+
+@dataclasses.dataclass(frozen=True)
+class Linearization:
+    """Every layer's block path, linearized.
+
+    Attributes:
+      z: the block's values of every layer (what the residual reads; ``K`` comes from them).
+      vjp: ``vjp(after, ct_block) -> (ct_h, ct_xe, ct_consts)``: the cotangents of every layer's
+        inputs, given those of its output (``after[j]``) and of its per-step block outputs.
+    """
+
+    z: PyTree
+    vjp: Callable
+
+
+def linearize(stack: Stack, options: Options, h_prev, xe, consts, *, read_once: bool) -> Linearization:
+    """Linearizes all layers of ``stack`` at their inputs ``(h_prev, xe)`` and the shared ``consts``.
+
+    Args:
+      stack: the stack.
+      options: the transform's options (``save_linearization``).
+      h_prev: the differentiated carry leaves entering every layer, stacked.
+      xe: ``(xs, state leaves entering every layer)``.
+      consts: the values shared by all layers.
+      read_once: the linearization is read by one VJP only (no sweeps, no per-step block outputs).
+    """
+    path = block_path(stack)
+    if not options.save_linearization:
+        z, vjp = _in_groups(path, h_prev, xe, consts)
+    else:
+        whole = read_once or _holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
+        block, vjp_of = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
+        if stack.options.linearize == "unroll":
+            z, vjp = _unrolled(block, h_prev, xe, consts, vjp=vjp_of)
+        else:
+            _, vjp, z = vjp_of(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
+    return Linearization(z, lambda after, ct_block: vjp((after, ct_block)))
+
+
+def block_path(stack: Stack) -> Callable:
+    """``(h, xe, consts) -> ((residual(h, z), yb), z)`` for ``z, yb = block(h, xe, consts)``, with
+    the residual's own ``h`` held fixed.
+
+    Its VJP (the auxiliary ``z`` is not differentiated) takes the cotangent of a layer's output
+    straight to ``J^T`` of it, the block path's share; the residual's own dependence on ``h`` is
+    the diagonal ``K``, which the prefix scan handles. The residual's part of ``J^T y`` (``y * h``
+    for a gated residual) is computed inside the VJP, where XLA fuses it into the ops that read it:
+    passed in as the cotangent of ``z`` it would go through the optimization barrier that
+    ``jax.checkpoint``'s VJP puts on its cotangents, a carry-sized buffer in every sweep.
+    """
+
+    def path(h, xe, consts):
+        z, yb = stack.block(h, xe, consts)
+        return (stack.residual(tmap(lax.stop_gradient, h), z), yb), z
+
+    return path
+
+
+#: Elementwise arithmetic and layout changes: cheap to redo from the values they read, fused into
+#: the ops that read them; the linearization does not store their outputs. ``one_minus_square``
+#: is the derivative of ``tanh``, a primitive of its own in newer JAX versions.
+RECOMPUTED = frozenset({
+    "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "integer_pow",
+    "max", "min", "mul", "neg", "one_minus_square", "reshape", "select_n", "sign", "square",
+    "squeeze", "sub", "transpose",
+})
+
+
+def _saved(prim, *avals, **params) -> bool:
+    """The ``jax.checkpoint`` policy of the layers' linearization: store what is costly to
+    recompute (matmuls, transcendentals, reductions, comparisons, ...), not elementwise arithmetic."""
+    return prim.name not in RECOMPUTED
+
+
+def _lean(block):
+    """``block`` whose linearization (``jax.vjp``) stores only the values :func:`_saved` keeps.
+
+    A VJP recomputes the rest from them, fused into the ops that read it. Left to JAX's own rules,
+    the linearization of a GRU cell stores ``u``, ``u (1 - u)``, ``c`` and ``1 - c**2`` (four
+    carry-sized stacks, kept through all sweeps); this way only ``u`` and ``c``.
+    """
+    return jax.checkpoint(block, policy=_saved)
+
+
+def _holds_complex(fun, *args) -> bool:
+    """Whether ``fun`` computes any complex value, or is given one.
+
+    ``jax.checkpoint`` rounds the values it stores with ``reduce_precision``, which JAX does not
+    accept for complex dtypes: such blocks are linearized whole, without :func:`_lean`.
+    """
+    if any(jnp.iscomplexobj(a) for a in jax.tree.leaves(args)):
+        return True
+    return _jaxpr.computes_complex(jax.make_jaxpr(fun)(*args).jaxpr)
+
+
+def _vjp_unrounded(fun, *args, has_aux=False):
+    """``jax.vjp(fun, *args, has_aux=has_aux)`` for a ``fun`` under :func:`_lean`, without the
+    no-op roundings ``jax.checkpoint`` puts on the values it stores.
+
+    ``jax.checkpoint`` passes every stored value through ``reduce_precision`` to its own dtype's
+    precision (against excess precision in fused bfloat16 code). XLA may keep such a rounding as a
+    buffer of its own beside the value, which the forward's other readers (``K``, the plan) still
+    read: a second copy of every stored stack through all sweeps. For float32 and float64 the
+    rounding changes no value, so the linearization is traced once and evaluated without it,
+    equation by equation; other dtypes keep it.
+    """
+    structure = []
+
+    def flat(*args):
+        # The VJP function is a pytree: its leaves are the stored values.
+        leaves, tree = jax.tree.flatten(jax.vjp(fun, *args, has_aux=has_aux))
+        structure.append(tree)
+        return leaves
+
+    closed = jax.make_jaxpr(flat)(*args)
+    with jax.named_scope("linearization"):  # profiles and HLO dumps name its ops
+        leaves = _jaxpr.run(closed.jaxpr, _jaxpr.closed_env(closed, jax.tree.leaves(args)), eval_eqn=_unrounded)
+    return jax.tree.unflatten(structure[0], leaves)
+
+
+def _unrounded(eqn, invals) -> list:
+    """Evaluates ``eqn``, passing the value through where it is a ``reduce_precision`` of float32 /
+    float64 to their own precision."""
+    if eqn.primitive.name == "reduce_precision" and eqn.invars[0].aval.dtype in (jnp.float32, jnp.float64):
+        info = jnp.finfo(eqn.invars[0].aval.dtype)
+        if (eqn.params.get("exponent_bits"), eqn.params.get("mantissa_bits")) == (info.nexp, info.nmant):
+            return [invals[0]]
+    return _jaxpr.bind(eqn, invals)
+
+
+#: ``save_linearization=False`` recomputes the layers in this many consecutive groups.
+GROUPS = 8
+
+
+def _in_groups(path, h_prev, xe, consts, groups: int = GROUPS):
+    """``z`` of every layer and a VJP of ``path`` that recomputes each layer's linearization when
+    called, in ``groups`` consecutive groups of layers.
+
+    ``lax.map`` runs the groups one after the other, so only one group's residuals and temporaries
+    are alive at a time; the price is one more forward of every layer per sweep and a sequential
+    depth of ``groups`` per sweep. (Recomputing all layers at once would save nothing: XLA would
+    hoist the recomputation out of the loop over sweeps.)
+    """
+    length = h_prev[0].shape[0]
+    groups = max(c for c in range(1, min(groups, length) + 1) if length % c == 0)
+    all_paths = jax.vmap(path, in_axes=(0, 0, None))
+    z = all_paths(h_prev, xe, consts)[1]
+    grouped = lambda tree: tmap(lambda a: a.reshape((groups, length // groups) + a.shape[1:]), tree)
+    ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
+
+    def vjp(ct):
+        def one(group):
+            h, x, c = group
+            return jax.vjp(all_paths, h, x, consts, has_aux=True)[1](c)
+
+        ct_h, ct_xe, ct_consts = lax.map(one, grouped((h_prev, xe, ct)))
+        total = lambda a: a[0] if getattr(a, "dtype", None) == jax.dtypes.float0 else jnp.sum(a, axis=0)
+        return ungrouped(ct_h), ungrouped(ct_xe), tmap(total, ct_consts)
+
+    return z, vjp
+
+
+def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
+    """``z`` of every layer and a VJP of ``path`` from one ``vjp`` per layer instead of one of
+    ``vmap(path)``: L independent linearizations.
+
+    Nothing chains them, so the backward stays parallel; XLA sees L separate ops instead of one
+    batched op, and compile time grows with L.
+    """
+    length = h_prev[0].shape[0]
+    at = lambda tree, j: tmap(lambda a: a[j], tree)
+    zs, vjps = [], []
+    for j in range(length):
+        _, vjp_j, z_j = vjp(path, at(h_prev, j), at(xe, j), consts, has_aux=True)
+        zs.append(z_j)
+        vjps.append(vjp_j)
+
+    def stacked(trees):
+        def one(*a):
+            if getattr(a[0], "dtype", None) == jax.dtypes.float0:  # integer inputs: no cotangent
+                return np.zeros((len(a),) + a[0].shape, jax.dtypes.float0)
+            return jnp.stack(a)
+
+        return tmap(one, *trees)
+
+    def total(*a):
+        return a[0] if getattr(a[0], "dtype", None) == jax.dtypes.float0 else sum(a[1:], a[0])
+
+    def vjp_all(ct_out):
+        grads = [vjp_j(at(ct_out, j)) for j, vjp_j in enumerate(vjps)]
+        ct_h = stacked([g[0] for g in grads])
+        ct_xe = stacked([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
+        return ct_h, ct_xe, tmap(total, *[g[2] for g in grads])
+
+    return stacked(zs), vjp_all
