@@ -14,7 +14,7 @@ also reports what the automatic conversion costs at trace time: the time to trac
 compile, the step with ``scans="auto"``, with ``scans="marked"`` (nothing converted) and with
 ``nnx.value_and_grad``.
 
-Goals (README): automatic within 10 % of the hand-split module; GRU ``k = 0`` at least 1.5x.
+Goals (docs/performance.md): automatic within 10 % of the hand-split module; GRU ``k = 0`` at least 1.5x.
 
 Run:  python benchmarks/auto_speed.py [--repeats 15] [--quick]
 Writes results/auto_speed.{md,json}.

@@ -81,20 +81,25 @@ def env_line(env: dict) -> str:
     )
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def quote_in_readme(name: str, snippet: str, readme: Path = README) -> bool:
-    """Replaces the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the README.
+def quote_in_readme(name: str, snippet: str, pages: list[Path] | None = None) -> bool:
+    """Replaces the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the README and
+    the docs pages that quote ``name``.
 
-    Benchmarks call this after writing their results, so the figures the README quotes always come
-    from the latest run of the code as it is. Returns False if the markers are missing.
+    Benchmarks call this after writing their results, so the figures the documents quote always come
+    from the latest run of the code as it is. Returns False if no page has the markers.
     """
-    text = readme.read_text()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if pages is None else pages
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{snippet.strip()}\n{end}{tail}")
-    return True
+    found = False
+    for page in pages:
+        text = page.read_text()
+        if start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        page.write_text(f"{head}{start}\n{snippet.strip()}\n{end}{tail}")
+        found = True
+    return found

@@ -86,7 +86,7 @@ CONFIGS = {
     "gru_wide": ("GRU T=1024, hidden 128, batch 32", "compute", lambda q: gru_problem(256 if q else 1024, 128, 32)),
 }
 
-#: The README's goals for the best speedup over backprop (not lower numbers the runs happen to meet):
+#: The goals (docs/performance.md) for the best speedup over backprop (not lower numbers the runs happen to meet):
 #: latency-bound stacks k=0 >= 2.5x and k=2 >= 2.0x; compute-bound, k=0 within 10 % of backprop.
 GOALS = {"latency": {0: 2.5, 2: 2.0}, "compute": {0: 0.9}}
 
@@ -138,7 +138,7 @@ def run(repeats, quick):
 
 
 def check_goals(kind, best):
-    """``{k: (speedup, goal, met)}`` for the README's goals of this kind of stack."""
+    """``{k: (speedup, goal, met)}`` for the goals of this kind of stack."""
     return {k: (best[k], goal, best[k] >= goal) for k, goal in GOALS[kind].items()}
 
 
@@ -170,7 +170,7 @@ def report(results, repeats, quick):
                   "", "Forward alone (sequential in both methods, a bound on any speedup): "
                   + ", ".join(f"unroll {u}: {ms:.1f} ms" for u, ms in c["forward_ms"].items()) + "."]
         checks = [f"k={k}: {got:.2f}x (goal {goal}x) {'met' if ok else 'MISSED'}" for k, (got, goal, ok) in c["goals"].items()]
-        parts.append("Goals (README): " + "; ".join(checks) + ".")
+        parts.append("Goals (docs/performance.md): " + "; ".join(checks) + ".")
     m = results["memory"]
     mib = lambda b: f"{b / 2**20:.1f}"
     rows = [[name, mib(v["temp"]), mib(v["argument"]), mib(v["output"])] for name, v in m.items() if isinstance(v, dict)]
@@ -227,7 +227,7 @@ def main():
     md = common.write_results(name, report(results, args.repeats, args.quick), results)
     plot(results, md.with_suffix(".png"))
     if not args.quick and common.quote_in_readme("core_speed", readme_quote(results)):
-        print("updated the README's quote of these results")
+        print("updated the documents' quote of these results")
     print(f"\nwrote {md} and {md.with_suffix('.png')}")
     print(md.read_text())
 

@@ -14,7 +14,7 @@ batches, taking their steps in turn, for three seeds:
 Reported per task: the final validation metric (mean and spread over seeds), the training
 wall-clock (sum of step times, compilation excluded; the adaptive method's measuring steps
 included), the k each step used, and the gradient's cosine to exact at every evaluation.
-Goal (README): the schedule or the controller reaches backprop's metric within the README's
+Goal (docs/choosing_k.md): the schedule or the controller reaches backprop's metric within the
 fidelity targets (char GRU: validation loss within 2 %; pixel GRU: accuracy within 2 points) in
 less wall-clock than fixed k=10.
 

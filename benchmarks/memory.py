@@ -144,7 +144,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant (interleaved)")
     parser.add_argument("--name", default="memory",
-                        help="results file name; anything but 'memory' leaves the README's quote alone "
+                        help="results file name; anything but 'memory' leaves the documents' quote alone "
                         "(for a run with another jax version)")
     options = parser.parse_args()
     sys.path.insert(0, str(HERE))
@@ -159,7 +159,7 @@ def main():
         "",
         common.env_line(env) + " Compiled temporary memory (MiB) of one jitted value-and-gradient step "
         "(`memory_analysis()`; inputs and outputs not included); in brackets the ratio to backprop. The "
-        "goal (README) is k=2 within 1.3x of backprop.",
+        "goal (docs/performance.md) is k=2 within 1.3x of backprop.",
         "",
         common.markdown_table(headers, mem_rows),
         "",
@@ -185,7 +185,7 @@ def main():
         common.env_line(env),
     ])
     if options.name == "memory" and common.quote_in_readme("memory", quote):
-        print("updated the README's quote of these results")
+        print("updated the documents' quote of these results")
     print(path.read_text())
 
 

@@ -78,7 +78,7 @@ def depth(L, k):
 
 
 def readme_quote(out) -> str:
-    """The README's table: every model this script runs, train-step speedup and k=2 memory."""
+    """The table docs/performance.md quotes: every model this script runs, train-step speedup and k=2 memory."""
     rows = []
     for m in out["models"]:
         ms, mem = m["ms"], m["temp_mib"]
@@ -130,7 +130,7 @@ def main():
           common.markdown_table(["model", "bound", "method", "step ms", "forward ms", "backward ms", "speedup", "depth", "temp MiB"], rows)]
     path = common.write_results("models_speed" + ("_quick" if args.quick else ""), "\n".join(md), out)
     if not args.quick and common.quote_in_readme("models_speed", readme_quote(out)):
-        print("updated the README's quote of these results")
+        print("updated the documents' quote of these results")
     print(path.read_text())
 
 

@@ -6,7 +6,7 @@ layers at once". This script writes that directly (a ``jax.custom_vjp``: the for
 layers' inputs; the backward is a reverse cumulative sum and one ``jax.vjp`` of the vmapped block)
 and times it, interleaved in one process, against ``hbpjax.highway_value_and_grad(iterations=0)``
 on the plain ``lax.scan`` of the same model (found automatically) and against
-``jax.value_and_grad``. Goal (README): hbpjax's k=0 within 3 % of the minimal version.
+``jax.value_and_grad``. Goal (docs/performance.md): hbpjax's k=0 within 3 % of the minimal version.
 
 Run:  python benchmarks/overhead.py [--repeats 200]     writes results/overhead.{md,json}
 """
