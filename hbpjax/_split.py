@@ -53,6 +53,9 @@ ELEMENTWISE = frozenset(
 _FLAGS = frozenset("eq ne lt le gt ge is_finite not and or xor".split())
 #: Call primitives that count as elementwise when their inner jaxpr is (``jax.nn.relu``, ...).
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
+#: Calls whose values the bounds on ``K`` read through: the above, and checkpoints (a value is the
+#: same whether or not it is rematerialized).
+_RANGE_CALLS = {**CALLS, "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr"}
 #: Steps of a residual path that keep ``K = 1`` (for the report: "identity" vs "diagonal").
 _IDENTITY_STEPS = frozenset({"add", "add_any", "copy", "copy_p", "sharding_constraint"})
 
@@ -277,8 +280,8 @@ def _values(eqns, known: dict) -> dict:
             out = _union(*ins[1:])
         elif name in ("abs", "square") or (name == "integer_pow" and eqn.params.get("y", 1) % 2 == 0):
             out = (0.0, _INF)
-        elif name in CALLS and (name != "custom_jvp_call" or eqn.params.get("name") in _KNOWN_CUSTOM_JVP):
-            inner = getattr(eqn.params.get(CALLS[name]), "jaxpr", eqn.params.get(CALLS[name]))
+        elif name in _RANGE_CALLS and (name != "custom_jvp_call" or eqn.params.get("name") in _KNOWN_CUSTOM_JVP):
+            inner = getattr(eqn.params.get(_RANGE_CALLS[name]), "jaxpr", eqn.params.get(_RANGE_CALLS[name]))
             if inner is not None and len(inner.invars) == len(ins):
                 inner_ranges = _values(inner.eqns, dict(zip(inner.invars, ins)))
                 outs = [inner_ranges.get(o, _ALL) if isinstance(o, core.Var) else _ALL for o in inner.outvars]
