@@ -18,6 +18,7 @@ from ._auto import find_stacks as find_stacks
 from ._context import exact as exact
 from ._diagnostics import GradientAgreement as GradientAgreement
 from ._diagnostics import gradient_agreement as gradient_agreement
+from ._linearize import UnbatchableWarning as UnbatchableWarning
 from ._report import SweepReport as SweepReport
 from ._scan import residual_scan as residual_scan
 from ._transform import highway_grad as highway_grad
@@ -45,6 +46,7 @@ __all__ = [
     "NoStackWarning",
     "StackInfo",
     "SweepReport",
+    "UnbatchableWarning",
     "exact",
     "find_stacks",
     "gradient_agreement",

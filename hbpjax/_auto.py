@@ -182,17 +182,34 @@ def _analyse(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.Jaxpr
     residual = tuple(next(kinds) if is_float(a) else NONE for a in carry_avals)
     converted = split.has_residual_path and params["length"] >= 2
     if not split.has_residual_path:
-        reason = "no carry leaf has a residual path (h_new is not h plus or times something): exact backprop"
+        reason = _no_path_reason(stack)
     elif params["length"] < 2:
         reason = f"length {params['length']}: nothing to parallelise (exact)"
     else:
         reason = "residual_scan" if mark else "residual path found"
+        if stack.remat is not None:
+            reason += " inside the step's jax.checkpoint (recomputed as its policy asks, a group of layers at a time)"
+        if stack.rule:
+            reason += " inside the step's custom derivative rule (whose Jacobian the backward keeps)"
     info = StackInfo(
         source=_jaxpr.user_source(marked_by if mark else eqn), kind="residual_scan" if mark else "scan",
         length=params["length"],
         carry=carry, residual=residual, converted=converted, reason=reason,
     )
     return _Found(info, stack if converted else None, mark is not None, trivial=params["length"] < 2)
+
+
+def _no_path_reason(stack) -> str:
+    """Why a step has no residual path, naming what computes its new carry when that is a wrapper
+    the split cannot read."""
+    jaxpr = stack.flat.jaxpr
+    outs = {jaxpr.outvars[i] for i in stack.diff if isinstance(jaxpr.outvars[i], core.Var)}
+    opaque = sorted({e.primitive.name for e in jaxpr.eqns if outs.intersection(e.outvars) and _jaxpr.sub_jaxprs(e)})
+    if opaque:
+        return f"the step's new carry comes out of {', '.join(opaque)}, which the split cannot read through: exact backprop"
+    if not stack.diff:
+        return "no floating-point carry: nothing to differentiate along the scan (exact)"
+    return "no carry leaf has a residual path (h_new is not h plus or times something): exact backprop"
 
 
 def _choose(scans) -> Callable[[_Found], bool]:
@@ -205,12 +222,21 @@ def _choose(scans) -> Callable[[_Found], bool]:
 
 _CALLS = ("jit", "pjit")
 _REMATS = _marks.CHECKPOINTS
+_INLINE = {"closed_call": "call_jaxpr", "core_call": "call_jaxpr"}  # calls that only name their contents
+#: Equations whose contents the rewrite evaluates (converting the stacks inside); what any other
+#: equation holds (a custom_vjp's or custom_jvp's rule, a while loop, a shard_map) runs as traced.
+REWRITTEN = frozenset({"scan", "cond", *_CALLS, *_REMATS, *_INLINE})
 
 
 def _inner(eqn):
     """``(jaxpr, consts)`` of a call or checkpoint equation."""
-    inner = eqn.params["jaxpr"]
+    inner = eqn.params[_INLINE.get(eqn.primitive.name, "jaxpr")]
     return getattr(inner, "jaxpr", inner), getattr(inner, "consts", ())
+
+
+def _branches(eqn):
+    """``[(jaxpr, consts)]`` of a ``cond``'s branches."""
+    return [(getattr(b, "jaxpr", b), getattr(b, "consts", ())) for b in eqn.params["branches"]]
 
 
 class Rewriter:
@@ -271,8 +297,10 @@ class Rewriter:
         if mark is not None:
             return True  # evaluated by its contents, counted (converted already, or converted here)
         if name == "scan":
-            return self.converts(eqn)
-        if name in _CALLS or name in _REMATS:
+            return self.converts(eqn) or self.rewrites(_jaxpr.scan_layout(eqn)[2].jaxpr)
+        if name == "cond":
+            return any(self.rewrites(j) for j, _ in _branches(eqn))
+        if name in _CALLS or name in _REMATS or name in _INLINE:
             return self.rewrites(_inner(eqn)[0])
         return False
 
@@ -288,7 +316,7 @@ class Rewriter:
                 out += [self.found(e, eqn).info for e in scans if self.converts(e, eqn)]
             elif eqn.primitive.name == "scan":
                 out += [self.found(eqn).info] if self.converts(eqn) else []
-            elif eqn.primitive.name in _CALLS or eqn.primitive.name in _REMATS:
+            elif eqn.primitive.name in _CALLS or eqn.primitive.name in _REMATS or eqn.primitive.name in _INLINE:
                 out += self.reporting(_inner(eqn)[0])
         return out
 
@@ -324,6 +352,11 @@ class Rewriter:
             return self.eval_jaxpr(*_inner(eqn), invals, marked_by=eqn if mark is not None else None)
         if name == "scan":
             return self._eval_scan(eqn, invals, None)
+        if name == "cond" and self._rewrites_eqn(eqn):  # the same cond, stacks in its branches converted
+            branches = [functools.partial(self._eval_inner, j, c) for j, c in _branches(eqn)]
+            return list(jax.lax.switch(invals[0], [lambda *ops, b=b: b(ops) for b in branches], *invals[1:]))
+        if name in _INLINE and self.rewrites(_inner(eqn)[0]):
+            return self.eval_jaxpr(*_inner(eqn), invals)
         if name in _CALLS and self.rewrites(_inner(eqn)[0]):
             fn = functools.partial(self.eval_jaxpr, *_inner(eqn))
             return list(jax.jit(_named(fn, eqn.params.get("name", "jit")))(*invals))
@@ -333,11 +366,32 @@ class Rewriter:
             return list(jax.checkpoint(lambda *a: fn(a), policy=policy, prevent_cse=prevent_cse)(*invals))
         return _jaxpr.bind(eqn, invals)
 
+    def _eval_inner(self, jaxpr, consts, args) -> list:
+        """A jaxpr run more than once or conditionally (a loop body, a branch): its stacks are
+        converted without a report slot, as in the block of a stack."""
+        self._nested += 1
+        try:
+            return self.eval_jaxpr(jaxpr, consts, args)
+        finally:
+            self._nested -= 1
+
     def _eval_scan(self, eqn, invals, marked_by) -> list:
         found = self.found(eqn, marked_by)
         self.trivial += found.marked and found.trivial
         if not self.converts(eqn, marked_by):
-            return _jaxpr.bind(eqn, invals)
+            num_consts, num_carry, body = _jaxpr.scan_layout(eqn)
+            if not self.rewrites(body.jaxpr):
+                return _jaxpr.bind(eqn, invals)
+            # The same scan, differentiated exactly by JAX, with the stacks inside its step converted.
+            consts, init, xs = invals[:num_consts], invals[num_consts : num_consts + num_carry], invals[num_consts + num_carry :]
+
+            def step(carry, x):
+                out = self._eval_inner(body.jaxpr, body.consts, [*consts, *carry, *x])
+                return out[:num_carry], out[num_carry:]
+
+            params = eqn.params
+            final, ys = jax.lax.scan(step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"])
+            return [*final, *ys]
         self.converted += 1
         slot = None
         if not self._nested:
@@ -385,28 +439,34 @@ class Conversion:
     def evaluate(self, slots, *args, **kwargs):
         """The function's value at ``(args, kwargs)`` (laid out as the traced ones), its stacks
         converted. ``slots`` is ``None`` or a ``float32[len(stacks), 2]`` that the stacks ignore and
-        whose cotangent is their sweep report."""
+        whose cotangent is their sweep report. If nothing was converted, :meth:`warn` says why."""
         rewriter = Rewriter(self.options, slots)
         outs = rewriter.eval_closed(self.traced.closed, self.traced.inputs(args, kwargs))
         if [s.source for s in rewriter.reported] != [s.source for s in self.stacks]:
             raise AssertionError(f"hbpjax: the stacks that report changed: {rewriter.reported} vs {self.stacks}")
-        if rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0:
-            _warn_none_converted(self.options, rewriter)
+        self.none_converted = rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0
         return self.traced.unflatten(outs)
 
-
-def _warn_none_converted(options: Options, rewriter: Rewriter) -> None:
-    seen = [f.info for f in rewriter._found.values()]
-    listing = "".join(f"\n  {i.source} ({i.kind}, L={i.length}): {i.reason}" for i in seen[:5])
-    listing = listing or " The function runs no scan (a Python loop of layers is not a stack)."
-    warnings.warn(
-        NoStackWarning(
-            f"{options.name}: found no residual stack to convert (scans={options.scans!r}), so this gradient is "
-            f"plain backprop.{listing}\nhbpjax.find_stacks(fun, *args) lists every scan and why it was not "
-            "converted."
-        ),
-        stacklevel=4,
-    )
+    def warn(self, stacklevel: int = 2) -> None:
+        """Warns with a :class:`NoStackWarning` if the last evaluation converted nothing, with what
+        :func:`find_stacks` says of every scan."""
+        if not getattr(self, "none_converted", False):
+            return
+        infos = Stacks()
+        _collect(Rewriter(self.options), self.traced.closed.jaxpr, infos, kept=None, nested=None)
+        listing = "".join(f"\n  {i.source} ({i.kind}, L={i.length}): {i.reason}" for i in infos[:5])
+        listing = listing or (
+            " The function runs no scan: nothing to convert (a lax.associative_scan is parallel already; "
+            "residual blocks written one by one, as a Python loop, are not a scan)."
+        )
+        warnings.warn(
+            NoStackWarning(
+                f"{self.options.name}: found no residual stack to convert (scans={self.options.scans!r}), so this "
+                f"gradient is plain backprop.{listing}\nhbpjax.find_stacks(fun, *args) lists every scan and why it "
+                "was not converted."
+            ),
+            stacklevel=stacklevel + 1,
+        )
 
 
 # --------------------------------------------------------------------------------------- find_stacks
@@ -442,41 +502,48 @@ def find_stacks(fun: Callable, *args, **kwargs) -> Stacks:
     with _context.active(options):  # residual_scans trace as they do under highway_grad
         traced = trace(fun, args, kwargs)
     infos = Stacks()
-    _collect(Rewriter(options), traced.closed.jaxpr, infos, exact=False, nested=False)
+    _collect(Rewriter(options), traced.closed.jaxpr, infos, kept=None, nested=None)
     return infos
 
 
-def _collect(rewriter: Rewriter, jaxpr, infos: list, *, exact: bool, nested: bool, marked_by=None) -> None:
+def _collect(rewriter: Rewriter, jaxpr, infos: list, *, kept: str | None, nested: str | None, marked_by=None) -> None:
     """Appends, in program order, what ``jaxpr`` holds: scans (then what their bodies hold), calls'
-    contents, layer-parallel stacks, and chains of residual blocks written out one by one."""
-    chains = {id(eqn): info for eqn, info in _unrolled(jaxpr)}
+    contents, layer-parallel stacks, and chains of residual blocks written out one by one.
+
+    ``kept`` says why nothing in ``jaxpr`` is converted (an exact region, a custom_vjp's rule, ...),
+    ``nested`` what the stacks here are nested in; ``marked_by`` is the mark of a residual_scan.
+    """
+    # Python-loop chains are listed where they are the model's layers, not inside a scan's step.
+    chains = {id(eqn): info for eqn, info in _unrolled(jaxpr)} if nested is None else {}
     for eqn in jaxpr.eqns:
         if id(eqn) in chains:
             infos.append(chains[id(eqn)])
-        inner_exact = exact or _jaxpr.in_scope(eqn, EXACT_SCOPE)
-        name, eqn_mark = eqn.primitive.name, _marks.stack_mark(eqn)
-        if eqn_mark is not None and eqn_mark.layer_axis is not None:
+        name, mark = eqn.primitive.name, _marks.stack_mark(eqn)
+        inner_kept = kept or ("inside hbpjax.exact(): kept exact" if _jaxpr.in_scope(eqn, EXACT_SCOPE) else None)
+        if inner_kept is None and name not in REWRITTEN:
+            inner_kept = f"inside {name}: kept exact (hbpjax does not rewrite what a {name} holds)"
+        if mark is not None and mark.layer_axis is not None:
             infos.append(
                 StackInfo(
-                    source=_jaxpr.user_source(eqn), kind="residual_scan", length=eqn_mark.length, carry=(),
-                    residual=(), converted=not inner_exact,
-                    reason=f"layer-parallel over mesh axis {eqn_mark.layer_axis!r}",
+                    source=_jaxpr.user_source(eqn), kind="residual_scan", length=mark.length, carry=(), residual=(),
+                    converted=kept is None, reason=kept or f"layer-parallel over mesh axis {mark.layer_axis!r}",
                 )
             )
-        elif eqn_mark is not None:
-            _collect(rewriter, _inner(eqn)[0], infos, exact=inner_exact, nested=nested, marked_by=eqn)
+        elif mark is not None:
+            _collect(rewriter, _inner(eqn)[0], infos, kept=inner_kept, nested=nested, marked_by=eqn)
         elif name == "scan":
             found = rewriter.found(eqn, marked_by)
             info = found.info
-            if inner_exact:
-                info = dataclasses.replace(info, converted=False, reason="inside hbpjax.exact(): kept exact")
-            elif nested and found.stack is not None:
-                info = dataclasses.replace(info, reason=info.reason + " (nested: converted within the outer block)")
+            if inner_kept is not None:
+                info = dataclasses.replace(info, converted=False, reason=inner_kept)
+            elif nested is not None and found.stack is not None:
+                info = dataclasses.replace(info, reason=f"{info.reason} (nested: converted within the {nested})")
             infos.append(info)
-            _collect(rewriter, _jaxpr.scan_layout(eqn)[2].jaxpr, infos, exact=inner_exact, nested=True)
+            outer = "outer block" if info.converted else "outer loop, which stays exact"
+            _collect(rewriter, _jaxpr.scan_layout(eqn)[2].jaxpr, infos, kept=inner_kept, nested=outer)
         else:
             for sub in _jaxpr.sub_jaxprs(eqn):
-                _collect(rewriter, sub, infos, exact=inner_exact, nested=nested)
+                _collect(rewriter, sub, infos, kept=inner_kept, nested="cond branch" if name == "cond" else nested)
 
 
 def _unrolled(jaxpr) -> list[tuple[core.JaxprEqn, StackInfo]]:

@@ -24,6 +24,7 @@ layer-parallel stacks alike.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Protocol
 
 import jax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _prefix
-from ._linearize import Linearization, linearize
+from ._linearize import Linearization, Unbatchable, UnbatchableWarning, linearize, recomputes
 from ._options import Options
 from ._prefix import own_buffer
 from ._stack import BLOCK, CARRY, Stack
@@ -255,7 +256,18 @@ def differentiate(
     def bwd(residuals, cotangents):
         *residuals, k = residuals
         run_options = options if k is None else dataclasses.replace(options, iterations=k)
-        cts, report = highway_backward(stack, run_options, chain(), residuals, cotangents, report=slot is not None)
+        try:
+            cts, report = highway_backward(stack, run_options, chain(), residuals, cotangents, report=slot is not None)
+        except Unbatchable as err:
+            warnings.warn(
+                f"hbpjax: a block of {stack.length} layers holds an operation that cannot be vmapped "
+                f"({str(err).splitlines()[0]}); this stack runs exact backprop.",
+                UnbatchableWarning,
+                stacklevel=2,
+            )
+            init, _, xs, consts = residuals
+            cts = jax.vjp(lambda i, x, c: forward(i, x, c)[:2], init, xs, consts)[1](cotangents)
+            report = jnp.array([0.0, jnp.nan], jnp.float32)
         return (*cts, None, None if slot is None else report.astype(slot_dtype))
 
     slot_dtype = None if slot is None else slot.dtype
@@ -446,7 +458,7 @@ def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linea
     else:
         after = outputs(path.solve(b))
     straight_line = not options.traced and (
-        stack.options.linearize == "unroll" or (options.save_linearization and sweeps <= STRAIGHT_LINE_SWEEPS)
+        stack.options.linearize == "unroll" or (not recomputes(stack, options) and sweeps <= STRAIGHT_LINE_SWEEPS)
     )
     return _run_sweeps(one_sweep, after, sweeps, tol=options.tol, chain=chain, report=report, straight_line=straight_line)
 
@@ -455,8 +467,8 @@ def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linea
 # loop. XLA keeps everything a loop reads from outside alive, and in a layout of the loop's, for all
 # of the loop; written out, each sweep's temporaries are freed as soon as it is done and the last
 # sweep shares buffers with the final VJP. Past this many sweeps, compile time (which grows with the
-# number of sweeps written out) matters more. Not with save_linearization=False: there the loop is
-# what keeps one sweep's recomputation from being scheduled beside the next one's.
+# number of sweeps written out) matters more. Not where each sweep recomputes the linearization: there
+# the loop is what keeps one sweep's recomputation from being scheduled beside the next one's.
 STRAIGHT_LINE_SWEEPS = 16
 
 

@@ -68,9 +68,10 @@ def gradient_agreement(
     separately.
 
     Works on a Flax NNX model directly: when the differentiated arguments are ``nnx.Module``s, the
-    gradients are those of :func:`hbpjax.nnx.grad` (``nnx.Param`` only), each computed on a fresh
-    copy of the arguments, so state a forward changes (BatchNorm statistics, RNG counters) is the
-    same for every ``k`` and your model is left as it was.
+    gradients are those of :func:`hbpjax.nnx.grad` (``nnx.Param`` only), the exact reference and
+    every ``k`` each computed on a fresh copy of the arguments, so the state a forward reads and
+    changes (Dropout's RNG counts, BatchNorm statistics) is the same for all of them and your model
+    is left exactly as it was.
 
     Args:
       fun: the loss, as you would pass it to ``jax.grad`` (or ``nnx.grad``).
@@ -110,11 +111,14 @@ def gradient_agreement(
     if nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args)):
         from . import nnx as hbpjax_nnx
 
-        graphdef, state = nnx.split(args)  # a snapshot: every k starts from the same state
+        # A snapshot: the reference and every k start from the same state (RNG counts, batch
+        # statistics), each on modules of its own, and the user's modules are left as they were.
+        graphdef, state = nnx.split(args)
+        state = jax.tree.map(lambda a: a, state)
 
         def grads(k):
             grad_fn = hbpjax_nnx.grad(fun, argnums=argnums, has_aux=has_aux, iterations=k, gamma=gamma, scans=scans)
-            g = (nnx.jit(grad_fn) if jit else grad_fn)(*nnx.merge(graphdef, state))
+            g = (nnx.jit(grad_fn) if jit else grad_fn)(*nnx.merge(graphdef, jax.tree.map(lambda a: a, state)))
             return _flat(g[0] if has_aux else g)
 
     else:

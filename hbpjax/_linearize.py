@@ -1,9 +1,13 @@
 """Step 1 of the Highway-BP backward: every layer linearized once, all layers at once.
 
-What is linearized is each layer's *block path* (:func:`block_path`): the block, then the residual
-with its own carry held fixed. One VJP of it takes the cotangents of all layers' outputs to the
-block's term ``J^T y`` and to the cotangents of the layers' inputs (per-layer ``xs`` mapped, shared
-values broadcast, so shared weights get one summed gradient instead of a ``(L, ...)`` stack).
+What is linearized is each layer's *block path* (:meth:`hbpjax._stack.Stack.path`): the block,
+then the residual with its own carry held fixed. One VJP of it takes the cotangents of all layers'
+outputs to the block's term ``J^T y`` and to the cotangents of the layers' inputs (per-layer ``xs``
+mapped, shared values broadcast, so shared weights get one summed gradient instead of a ``(L, ...)``
+stack). The residual's part of ``J^T y`` (``y * h`` for a gated residual) is computed inside the
+VJP, where XLA fuses it into the ops that read it: passed in as the cotangent of ``z`` it would go
+through the optimization barrier that ``jax.checkpoint``'s VJP puts on its cotangents, a
+carry-sized buffer in every sweep.
 
 How the linearization is kept between the sweeps that read it:
 
@@ -13,12 +17,15 @@ How the linearization is kept between the sweeps that read it:
   whole (``jax.checkpoint`` cannot store them).
 * ``unroll``: one ``jax.vjp`` per layer, still independent of each other (for ops that XLA batches
   poorly, such as convolutions with per-layer kernels on a CPU).
-* ``save_linearization=False``: nothing kept; each VJP recomputes the layers in groups.
+* ``save_linearization=False``, and steps the user wrapped in a checkpoint: nothing kept; each
+  VJP recomputes the layers in groups (within a group, the checkpoint's policy decides what is
+  stored between its forward and its backward).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -59,36 +66,61 @@ def linearize(stack: Stack, options: Options, h_prev, xe, consts, *, read_once: 
       consts: the values shared by all layers.
       read_once: the linearization is read by one VJP only (no sweeps, no per-step block outputs).
     """
-    path = block_path(stack)
-    if not options.save_linearization:
+    try:
+        return _linearize(stack, options, h_prev, xe, consts, read_once=read_once, unroll=stack.options.linearize == "unroll")
+    except NotImplementedError as err:  # a primitive with no batching rule (pure_callback without vmap_method)
+        if stack.options.linearize == "unroll":
+            raise
+        length = h_prev[0].shape[0]
+        if length > UNROLL_AT_MOST:
+            raise Unbatchable(str(err)) from err
+        warnings.warn(
+            f"hbpjax: a block of {length} layers holds an operation that cannot be vmapped ({_first_line(err)}); "
+            "its layers are linearized one by one instead (linearize='unroll'), still in parallel.",
+            UnbatchableWarning,
+            stacklevel=2,
+        )
+        return _linearize(stack, options, h_prev, xe, consts, read_once=read_once, unroll=True)
+
+
+#: A stack whose block cannot be vmapped is linearized layer by layer up to this many layers (the
+#: program grows with the layers); a longer one runs exact backprop.
+UNROLL_AT_MOST = 64
+
+
+class UnbatchableWarning(UserWarning):
+    """A block holds an operation JAX cannot vmap: its stack is linearized layer by layer, or runs
+    exact backprop."""
+
+
+class Unbatchable(Exception):
+    """The block cannot be vmapped and the stack is too long to linearize layer by layer."""
+
+
+def _first_line(err) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _linearize(stack, options, h_prev, xe, consts, *, read_once, unroll) -> Linearization:
+    path = stack.path
+    if unroll:
+        whole = read_once or _holds_complex(path, *(tmap(lambda a: a[0], t) for t in (h_prev, xe)), consts)
+        block, vjp_of = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
+        z, vjp = _unrolled(block, h_prev, xe, consts, vjp=vjp_of)
+    elif recomputes(stack, options):
         z, vjp = _in_groups(path, h_prev, xe, consts)
     else:
         whole = read_once or _holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
         block, vjp_of = (path, jax.vjp) if whole else (_lean(path), _vjp_unrounded)
-        if stack.options.linearize == "unroll":
-            z, vjp = _unrolled(block, h_prev, xe, consts, vjp=vjp_of)
-        else:
-            _, vjp, z = vjp_of(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
+        _, vjp, z = vjp_of(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
     return Linearization(z, lambda after, ct_block: vjp((after, ct_block)))
 
 
-def block_path(stack: Stack) -> Callable:
-    """``(h, xe, consts) -> ((residual(h, z), yb), z)`` for ``z, yb = block(h, xe, consts)``, with
-    the residual's own ``h`` held fixed.
-
-    Its VJP (the auxiliary ``z`` is not differentiated) takes the cotangent of a layer's output
-    straight to ``J^T`` of it, the block path's share; the residual's own dependence on ``h`` is
-    the diagonal ``K``, which the prefix scan handles. The residual's part of ``J^T y`` (``y * h``
-    for a gated residual) is computed inside the VJP, where XLA fuses it into the ops that read it:
-    passed in as the cotangent of ``z`` it would go through the optimization barrier that
-    ``jax.checkpoint``'s VJP puts on its cotangents, a carry-sized buffer in every sweep.
-    """
-
-    def path(h, xe, consts):
-        z, yb = stack.block(h, xe, consts)
-        return (stack.residual(tmap(lax.stop_gradient, h), z), yb), z
-
-    return path
+def recomputes(stack: Stack, options: Options) -> bool:
+    """Whether every VJP recomputes the layers' linearization, a group of layers at a time: when
+    asked to save memory (``save_linearization=False``), and for a step the user wrapped in a
+    checkpoint (so the backward stays within the memory the checkpoint is for)."""
+    return not options.save_linearization or stack.remat is not None
 
 
 #: Elementwise arithmetic and layout changes: cheap to redo from the values they read, fused into

@@ -32,10 +32,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax.extend import core
 
-from ._jaxpr import Atom, bind, computes_complex, evaluate
+from ._jaxpr import Atom, bind, closed_env, computes_complex, evaluate, run
 
 IDENTITY, DIAGONAL, NONE = "identity", "diagonal", "none"
 
@@ -155,6 +156,72 @@ def split(
         0.0 if zi is not None else k_bound(jaxpr, h[p], outs[p], eqns[p]) for p, zi in enumerate(out_z)
     )
     return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), bounds)
+
+
+#: Wrappers the split reads through when they compute the step's new carry: calls and checkpoints
+#: (whose derivative is that of their contents) and custom derivative rules (whose derivative is
+#: the user's: the stack then takes the whole step's derivative from the rule, see ``ScanStack``).
+WRAPPERS = {
+    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
+    "remat2": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+}
+_CHECKPOINTS = ("checkpoint", "remat", "remat2")
+RULES = ("custom_jvp_call", "custom_vjp_call")
+
+
+@dataclasses.dataclass(frozen=True)
+class Remat:
+    """The ``jax.checkpoint`` a step was wrapped in (``nnx.remat``, ``nn.remat``): its policy
+    (``None``: save nothing) and ``prevent_cse``."""
+
+    policy: Callable | None
+    prevent_cse: bool
+
+
+def read_through(body: core.ClosedJaxpr, carry: Sequence[int], *, keep: Callable = lambda eqn: False):
+    """``(flat, remat, rule)``: ``body`` with the wrappers around its residual path evaluated by
+    their contents, the checkpoint among them (``None`` if there is none) and whether one of them
+    is a custom derivative rule.
+
+    A wrapper (``jit``, ``pjit``, a checkpoint) is read through when it computes a new value of a
+    carry leaf in ``carry`` (positions among the body's outputs) from the carry, so the residual
+    path inside it is found (``nnx.scan`` over ``nnx.remat`` layers, ``lax.scan`` of a
+    ``jax.checkpoint``-ed step). Wrappers that only compute part of the block stay whole (a cut).
+    ``keep`` names wrappers never to read through. The derivative of a wrapper is that of its
+    contents, so the flat step has the body's Jacobian; a checkpoint's memory meaning is returned
+    for the stack to keep.
+    """
+    remat, rule = None, False
+    for _ in range(8):  # wrappers nest a few deep at most (a jit around a remat)
+        jaxpr = body.jaxpr
+        carry_out = {jaxpr.outvars[i] for i in carry if isinstance(jaxpr.outvars[i], core.Var)}
+        wrapped = {
+            id(eqn) for eqn in jaxpr.eqns
+            if eqn.primitive.name in WRAPPERS and not keep(eqn) and carry_out.intersection(eqn.outvars)
+            and len(_contents(eqn).invars) == len(eqn.invars)
+        }
+        if not wrapped:
+            break
+        for eqn in jaxpr.eqns:
+            if id(eqn) in wrapped and eqn.primitive.name in _CHECKPOINTS and remat is None:
+                remat = Remat(eqn.params.get("policy"), bool(eqn.params.get("prevent_cse", True)))
+            rule = rule or (id(eqn) in wrapped and eqn.primitive.name in RULES)
+
+        def inline(eqn, invals, wrapped=wrapped):
+            if id(eqn) not in wrapped:
+                return bind(eqn, invals)
+            inner = eqn.params[WRAPPERS[eqn.primitive.name]]
+            return run(_contents(eqn), {**dict(zip(_contents(eqn).constvars, getattr(inner, "consts", ()))),
+                                         **dict(zip(_contents(eqn).invars, invals))})
+
+        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type) for v in jaxpr.invars]
+        body = jax.make_jaxpr(lambda *a, body=body, inline=inline: run(body.jaxpr, closed_env(body, a), eval_eqn=inline))(*avals)
+    return body, remat, rule
+
+
+def _contents(eqn):
+    inner = eqn.params[WRAPPERS[eqn.primitive.name]]
+    return getattr(inner, "jaxpr", inner)
 
 
 def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False) -> dict | None:

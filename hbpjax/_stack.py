@@ -28,6 +28,7 @@ import abc
 import dataclasses
 from typing import Any
 
+import jax
 from jax import lax
 from jax.extend import core
 
@@ -62,6 +63,9 @@ class Stack(abc.ABC):
         ReLU masks), so the backward needs no clip, and stores no raw ``K``, for it.
       k_is_one: whether ``K = 1`` exactly (every differentiated leaf's residual is ``h + ...``): the
         prefix scan is then a reverse cumulative sum and ``K`` is never computed.
+      remat: the checkpoint the user wrapped each step in (``nnx.remat``, ``jax.checkpoint``),
+        kept around the block: the backward recomputes what its policy does not save, a group of
+        layers at a time (``None``: no checkpoint).
     """
 
     length: int
@@ -74,6 +78,7 @@ class Stack(abc.ABC):
     block_reads_carry: bool = True
     k_within_one: bool = False
     k_is_one: bool = False
+    remat: _split.Remat | None = None
 
     @property
     def state(self) -> tuple[int, ...]:
@@ -96,6 +101,16 @@ class Stack(abc.ABC):
     @abc.abstractmethod
     def residual(self, h: list, z: PyTree) -> list:
         """The new differentiated leaves, elementwise in ``h``."""
+
+    def path(self, h: list, xe, consts: tuple):
+        """The block path of a layer: ``((new leaves, yb), z)`` whose Jacobian in ``h`` is ``J``.
+
+        The block, then the residual with its own ``h`` held fixed: one VJP of it takes the
+        cotangent of the layer's output to ``J^T`` of it (``K``, the residual's own dependence on
+        ``h``, is the prefix scan's). ``z`` is returned as an auxiliary value, for ``K``.
+        """
+        z, yb = self.block(h, xe, consts)
+        return (self.residual([lax.stop_gradient(a) for a in h], z), yb), z
 
 
 def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: int | None = None):
@@ -129,42 +144,71 @@ class ScanStack(Stack):
     split's cut values and the per-step outputs need; the residual the split's elementwise ones.
 
     Attributes:
-      body: the step as a closed jaxpr: ``(consts, carry, xs) -> (new carry, ys)``.
+      body: the step as a closed jaxpr: ``(consts, carry, xs) -> (new carry, ys)``; the forward
+        evaluates it as it is.
+      flat: the same step with the wrappers around its residual path read through
+        (:func:`hbpjax._split.read_through`); the block and the residual evaluate it.
+      rule: the step's new carry comes out of a custom derivative rule (``custom_vjp``,
+        ``custom_jvp``) that ``flat`` reads through: the split finds ``K`` in its primal, and the
+        block path is the whole step (:meth:`rule_step`, differentiated by the user's rule) minus
+        the residual path, so ``K + J`` is the rule's Jacobian.
       num_consts: how many of the body's inputs are shared values.
-      split: the residual split of the body for the differentiated carry leaves.
+      split: the residual split of ``flat`` for the differentiated carry leaves.
       block_ys: the per-step outputs the block computes (``(BLOCK, m)`` routes), in order.
       eval_eqn: how the block evaluates an equation (the automatic stacks rewrite nested scans);
         marked checkpoints are evaluated by their contents either way.
     """
 
     body: Any
+    flat: Any
     num_consts: int
     split: Any
+    rule: bool = False
     block_ys: tuple = ()
     eval_eqn: Any = None
 
-    def _env(self, consts, carry, x):
-        return _jaxpr.closed_env(self.body, [*consts, *carry, *x])
-
     def step(self, carry, x, consts):
-        out = _jaxpr.run(self.body.jaxpr, self._env(consts, carry, x), eval_eqn=_marks.inline())
+        env = _jaxpr.closed_env(self.body, [*consts, *carry, *x])
+        out = _jaxpr.run(self.body.jaxpr, env, eval_eqn=_marks.inline())
         return out[: len(carry)], out[len(carry) :]
 
     def block(self, h, xe, consts):
         x, s = xe
-        carry = [None] * self.num_carry
-        for i, v in zip(self.diff, h):
-            carry[i] = v
-        for i, v in zip(self.state, s):
-            carry[i] = v
+        carry = self._carry(h, s)
         targets = [*self.split.z, *self.block_ys]
         eval_eqn = _marks.inline(self.eval_eqn or _jaxpr.bind)
-        values = _jaxpr.evaluate(self.body.jaxpr.eqns, self._env(consts, carry, x), targets, eval_eqn=eval_eqn)
+
+        def evaluate(args):
+            env = _jaxpr.closed_env(self.flat, args)
+            return _jaxpr.evaluate(self.flat.jaxpr.eqns, env, targets, eval_eqn=eval_eqn)
+
+        if self.remat is not None:  # what the user's policy does not save is recomputed here too
+            evaluate = jax.checkpoint(evaluate, policy=self.remat.policy, prevent_cse=self.remat.prevent_cse)
+        values = evaluate([*consts, *carry, *x])
         n = len(self.split.z)
         return values[:n], values[n:]
 
     def residual(self, h, z):
         return self.split.residual(h, z)
+
+    def path(self, h, xe, consts):
+        if not self.rule:
+            return super().path(h, xe, consts)
+        # The step as written, differentiated by the user's rule, minus the residual path: its
+        # Jacobian in h is the rule's minus K (K + J is the rule's Jacobian).
+        z, _ = self.block(h, xe, consts)
+        new, ys = self.step(self._carry(h, xe[1]), xe[0], consts)
+        residual_path = self.residual(h, [lax.stop_gradient(v) for v in z])
+        block_ys = [y for y, r in zip(ys, self.y_route) if r is not None and r[0] == BLOCK]
+        return ([new[i] - r for i, r in zip(self.diff, residual_path)], block_ys), z
+
+    def _carry(self, h, s) -> list:
+        carry = [None] * self.num_carry
+        for i, v in zip(self.diff, h):
+            carry[i] = v
+        for i, v in zip(self.state, s):
+            carry[i] = v
+        return carry
 
 
 def scan_stack(
@@ -186,7 +230,9 @@ def scan_stack(
     are state. A per-step output that is the very value of a new differentiated carry leaf sends
     its cotangent into that carry; any other floating-point output is computed by the block.
     """
-    jaxpr = body.jaxpr
+    carry_outs = [i for i, v in enumerate(body.jaxpr.invars[num_consts : num_consts + num_carry]) if is_float(v.aval)]
+    flat, remat, rule = _split.read_through(body, carry_outs, keep=_marks.is_block)
+    jaxpr = flat.jaxpr
     carry_in = jaxpr.invars[num_consts : num_consts + num_carry]
     carry_out, ys = jaxpr.outvars[:num_carry], jaxpr.outvars[num_carry:]
     diff = tuple(i for i, v in enumerate(carry_in) if is_float(v.aval))
@@ -208,7 +254,8 @@ def scan_stack(
         unroll=unroll, reverse=reverse, block_reads_carry=reads,
         k_within_one=all(b is not None and b <= 1.0 for b in found.k_bounds),
         k_is_one=bool(found.kinds) and all(kind == _split.IDENTITY for kind in found.kinds), body=body,
-        num_consts=num_consts, split=found, block_ys=tuple(block_ys), eval_eqn=eval_eqn,
+        flat=flat, remat=remat, rule=rule, num_consts=num_consts, split=found, block_ys=tuple(block_ys),
+        eval_eqn=eval_eqn,
     )
     return found, stack
 

@@ -165,7 +165,9 @@ class ValueAndGrad:
             out = self._transform(self.checked, self.argnums)(*args, **kwargs)
             return (out, _report.SweepReport.empty()) if self.options.report else out
         conversion = self._conversion(args, kwargs)
-        return _report.value_and_grad(self._transform, conversion, self.argnums, args, kwargs, holomorphic=self.holomorphic)
+        out = _report.value_and_grad(self._transform, conversion, self.argnums, args, kwargs, holomorphic=self.holomorphic)
+        conversion.warn(stacklevel=2)
+        return out
 
 
 def normalize_argnums(name: str, argnums) -> int | tuple[int, ...]:

@@ -319,8 +319,13 @@ class _GraphConversion:
         if graphdef != self.graphdef:  # not the graph it was traced with: trace this one
             conversion = _GraphConversion(self.f, self.options, args, kwargs).conversion
         out, new_state = conversion.evaluate(slots, state)
+        self.last = conversion
         _nnx.update((args, kwargs), new_state)
         return out
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """:meth:`hbpjax._auto.Conversion.warn` of the last evaluation."""
+        getattr(self, "last", self.conversion).warn(stacklevel + 1)
 
 
 class _ValueAndGrad(ValueAndGrad):

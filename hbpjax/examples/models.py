@@ -13,6 +13,7 @@ model                    residual structure                             default 
 ``PostReLUResNet``       stages of ``relu(h + block(h))``               0
 ``GPT``                  pre-LN: ``h + attn(LN h)``, ``h + mlp(LN h)``  0.2
 ``PostLNTransformer``    post-LN: ``LN(h + f(h))`` as ``a(h) h + b(h)``  0.8
+``ScannedGPT``           plain Flax: ``nnx.scan`` over ``nnx.remat``    transform's ``gamma``
 ``CharRNN``              GRU / LSTM / minGRU, stacked with residuals    0
 ``SequenceClassifier``   one recurrent layer read at its last step      0
 =======================  =============================================  ======================
@@ -208,6 +209,55 @@ class PostLNTransformer(_Transformer):
     sublayer = PostLNSublayer
     residual = staticmethod(hbpjax.residual.gated)
     default_gamma = 0.8
+
+
+class PreLNBlock(nnx.Module):
+    """A pre-LN Transformer block in plain Flax: ``h + attn(LN h)``, then ``+ mlp(LN h)``."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+        self.norm1, self.norm2 = nnx.LayerNorm(dim, rngs=rngs), nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * dim, dim, rngs=rngs, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2)))
+
+    def __call__(self, h):
+        causal = nnx.make_causal_mask(jnp.ones(h.shape[:2], jnp.int32))
+        h = h + self.attn(self.norm1(h), mask=causal)
+        return h + self.fc2(jax.nn.gelu(self.fc1(self.norm2(h))))
+
+
+class ScannedGPT(nnx.Module):
+    """A GPT written the way large models are, with nothing of hbpjax in it: the layers' parameters
+    stacked on a leading axis (``nnx.vmap``) and run by ``nnx.scan`` over an ``nnx.remat``-ed
+    block, so each layer's activations are recomputed in the backward instead of stored.
+
+    ``hbpjax.nnx.value_and_grad`` finds the scan and converts it (reading through the remat);
+    ``gamma`` is then an option of the transform (``gamma=0.2`` suits pre-LN models).
+    """
+
+    def __init__(self, vocab_size: int, *, dim=64, heads=4, layers=4, max_len=256, remat=True, rngs: nnx.Rngs):
+        self.remat = remat
+        self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
+
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return PreLNBlock(dim, heads, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens):
+        block = nnx.remat(lambda layer, h: layer(h)) if self.remat else (lambda layer, h: layer(h))
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, layer):
+            return block(layer, h)
+
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.head(self.norm(run(h, self.layers)))
 
 
 # ------------------------------------------------------------------------------------- RNNs

@@ -28,7 +28,8 @@ class Method:
     ``kind`` is ``exact``, ``highway`` (``k`` sweeps), ``fpi`` (fixed-point iteration, ``k``
     sweeps), ``tbptt`` (truncated BPTT, ``window``), ``schedule`` (Highway-BP with ``k =
     schedule(step)``, a traced integer: one compilation) or ``adaptive`` (Highway-BP with ``k`` from
-    an :class:`hbpjax.AdaptiveIterations` ``controller``).
+    an :class:`hbpjax.AdaptiveIterations` ``controller``). ``gamma``, if given, is the highway
+    transform's option (the split of the stacks it finds in a model written without hbpjax).
     """
 
     kind: str
@@ -37,6 +38,7 @@ class Method:
     schedule: Callable[[int], int] | None = None
     controller: hbpjax.AdaptiveIterations | None = None
     name: str | None = None
+    gamma: float | None = None
 
     @property
     def label(self) -> str:
@@ -63,7 +65,11 @@ class Method:
         """``value_and_grad(model, x, y)`` (fixed methods only; see :func:`make_step`)."""
         if self.kind in ("exact", "tbptt"):
             return nnx.value_and_grad(loss_fn, has_aux=has_aux)
-        return hbpjax.nnx.value_and_grad(loss_fn, has_aux=has_aux, iterations=self.k)
+        return hbpjax.nnx.value_and_grad(loss_fn, has_aux=has_aux, iterations=self.k, **self.transform_options())
+
+    def transform_options(self) -> dict:
+        """Keyword options of the highway transform (``gamma`` where the method sets it)."""
+        return {} if self.gamma is None else {"gamma": self.gamma}
 
     def make_step(self, loss_fn: Callable) -> "Step":
         """The method's jitted training step, with the state a schedule or a controller keeps."""
@@ -96,7 +102,7 @@ class Step:
     def __init__(self, method: Method, loss_fn: Callable):
         self.method, self.k_trace = method, []
         if method.kind == "schedule":
-            value_and_grad = lambda k: hbpjax.nnx.value_and_grad(loss_fn, iterations=k)
+            value_and_grad = lambda k: hbpjax.nnx.value_and_grad(loss_fn, iterations=k, **method.transform_options())
 
             @nnx.jit
             def step(model, optimizer, x, y, k):
