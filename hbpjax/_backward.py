@@ -458,7 +458,7 @@ def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linea
     else:
         after = outputs(path.solve(b))
     straight_line = not options.traced and (
-        stack.options.linearize == "unroll" or (not recomputes(stack, options) and sweeps <= STRAIGHT_LINE_SWEEPS)
+        stack.options.linearize == "unroll" or ((not recomputes(stack, options) or stack.remat is not None) and sweeps <= STRAIGHT_LINE_SWEEPS)
     )
     return _run_sweeps(one_sweep, after, sweeps, tol=options.tol, chain=chain, report=report, straight_line=straight_line)
 

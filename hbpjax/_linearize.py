@@ -203,26 +203,39 @@ def _in_groups(path, h_prev, xe, consts, groups: int = GROUPS):
     """``z`` of every layer and a VJP of ``path`` that recomputes each layer's linearization when
     called, in ``groups`` consecutive groups of layers.
 
-    ``lax.map`` runs the groups one after the other, so only one group's residuals and temporaries
-    are alive at a time; the price is one more forward of every layer per sweep and a sequential
-    depth of ``groups`` per sweep. (Recomputing all layers at once would save nothing: XLA would
-    hoist the recomputation out of the loop over sweeps.)
+    A loop runs the groups one after the other, so only one group's residuals and temporaries are
+    alive at a time; the price is one more forward of every layer per sweep and a sequential depth
+    of ``groups`` per sweep. (Recomputing all layers at once would save nothing: XLA would hoist the
+    recomputation out of the loop over sweeps.)
     """
     length = h_prev[0].shape[0]
     groups = max(c for c in range(1, min(groups, length) + 1) if length % c == 0)
     all_paths = jax.vmap(path, in_axes=(0, 0, None))
-    z = all_paths(h_prev, xe, consts)[1]
-    grouped = lambda tree: tmap(lambda a: a.reshape((groups, length // groups) + a.shape[1:]), tree)
     ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
+    size = length // groups
+    group = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)
+    z = ungrouped(lax.map(lambda i: all_paths(*group((h_prev, xe), i), consts)[1], jnp.arange(groups)))
 
     def vjp(ct):
-        def one(group):
-            h, x, c = group
-            return jax.vjp(all_paths, h, x, consts, has_aux=True)[1](c)
+        # The loop reads each group where it lies (taken as the loop's per-step inputs, the stacks
+        # would be copied into it first), and writes each group's cotangent over the one it read:
+        # the cotangents of the layers' outputs become those of their inputs in the same buffer.
+        ct_out, ct_block = ct
+        float0 = lambda a: a.dtype == jax.dtypes.float0  # integer inputs: no cotangent to gather
+        zeros = lambda shape, a: np.zeros(shape, a.dtype) if float0(a) else jnp.zeros(shape, a.dtype)
 
-        ct_h, ct_xe, ct_consts = lax.map(one, grouped((h_prev, xe, ct)))
-        total = lambda a: a[0] if getattr(a, "dtype", None) == jax.dtypes.float0 else jnp.sum(a, axis=0)
-        return ungrouped(ct_h), ungrouped(ct_xe), tmap(total, ct_consts)
+        def one(i, state):
+            buf, ct_xe, ct_consts = state
+            h, x, c = group((h_prev, xe, ct_block), i)
+            g_h, g_xe, g_consts = jax.vjp(all_paths, h, x, consts, has_aux=True)[1]((group(buf, i), c))
+            buf = tmap(lambda a, g: lax.dynamic_update_slice_in_dim(a, g, i * size, 0), buf, g_h)
+            ct_xe = tmap(lambda a, g: a if float0(a) else a.at[i].set(g), ct_xe, g_xe)
+            return buf, ct_xe, tmap(lambda a, g: a if float0(a) else a + g, ct_consts, g_consts)
+
+        shapes = jax.eval_shape(lambda: jax.vjp(all_paths, *group((h_prev, xe), 0), consts, has_aux=True)[1](group(ct, 0)))
+        init = (ct_out, tmap(lambda a: zeros((groups,) + a.shape, a), shapes[1]), tmap(lambda a: zeros(a.shape, a), shapes[2]))
+        ct_h, ct_xe, ct_consts = lax.fori_loop(0, groups, one, init)
+        return ct_h, ungrouped(ct_xe), ct_consts
 
     return z, vjp
 
