@@ -517,9 +517,10 @@ def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
 def read_cotangents(stack: Stack, chain: Chain, init, after, at: Incoming, lin: Linearization, path: ResidualPath):
     """Step 4: ``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's
     output, through one last VJP of every layer."""
+    first = [_first(a) for a in after]  # read before the VJP, which may write over `after` in place
     ct_h, (ct_xs, _), ct_consts = lin.vjp(after, at.ct_block)
     # The initial carry gets the full Jacobian of the first layer: (K_0 + J_0)^T after[0].
-    ct_h0 = chain.reduce_first(tmap(lambda k, a, g: k * a[0] + g[0], path.k_first, after, ct_h))
+    ct_h0 = chain.reduce_first(tmap(lambda k, a, g: k * a + g[0], path.k_first, first, ct_h))
     ct_init = [None] * len(init)
     for i, g in zip(stack.diff, ct_h0):
         ct_init[i] = g
@@ -561,6 +562,12 @@ def _last(a):
     last two rows only (a reduction over one row would be simplified back into a slice)."""
     two = a[-2:]
     return jnp.sum(jnp.where(_at_last(two), two, jnp.zeros_like(two)), axis=0)
+
+
+def _first(a):
+    """``a[0]`` as a small buffer of its own (see :func:`_last`)."""
+    two = a[:2]
+    return jnp.sum(jnp.where(_at_last(two), jnp.zeros_like(two), two), axis=0) if two.shape[0] == 2 else two[0]
 
 
 def _shift_up(a, fill):
