@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.extend import core
 
-from . import _context, _jaxpr, _marks
+from . import _chains, _context, _jaxpr, _marks
 from ._backward import Local, differentiate
 from ._context import EXACT_SCOPE
 from ._jaxpr import is_float
@@ -45,20 +45,22 @@ class NoStackWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class StackInfo:
-    """What :func:`hbpjax.find_stacks` found about one scan (or one Python-unrolled chain).
+    """What :func:`hbpjax.find_stacks` found about one scan (or one chain of blocks in a Python loop).
 
     Attributes:
       source: ``file:line`` in your code that made the scan.
       kind: ``"scan"`` (a ``lax.scan``, ``fori_loop``, ``nnx.scan``, ``nnx.RNN``, ...),
         ``"residual_scan"`` (:func:`hbpjax.residual_scan` or an hbpjax Flax module) or
-        ``"unrolled"`` (residual blocks chained by a Python loop).
-      length: the number of steps (layers, time steps).
+        ``"chain"`` (residual blocks written one after the other: a Python loop of layers).
+      length: the number of steps (layers, time steps; for a chain, groups of ``period`` blocks).
       carry: shape and dtype of every carry leaf.
       residual: per carry leaf, ``"identity"`` (``h + ...``, ``K = 1``), ``"diagonal"`` (an
         elementwise residual path such as a gate or a ReLU) or ``"none"`` (no residual path, or
         not floating point).
       converted: whether ``highway_grad`` runs this stack's backward as Highway-BP.
       reason: why (or why not), in words.
+      period: for a chain, how many different blocks repeat as one layer (attention then MLP: 2).
+      last_source: for a chain, ``file:line`` of its last layer (``source`` is its first's).
     """
 
     source: str
@@ -68,6 +70,8 @@ class StackInfo:
     residual: tuple[str, ...]
     converted: bool
     reason: str
+    period: int = 1
+    last_source: str = ""
 
     def __str__(self) -> str:
         return _table([self])
@@ -173,6 +177,8 @@ def _analyse(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.Jaxpr
     num_consts, num_carry, body = _jaxpr.scan_layout(eqn)
     carry_avals = [v.aval for v in body.jaxpr.invars[num_consts : num_consts + num_carry]]
     carry = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in carry_avals)
+    if mark is None:
+        options = _linearize_for(options, body.jaxpr, body.jaxpr.invars[num_consts + num_carry :], params["length"])
     split, stack = scan_stack(
         body, num_consts=num_consts, num_carry=num_carry, length=params["length"], reverse=params["reverse"],
         unroll=params["unroll"], options=mark.options if mark else options,
@@ -197,6 +203,72 @@ def _analyse(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.Jaxpr
         carry=carry, residual=residual, converted=converted, reason=reason,
     )
     return _Found(info, stack if converted else None, mark is not None, trivial=params["length"] < 2)
+
+
+@dataclasses.dataclass
+class _FoundChain:
+    """One chain of a jaxpr, analysed: its report and, if converted, its stack."""
+
+    chain: _chains.Chain
+    info: StackInfo
+    stack: Any  # ChainStack | None
+    marked: bool = False
+
+
+def _analyse_chains(jaxpr, *, options: StackOptions, eval_eqn, exact_only: bool = False) -> tuple[list, list]:
+    """``(chains, misses)`` of ``jaxpr``: each chain with its report and stack, each near miss (three
+    residual blocks or more that are not a chain) as ``(its first equation, a StackInfo saying why)``."""
+    chains, misses = _chains.find(jaxpr)
+    found = []
+    for chain in chains:
+        first, last = chain.layers[0][0], chain.layers[-1][0]
+        body = chain.body.jaxpr
+        split, stack = scan_stack(
+            chain.body, num_consts=len(chain.shared), num_carry=1, length=chain.length,
+            options=_linearize_for(options, body, body.invars[len(chain.shared) + 1 :], chain.length),
+            eval_eqn=eval_eqn, kind=_chains.ChainStack,
+        )
+        carry = (jax.ShapeDtypeStruct(chain.init.aval.shape, chain.init.aval.dtype),)
+        layers = f"{chain.length} layers" if chain.period == 1 else f"{chain.length} groups of {chain.period} blocks"
+        reason = f"{layers} written one after the other, {_jaxpr.user_source(first)} to {_jaxpr.user_source(last)}"
+        converted = split.has_residual_path
+        if not converted:
+            reason += ": " + _no_path_reason(stack)
+        elif chain.stacked_bytes() > _chains.STACK_LIMIT:
+            converted = False
+            reason += (
+                f": its per-layer inputs take {chain.stacked_bytes() / 2**20:.0f} MiB stacked, over the "
+                f"{_chains.STACK_LIMIT / 2**20:.0f} MiB limit (hbpjax._chains.STACK_LIMIT): left to backprop"
+            )
+        info = StackInfo(
+            source=_jaxpr.user_source(first), kind="chain", length=chain.length, carry=carry,
+            residual=split.kinds, converted=converted, reason=reason, period=chain.period,
+            last_source=_jaxpr.user_source(last),
+        )
+        found.append(_FoundChain(chain, info, stack if converted else None))
+    infos = [
+        (miss.first, StackInfo(source=_jaxpr.user_source(miss.first), kind="chain", length=miss.joins, carry=(),
+                               residual=(), converted=False, reason=miss.reason))
+        for miss in misses if miss.joins >= 3
+    ]
+    return found, infos
+
+
+#: Automatic stacks of this many layers or fewer that convolve with a kernel per layer are
+#: linearized layer by layer on a CPU.
+UNROLL_CONVOLUTIONS = 64
+
+
+def _linearize_for(options: StackOptions, body, per_layer, length: int) -> StackOptions:
+    """The options of an automatic stack: vmapped linearization, except for short stacks that
+    convolve with a kernel per layer on a CPU, where vmapping makes grouped convolutions, which
+    XLA's CPU backend runs many times slower than the separate ones (layer by layer instead)."""
+    if jax.default_backend() != "cpu" or length > UNROLL_CONVOLUTIONS:
+        return options
+    convs = [e for e in body.eqns if e.primitive.name == "conv_general_dilated"]
+    if convs and _jaxpr.depends_on(body.eqns, per_layer, [e.invars[1] for e in convs]):
+        return dataclasses.replace(options, linearize="unroll")
+    return options
 
 
 def _no_path_reason(stack) -> str:
@@ -260,8 +332,10 @@ class Rewriter:
         self.trivial = 0
         self.kept_exact = 0
         self.reported: list[StackInfo] = []
+        self.slot_of: dict = {}  # id of a reporting stack's equation (or chain) -> its slot
         self._nested = 0
         self._found: dict[int, _Found] = {}
+        self._chains: dict[int, tuple] = {}
         self._rewrites: dict[int, bool] = {}
 
     def found(self, eqn, marked_by=None) -> _Found:
@@ -282,12 +356,21 @@ class Rewriter:
         found = self.found(eqn, marked_by)
         return found.stack is not None and self.choose(found)
 
+    def chains(self, jaxpr) -> list[_FoundChain]:
+        """The chains of ``jaxpr``'s own equations that are converted."""
+        return [c for c in self._chain_analysis(jaxpr)[0] if c.stack is not None and self.choose(c)]
+
+    def _chain_analysis(self, jaxpr) -> tuple[list, list]:
+        if id(jaxpr) not in self._chains:
+            self._chains[id(jaxpr)] = (jaxpr, _analyse_chains(jaxpr, options=self.auto, eval_eqn=self.eval_nested))
+        return self._chains[id(jaxpr)][1]
+
     # ---------------------------------------------------------------- what the program holds
 
     def rewrites(self, jaxpr) -> bool:
         """Whether anything in ``jaxpr`` (through calls and checkpoints) is converted."""
         if id(jaxpr) not in self._rewrites:
-            self._rewrites[id(jaxpr)] = any(self._rewrites_eqn(eqn) for eqn in jaxpr.eqns)
+            self._rewrites[id(jaxpr)] = bool(self.chains(jaxpr)) or any(self._rewrites_eqn(eqn) for eqn in jaxpr.eqns)
         return self._rewrites[id(jaxpr)]
 
     def _rewrites_eqn(self, eqn) -> bool:
@@ -304,21 +387,34 @@ class Rewriter:
             return self.rewrites(_inner(eqn)[0])
         return False
 
-    def reporting(self, jaxpr) -> list[StackInfo]:
-        """The stacks of ``jaxpr`` that :meth:`eval_eqn` gives a report slot, in program order."""
+    def reporting(self, jaxpr) -> list[tuple[int, StackInfo]]:
+        """The stacks of ``jaxpr`` that :meth:`eval_eqn` gives a report slot, in program order, each
+        as ``(key, info)``: the key of its scan equation or chain."""
         out = []
+        chains = {id(c.chain.layers[0][0]): c for c in self.chains(jaxpr)}
         for eqn in jaxpr.eqns:
+            if id(eqn) in chains:
+                out.append((id(eqn), chains[id(eqn)].info))
             mark = _marks.stack_mark(eqn)
             if _jaxpr.in_scope(eqn, EXACT_SCOPE) or (mark is not None and mark.layer_axis is not None):
                 continue
             if mark is not None:
                 scans = [e for e in _inner(eqn)[0].eqns if e.primitive.name == "scan"]
-                out += [self.found(e, eqn).info for e in scans if self.converts(e, eqn)]
+                out += [(id(e), self.found(e, eqn).info) for e in scans if self.converts(e, eqn)]
             elif eqn.primitive.name == "scan":
-                out += [self.found(eqn).info] if self.converts(eqn) else []
+                out += [(id(eqn), self.found(eqn).info)] if self.converts(eqn) else []
             elif eqn.primitive.name in _CALLS or eqn.primitive.name in _REMATS or eqn.primitive.name in _INLINE:
                 out += self.reporting(_inner(eqn)[0])
         return out
+
+    def _slot(self, key, info):
+        """The report slot of a stack converted at the top level (``None`` inside another's block)."""
+        if self._nested:
+            return None
+        self.reported.append(info)
+        if self.slots is None:
+            return None
+        return self.slots[self.slot_of[key]]
 
     # ---------------------------------------------------------------------------- evaluation
 
@@ -328,6 +424,9 @@ class Rewriter:
     def eval_jaxpr(self, jaxpr, consts: Sequence, args: Sequence, *, marked_by=None) -> list:
         env = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
+        chains = self.chains(jaxpr) if marked_by is None else []
+        if chains:
+            return self._eval_with_chains(jaxpr, env, chains)
         for eqn in jaxpr.eqns:
             invals = [_jaxpr.read(env, a) for a in eqn.invars]
             if marked_by is not None and eqn.primitive.name == "scan":
@@ -336,6 +435,54 @@ class Rewriter:
                 outs = self.eval_eqn(eqn, invals)
             env.update(zip(eqn.outvars, outs))
         return [_jaxpr.read(env, a) for a in jaxpr.outvars]
+
+    def _eval_with_chains(self, jaxpr, env: dict, chains: list) -> list:
+        """Evaluates ``jaxpr`` with each chain run as one stack, when its first value is needed
+        (after what its inputs need, which no value of the chain feeds)."""
+        in_chain = {i for c in chains for i in c.chain.eqn_ids}
+        made_by = {}
+        for c in chains:
+            for v in [*c.chain.carries[-1:], *(v for outs in c.chain.outputs for v in outs)]:
+                made_by[v] = c
+        done: set = set()
+
+        def run(eqns):
+            for eqn in eqns:
+                if id(eqn) in done or id(eqn) in in_chain:
+                    continue
+                for a in eqn.invars:
+                    if isinstance(a, core.Var) and a not in env and a in made_by:
+                        run_chain(made_by[a])
+                env.update(zip(eqn.outvars, self.eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
+                done.add(id(eqn))
+
+        def run_chain(c):
+            chain = c.chain
+            inputs = [chain.init, *chain.shared, *(v for layer in chain.per_layer for v in layer)]
+            run(_jaxpr.needed(jaxpr.eqns, [v for v in inputs if isinstance(v, core.Var) and v not in env]))
+            env.update(zip(made_by_keys(c), self._eval_chain(c, env)))
+
+        def made_by_keys(c):
+            return [c.chain.carries[-1], *(v for outs in c.chain.outputs for v in outs)]
+
+        run(jaxpr.eqns)
+        for v in jaxpr.outvars:
+            if isinstance(v, core.Var) and v not in env:
+                run_chain(made_by[v])
+        return [_jaxpr.read(env, a) for a in jaxpr.outvars]
+
+    def _eval_chain(self, c: _FoundChain, env: dict) -> list:
+        """A chain as a Highway-BP stack: ``[h_L, *every layer's outputs]``."""
+        chain, stack = c.chain, c.stack
+        self.converted += 1
+        slot = self._slot(id(chain.layers[0][0]), c.info)
+        init = [jax.numpy.asarray(env[chain.init], chain.init.aval.dtype)]
+        xs = [[_jaxpr.read(env, v) for v in layer] for layer in chain.per_layer]
+        consts = tuple(_jaxpr.read(env, v) for v in chain.shared)
+        forward = functools.partial(chain.forward, stack)
+        final, ys = differentiate(stack, init, xs, consts, options=self.options, forward=forward, chain=Local, slot=slot)
+        per_layer = [[y[g] for y in ys] for g in range(chain.length)]
+        return [final[0], *(v for outs in per_layer for v in outs)]
 
     def eval_eqn(self, eqn, invals: list) -> list:
         """One equation: a converted scan, a marked one, a call with converted scans inside, or
@@ -393,11 +540,7 @@ class Rewriter:
             final, ys = jax.lax.scan(step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"])
             return [*final, *ys]
         self.converted += 1
-        slot = None
-        if not self._nested:
-            self.reported.append(found.info)
-            if self.slots is not None:
-                slot = self.slots[len(self.reported) - 1]
+        slot = self._slot(id(eqn), found.info)
         # Literal operands (a Python float as the initial carry) become arrays of their type.
         invals = [jax.numpy.asarray(v, a.aval.dtype) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
         num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
@@ -434,15 +577,18 @@ class Conversion:
         self.options = options
         with _context.active(options):
             self.traced = trace(fun, args, kwargs, differentiated=differentiated)
-        self.stacks = Rewriter(options).reporting(self.traced.closed.jaxpr)
+        reporting = Rewriter(options).reporting(self.traced.closed.jaxpr)
+        self.keys = [key for key, _ in reporting]
+        self.stacks = [info for _, info in reporting]
 
     def evaluate(self, slots, *args, **kwargs):
         """The function's value at ``(args, kwargs)`` (laid out as the traced ones), its stacks
         converted. ``slots`` is ``None`` or a ``float32[len(stacks), 2]`` that the stacks ignore and
         whose cotangent is their sweep report. If nothing was converted, :meth:`warn` says why."""
         rewriter = Rewriter(self.options, slots)
+        rewriter.slot_of = {key: i for i, key in enumerate(self.keys)}
         outs = rewriter.eval_closed(self.traced.closed, self.traced.inputs(args, kwargs))
-        if [s.source for s in rewriter.reported] != [s.source for s in self.stacks]:
+        if sorted(s.source for s in rewriter.reported) != sorted(s.source for s in self.stacks):
             raise AssertionError(f"hbpjax: the stacks that report changed: {rewriter.reported} vs {self.stacks}")
         self.none_converted = rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0
         return self.traced.unflatten(outs)
@@ -456,8 +602,8 @@ class Conversion:
         _collect(Rewriter(self.options), self.traced.closed.jaxpr, infos, kept=None, nested=None)
         listing = "".join(f"\n  {i.source} ({i.kind}, L={i.length}): {i.reason}" for i in infos[:5])
         listing = listing or (
-            " The function runs no scan: nothing to convert (a lax.associative_scan is parallel already; "
-            "residual blocks written one by one, as a Python loop, are not a scan)."
+            " The function runs no scan and no chain of residual blocks: nothing to convert (a "
+            "lax.associative_scan is parallel already)."
         )
         warnings.warn(
             NoStackWarning(
@@ -476,8 +622,8 @@ def find_stacks(fun: Callable, *args, **kwargs) -> Stacks:
     """The scans of ``fun(*args, **kwargs)`` and what :func:`hbpjax.highway_grad` does with each.
 
     One :class:`StackInfo` per scan in program order (scans inside ``jit``, ``jax.checkpoint`` and
-    other scans included), plus one per chain of residual blocks written as a Python loop (listed,
-    not converted). ``print`` the result for a table.
+    other scans included), and one per chain of residual blocks written one after the other (a
+    Python loop of layers), converted or not. ``print`` the result for a table.
 
     Args:
       fun: the function, as you would pass it to ``jax.grad`` (a loss, or a model's forward).
@@ -508,20 +654,29 @@ def find_stacks(fun: Callable, *args, **kwargs) -> Stacks:
 
 def _collect(rewriter: Rewriter, jaxpr, infos: list, *, kept: str | None, nested: str | None, marked_by=None) -> None:
     """Appends, in program order, what ``jaxpr`` holds: scans (then what their bodies hold), calls'
-    contents, layer-parallel stacks, and chains of residual blocks written out one by one.
+    contents, layer-parallel stacks, and chains of residual blocks written one after the other.
 
     ``kept`` says why nothing in ``jaxpr`` is converted (an exact region, a custom_vjp's rule, ...),
     ``nested`` what the stacks here are nested in; ``marked_by`` is the mark of a residual_scan.
     """
-    # Python-loop chains are listed where they are the model's layers, not inside a scan's step.
-    chains = {id(eqn): info for eqn, info in _unrolled(jaxpr)} if nested is None else {}
+    in_block = nested == "outer block"  # the block of a converted scan: its chains are not looked for
+    chains, misses = ([], []) if in_block else rewriter._chain_analysis(jaxpr)
+    at = {id(c.chain.layers[0][0]): c.info for c in chains}
+    at.update({id(first): info for first, info in misses})
+    chain_eqns = {i for c in chains if c.stack is not None and rewriter.choose(c) for i in c.chain.eqn_ids}
     for eqn in jaxpr.eqns:
-        if id(eqn) in chains:
-            infos.append(chains[id(eqn)])
+        if id(eqn) in at:
+            info = at[id(eqn)]
+            if kept is not None and info.converted:
+                info = dataclasses.replace(info, converted=False, reason=kept)
+            elif info.converted and not rewriter.choose(_FoundChain(None, info, None)):
+                info = dataclasses.replace(info, converted=False, reason=f"not chosen by scans={rewriter.options.scans!r}")
+            infos.append(info)
         name, mark = eqn.primitive.name, _marks.stack_mark(eqn)
         inner_kept = kept or ("inside hbpjax.exact(): kept exact" if _jaxpr.in_scope(eqn, EXACT_SCOPE) else None)
         if inner_kept is None and name not in REWRITTEN:
             inner_kept = f"inside {name}: kept exact (hbpjax does not rewrite what a {name} holds)"
+        inner_nested = "outer block" if id(eqn) in chain_eqns else nested
         if mark is not None and mark.layer_axis is not None:
             infos.append(
                 StackInfo(
@@ -530,69 +685,17 @@ def _collect(rewriter: Rewriter, jaxpr, infos: list, *, kept: str | None, nested
                 )
             )
         elif mark is not None:
-            _collect(rewriter, _inner(eqn)[0], infos, kept=inner_kept, nested=nested, marked_by=eqn)
+            _collect(rewriter, _inner(eqn)[0], infos, kept=inner_kept, nested=inner_nested, marked_by=eqn)
         elif name == "scan":
             found = rewriter.found(eqn, marked_by)
             info = found.info
             if inner_kept is not None:
                 info = dataclasses.replace(info, converted=False, reason=inner_kept)
-            elif nested is not None and found.stack is not None:
-                info = dataclasses.replace(info, reason=f"{info.reason} (nested: converted within the {nested})")
+            elif inner_nested is not None and found.stack is not None:
+                info = dataclasses.replace(info, reason=f"{info.reason} (nested: converted within the {inner_nested})")
             infos.append(info)
             outer = "outer block" if info.converted else "outer loop, which stays exact"
             _collect(rewriter, _jaxpr.scan_layout(eqn)[2].jaxpr, infos, kept=inner_kept, nested=outer)
         else:
             for sub in _jaxpr.sub_jaxprs(eqn):
-                _collect(rewriter, sub, infos, kept=inner_kept, nested="cond branch" if name == "cond" else nested)
-
-
-def _unrolled(jaxpr) -> list[tuple[core.JaxprEqn, StackInfo]]:
-    """Chains ``h <- h + f(h)`` of two or more residual blocks written out one by one, each with the
-    equation that starts it."""
-    bits: dict = {}
-    ancestors: dict = {}
-    link: dict = {}
-    first: dict = {}
-    for var in jaxpr.invars:
-        bits[var] = len(bits)
-        ancestors[var] = 1 << bits[var]
-    for eqn in jaxpr.eqns:
-        deps = 0
-        for a in eqn.invars:
-            if isinstance(a, core.Var):
-                deps |= ancestors.get(a, 0)
-        if eqn.primitive.name in ("add", "add_any") and len(eqn.outvars) == 1:
-            out = eqn.outvars[0]
-            a, b = eqn.invars
-            for stream, other in ((a, b), (b, a)):
-                if (
-                    isinstance(stream, core.Var) and isinstance(other, core.Var) and stream is not other
-                    and stream.aval.shape == out.aval.shape and stream in bits
-                    and (ancestors.get(other, 0) >> bits[stream]) & 1
-                    and getattr(stream.aval, "shape", ()) != ()
-                ):
-                    link[out] = stream
-                    first[out] = first.get(stream, eqn)
-                    break
-        for v in eqn.outvars:
-            bits[v] = len(bits)
-            ancestors[v] = deps | (1 << bits[v])
-    ends = set(link) - set(link.values())
-    infos = []
-    for end in sorted(ends, key=lambda v: bits[v]):
-        n, var = 0, end
-        while var in link:
-            n, var = n + 1, link[var]
-        if n >= 2:
-            infos.append((first[end],
-                StackInfo(
-                    source=_jaxpr.user_source(first[end]), kind="unrolled", length=n,
-                    carry=(jax.ShapeDtypeStruct(end.aval.shape, end.aval.dtype),), residual=("identity",),
-                    converted=False,
-                    reason=(
-                        f"{n} residual blocks chained by a Python loop, each traced separately: stack the "
-                        "layers with nnx.scan / nn.scan (or hbpjax.nnx.ResidualStack) to convert them"
-                    ),
-                ))
-            )
-    return infos
+                _collect(rewriter, sub, infos, kept=inner_kept, nested="cond branch" if name == "cond" else inner_nested)

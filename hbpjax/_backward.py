@@ -333,6 +333,7 @@ class Incoming:
 def incoming(stack: Stack, chain: Chain, saved, xs, cotangents) -> Incoming:
     """The layers' inputs and the cotangents from outside, in the order the forward ran."""
     ct_final, ct_ys = cotangents
+    xs = stack.layer_inputs(xs)
     if stack.reverse:  # the same maths on the steps in the order the forward ran them
         saved, xs, ct_ys = _flip(saved), _flip(xs), _flip(ct_ys)
     e = [None] * len(stack.diff)
@@ -528,7 +529,7 @@ def read_cotangents(stack: Stack, chain: Chain, init, after, at: Incoming, lin: 
     if stack.reverse:
         ct_xs = tmap(lambda a: None if a is None else jnp.flip(a, 0), ct_xs)
     ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
-    return ct_init, ct_xs, ct_consts
+    return ct_init, stack.layer_cotangents(ct_xs), ct_consts
 
 
 def _none_if_float0(ct):

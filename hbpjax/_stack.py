@@ -102,6 +102,15 @@ class Stack(abc.ABC):
     def residual(self, h: list, z: PyTree) -> list:
         """The new differentiated leaves, elementwise in ``h``."""
 
+    def layer_inputs(self, xs: PyTree) -> PyTree:
+        """The per-layer inputs as the backward reads them, stacked on a leading layer axis (a
+        scan's ``xs`` are already)."""
+        return xs
+
+    def layer_cotangents(self, ct_xs: PyTree) -> PyTree:
+        """The cotangents of the per-layer inputs, laid out as :meth:`layer_inputs` received them."""
+        return ct_xs
+
     def path(self, h: list, xe, consts: tuple):
         """The block path of a layer: ``((new leaves, yb), z)`` whose Jacobian in ``h`` is ``J``.
 
@@ -222,6 +231,7 @@ def scan_stack(
     options: StackOptions = StackOptions(),
     opaque=lambda eqn: False,
     eval_eqn=None,
+    kind: type | None = None,
 ) -> tuple[Any, ScanStack]:
     """``(split, stack)`` for a scan with step ``body``.
 
@@ -229,6 +239,7 @@ def scan_stack(
     forward is the scan's). Every floating-point carry leaf is differentiated; the other leaves (integer counters, PRNG keys)
     are state. A per-step output that is the very value of a new differentiated carry leaf sends
     its cotangent into that carry; any other floating-point output is computed by the block.
+    ``kind`` is the :class:`ScanStack` subclass to build (a chain's).
     """
     carry_outs = [i for i, v in enumerate(body.jaxpr.invars[num_consts : num_consts + num_carry]) if is_float(v.aval)]
     flat, remat, rule = _split.read_through(body, carry_outs, keep=_marks.is_block)
@@ -249,7 +260,7 @@ def scan_stack(
         else:
             routes.append(None)
     reads = _jaxpr.depends_on(jaxpr.eqns, [carry_in[i] for i in diff], [*found.z, *block_ys])
-    stack = ScanStack(
+    stack = (kind or ScanStack)(
         length=length, num_carry=num_carry, diff=diff, y_route=tuple(routes), options=options,
         unroll=unroll, reverse=reverse, block_reads_carry=reads,
         k_within_one=all(b is not None and b <= 1.0 for b in found.k_bounds),

@@ -526,7 +526,8 @@ def test_no_stack_warning_once_per_trace():
     assert len(record) == 1
 
 
-def test_unrolled_python_loop_is_listed_with_the_way_out():
+def test_python_loop_of_blocks_is_a_chain():
+    """Blocks written one after the other (tests/test_chains.py checks chains in depth)."""
     W, h0 = _mlp_params(L=4, key=12, dtype=jnp.float32)
 
     def loss(W, h0):
@@ -536,8 +537,8 @@ def test_unrolled_python_loop_is_listed_with_the_way_out():
         return jnp.sum(h)
 
     (info,) = hbpjax.find_stacks(loss, W, h0)
-    assert (info.kind, info.length, info.converted) == ("unrolled", 4, False)
-    assert "nnx.scan" in info.reason and info.source.startswith(__file__)
+    assert (info.kind, info.length, info.period, info.converted) == ("chain", 4, 1, True)
+    assert "written one after the other" in info.reason and info.source.startswith(__file__)
 
 
 def test_gradient_agreement_on_an_nnx_module():

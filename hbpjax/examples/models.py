@@ -14,6 +14,7 @@ model                    residual structure                             default 
 ``GPT``                  pre-LN: ``h + attn(LN h)``, ``h + mlp(LN h)``  0.2
 ``PostLNTransformer``    post-LN: ``LN(h + f(h))`` as ``a(h) h + b(h)``  0.8
 ``ScannedGPT``           plain Flax: ``nnx.scan`` over ``nnx.remat``    transform's ``gamma``
+``LoopResNet``           plain Flax: a Python loop of blocks per stage  0
 ``CharRNN``              GRU / LSTM / minGRU, stacked with residuals    0
 ``SequenceClassifier``   one recurrent layer read at its last step      0
 =======================  =============================================  ======================
@@ -104,6 +105,33 @@ class _ResNet(nnx.Module):
 class PreActResNet(_ResNet):
     """Pre-activation ResNet: each stage one ``ResidualStack`` of ``h + block(h)``, strided-conv
     downsampling between stages, global average pooling and a linear head."""
+
+
+class LoopResNet(nnx.Module):
+    """A pre-activation ResNet written in plain Flax, as Flax's own examples write ResNets: each
+    stage a Python loop over its blocks (``h + block(h)``), strided convolutions between stages.
+
+    Nothing of hbpjax in it: ``hbpjax.nnx.value_and_grad`` finds each stage as a chain of identical
+    blocks and converts it; the parameters keep their per-block tree.
+    """
+
+    def __init__(self, *, channels=(16, 32), blocks_per_stage=8, num_classes=10, in_channels=1, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
+        self.stages = nnx.List([nnx.List([PreActBlock(c, rngs=rngs) for _ in range(blocks_per_stage)]) for c in channels])
+        self.downsample = nnx.List(
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(channels[:-1], channels[1:])]
+        )
+        self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                h = h + block(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](nnx.relu(h))
+        return self.head(jnp.mean(nnx.relu(self.norm(h)), axis=(1, 2)))
 
 
 class PostReLUResNet(_ResNet):

@@ -1,0 +1,346 @@
+"""Chains: residual blocks written one after the other (a Python loop of layers), as Flax's own
+examples write them, converted without changing the model.
+
+Each model is written with Flax's modules in a Python loop and checked in float64 against
+``jax.grad`` of the same model: ``k >= L`` equals it, ``k = 0`` and ``k = 2`` differ from it, the
+gradient has the parameters' tree. Near misses (layers that differ, a layer reading another's
+weights) stay exact, and ``find_stacks`` says why.
+"""
+
+import dataclasses
+import warnings
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hbpjax
+from helpers import assert_trees_close, tree_rel_error
+
+B, T, D = 2, 6, 8
+f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+
+
+def _normal(key, shape, scale=1.0, dtype=jnp.float64):
+    return scale * jax.random.normal(jax.random.key(key), shape, dtype)
+
+
+@dataclasses.dataclass
+class Case:
+    """``loss(params, *rest)``, a function of a parameter tree (or of an NNX module, ``module=True``)."""
+
+    loss: Callable
+    args: tuple
+    L: int
+    period: int = 1
+    module: bool = False
+    has_aux: bool = False
+
+    def grad(self, k=None, **options):
+        if self.module:
+            fn = nnx.grad(self.loss) if k is None else hbpjax.nnx.grad(self.loss, iterations=k, **options)
+            return nnx.jit(fn)(nnx.clone(self.args[0]), *self.args[1:])
+        fn = jax.grad(self.loss, has_aux=self.has_aux)
+        if k is not None:
+            fn = hbpjax.highway_grad(self.loss, has_aux=self.has_aux, iterations=k, **options)
+        out = jax.jit(fn)(*self.args)
+        return out[0] if self.has_aux else out
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+class _LinenDecoderBlock(nn.Module):
+    """A pre-LN decoder block written as Flax's lm1b example writes it."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        y = nn.LayerNorm(**f64)(x)
+        y = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=D, **f64)(y, y, mask=mask)
+        x = x + y
+        y = nn.LayerNorm(**f64)(x)
+        y = nn.Dense(2 * D, **f64)(y)
+        y = nn.Dense(D, **f64)(nn.relu(y))
+        return x + y
+
+
+class _LinenDecoder(nn.Module):
+    layers: int = 4
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(11, D, **f64)(tokens)
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.layers):  # a Python loop of layers, as lm1b's Decoder
+            x = _LinenDecoderBlock()(x, mask)
+        return nn.Dense(11, **f64)(nn.LayerNorm(**f64)(x))
+
+
+def case_linen_pre_ln_decoder():
+    model = _LinenDecoder()
+    tokens = jax.random.randint(jax.random.key(0), (B, T), 0, 11)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
+
+    def loss(params, tokens):
+        logits = model.apply({"params": params}, tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    return Case(loss, (params, tokens), L=4, period=2)
+
+
+class _Attention(nnx.Module):
+    """Pre-LN causal self-attention over a window (``window=None``: global), NNX."""
+
+    def __init__(self, window, heads, rngs):
+        self.window = window
+        self.norm = nnx.LayerNorm(D, rngs=rngs, **f64)
+        self.attn = nnx.MultiHeadAttention(heads, D, decode=False, rngs=rngs, **f64)
+
+    def __call__(self, x):
+        pos = jnp.arange(x.shape[1])
+        mask = pos[:, None] >= pos[None, :]
+        if self.window is not None:
+            mask = mask & (pos[:, None] - pos[None, :] < self.window)
+        return x + self.attn(self.norm(x), mask=mask)
+
+
+class _Alternating(nnx.Module):
+    """Local (2 heads, a window of 2) and global (4 heads) attention layers alternating, as gemma
+    does, each followed by an MLP: a repeating pattern of four different blocks."""
+
+    def __init__(self, rngs, layers=6):
+        self.attn = nnx.List([_Attention(2, 2, rngs) if i % 2 == 0 else _Attention(None, 4, rngs) for i in range(layers)])
+        self.mlp = nnx.List([nnx.Linear(D, D, rngs=rngs, **f64) for _ in range(layers)])
+
+    def __call__(self, x):
+        for attn, mlp in zip(self.attn, self.mlp):
+            x = attn(x)
+            x = x + jnp.tanh(mlp(x))
+        return x
+
+
+def case_nnx_alternating_attention():
+    model = _Alternating(nnx.Rngs(3))
+    return Case(lambda m, x: jnp.sum(jnp.sin(m(x))), (model, _normal(4, (B, T, D))), L=3, period=4, module=True)
+
+
+class _PostActBlock(nn.Module):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))`` with BatchNorm in train mode."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4, (3, 3), use_bias=False, **f64)(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=False, **f64)(y))
+        y = nn.Conv(4, (3, 3), use_bias=False, **f64)(y)
+        y = nn.BatchNorm(use_running_average=False, **f64)(y)
+        return nn.relu(x + y)
+
+
+class _PostActResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), **f64)(x))
+        for _ in range(3):
+            x = _PostActBlock()(x)
+        return jnp.mean(x, axis=(1, 2))
+
+
+def _post_act_resnet():
+    model = _PostActResNet()
+    x = _normal(5, (B, 6, 6, 2))
+    variables = model.init(jax.random.key(6), x)
+
+    def loss(params, x):
+        out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out)), updates
+
+    return loss, variables["params"], x
+
+
+def case_linen_post_activation_resnet_batch_norm():
+    loss, params, x = _post_act_resnet()
+    return Case(loss, (params, x), L=3, has_aux=True)
+
+
+class _PreActBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.norm = nnx.LayerNorm(D, rngs=rngs, **f64)
+        self.linear = nnx.Linear(D, D, rngs=rngs, **f64)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.drop(self.linear(jax.nn.relu(self.norm(x))))
+
+
+class _PreActResNet(nnx.Module):
+    def __init__(self, rngs, layers=4):
+        self.blocks = nnx.List([_PreActBlock(rngs) for _ in range(layers)])
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def case_nnx_pre_activation_resnet_dropout():
+    model = _PreActResNet(nnx.Rngs(7, dropout=8))
+    return Case(lambda m, x: jnp.sum(jnp.sin(m(x))), (model, _normal(9, (B, D))), L=4, module=True)
+
+
+CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    with jax.enable_x64(True):
+        yield CASES[request.param]()
+
+
+def test_k_ge_L_equals_jax_grad(case):
+    with jax.enable_x64(True):
+        exact = case.grad()
+        got = case.grad(case.L)
+        assert jax.tree.structure(got) == jax.tree.structure(exact)  # the parameters' own tree
+        assert_trees_close(got, exact)
+        assert tree_rel_error(case.grad(0), exact) > 1e-6
+        if case.L > 3:  # L - 1 sweeps are exact
+            assert tree_rel_error(case.grad(2), exact) > 1e-9
+
+
+def test_find_stacks_lists_the_chain(case):
+    with jax.enable_x64(True):
+        stacks = hbpjax.find_stacks(case.loss, *case.args)
+    chains = [s for s in stacks if s.kind == "chain" and s.converted]
+    assert [(s.length, s.period) for s in chains] == [(case.L, case.period)], str(stacks)
+    (info,) = chains
+    assert info.source.startswith(__file__) and info.last_source.startswith(__file__), str(stacks)
+
+
+def test_batch_statistics_equal_jax_value_and_grads():
+    with jax.enable_x64(True):
+        loss, params, x = _post_act_resnet()
+        (value, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, x)
+        forward_value, forward_updates = jax.jit(loss)(params, x)
+        for k in (0, 3):
+            (v, u), g = jax.jit(hbpjax.highway_value_and_grad(loss, has_aux=True, iterations=k))(params, x)
+            # The model's own forward to the bit; jax.value_and_grad's (its JVP) to rounding.
+            np.testing.assert_array_equal(v, forward_value)
+            assert_trees_close(u, forward_updates, rtol=0, atol=0)
+            assert_trees_close(u, updates)
+
+
+def test_chain_inside_jit_with_every_option():
+    """A chain inside a jax.jit in the loss; gamma, tol, return_report, save_linearization and a
+    scans= callable apply to it as to a scan."""
+    with jax.enable_x64(True):
+        W, h0 = _normal(10, (5, D, D), 0.4), _normal(11, (B, D))
+
+        @jax.jit
+        def net(W, h):
+            for w in W:
+                h = h + jnp.tanh(h @ w)
+            return h
+
+        loss = lambda W, h0: jnp.sum(jnp.sin(net(W, h0)))
+        exact = jax.grad(loss, (0, 1))(W, h0)
+        for options in (dict(gamma=0.3), dict(tol=1e-3), dict(save_linearization=False)):
+            assert_trees_close(hbpjax.highway_grad(loss, (0, 1), iterations=5, **options)(W, h0), exact)
+        g, report = hbpjax.highway_grad(loss, (0, 1), iterations=2, return_report=True)(W, h0)
+        assert report.sweeps.tolist() == [2] and report.sources[0].startswith(__file__)
+        assert tree_rel_error(g, exact) > 1e-9
+        only_scans = hbpjax.highway_grad(loss, (0, 1), iterations=0, scans=lambda info: info.kind != "chain")
+        with pytest.warns(hbpjax.NoStackWarning):
+            assert_trees_close(only_scans(W, h0), exact, rtol=0, atol=0)
+
+
+def test_shape_change_ends_a_chain():
+    """Two stages of three blocks, a widening between them: two chains of three."""
+    with jax.enable_x64(True):
+        W1, W2, P = _normal(12, (3, 4, 4), 0.4), _normal(13, (3, 6, 6), 0.4), _normal(14, (4, 6))
+
+        def loss(W1, W2, P, h):
+            for w in W1:
+                h = h + jnp.tanh(h @ w)
+            h = h @ P
+            for w in W2:
+                h = h + jnp.tanh(h @ w)
+            return jnp.sum(jnp.sin(h))
+
+        args = (W1, W2, P, _normal(15, (B, 4)))
+        stacks = hbpjax.find_stacks(loss, *args)
+        assert [(s.kind, s.length, s.converted) for s in stacks] == [("chain", 3, True), ("chain", 3, True)], str(stacks)
+        exact = jax.grad(loss, (0, 1, 2, 3))(*args)
+        assert_trees_close(hbpjax.highway_grad(loss, (0, 1, 2, 3), iterations=3)(*args), exact)
+
+
+# --------------------------------------------------------------------------------- near misses
+
+
+@pytest.mark.parametrize(
+    "name, most",
+    [
+        ("different wiring", 2),  # layer 3 applies the same primitives wired otherwise: 2 + 1 + 1
+        ("another layer's weights", 0),  # layer 4 reads the very array layer 3 reads: no chain
+        ("a value of another layer", 3),  # layer 4 reads a value layer 2 computed: layers 1-3 at most
+    ],
+)
+def test_near_misses_stay_exact_and_say_why(name, most):
+    with jax.enable_x64(True):
+        W, h0 = _normal(16, (4, D, D), 0.4), _normal(17, (B, D))
+
+        def loss(W, h):
+            ws, saved = [W[0], W[1], W[2], W[3]], None
+            for i in range(4):
+                if name == "different wiring":
+                    h = h + (jnp.tanh(h) @ ws[i] if i == 2 else jnp.tanh(h @ ws[i]))
+                elif name == "another layer's weights":
+                    h = h + jnp.tanh(h @ ws[min(i, 2)])
+                else:
+                    z = jnp.tanh(h @ ws[i])
+                    saved = z if i == 1 else saved
+                    h = h + (z + saved if i == 3 else z)
+            return jnp.sum(jnp.sin(h))
+
+        stacks = hbpjax.find_stacks(loss, W, h0)
+        converted = [s for s in stacks if s.converted]
+        assert all(s.length <= most for s in converted), str(stacks)  # never across the layer that differs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hbpjax.NoStackWarning)
+            got = hbpjax.highway_grad(loss, (0, 1), iterations=4)(W, h0)
+        assert_trees_close(got, jax.grad(loss, (0, 1))(W, h0))
+        if not converted:
+            assert stacks and all("left to backprop" in s.reason for s in stacks), str(stacks)
+
+
+def test_stacked_inputs_over_the_limit_are_left_to_backprop(monkeypatch):
+    monkeypatch.setattr("hbpjax._chains.STACK_LIMIT", 100)
+    W, h0 = _normal(20, (4, D, D), 0.4, jnp.float32), _normal(21, (B, D), 1.0, jnp.float32)
+
+    def loss(W, h):
+        for w in W:
+            h = h + jnp.tanh(h @ w)
+        return jnp.sum(h)
+
+    (info,) = hbpjax.find_stacks(loss, W, h0)
+    assert not info.converted and "limit" in info.reason and "MiB" in info.reason
+    with pytest.warns(hbpjax.NoStackWarning, match="limit"):
+        assert_trees_close(hbpjax.highway_grad(loss, iterations=0)(W, h0), jax.grad(loss)(W, h0), rtol=0, atol=0)
+
+
+def test_chain_backward_has_no_loop_over_the_layers():
+    from helpers import loops
+
+    W, h0 = _normal(22, (12, D, D), 0.3, jnp.float32), _normal(23, (B, D), 1.0, jnp.float32)
+
+    def loss(W, h):
+        for w in W:
+            h = h + jnp.tanh(h @ w)
+        return jnp.sum(h)
+
+    found = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2))(W, h0))
+    assert all(length != 12 for _, length in found), found  # the forward is the user's straight-line code
