@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _prefix
-from ._linearize import Linearization, Unbatchable, UnbatchableWarning, linearize, recomputes
+from ._linearize import ForwardLinearization, Linearization, Unbatchable, UnbatchableWarning, linearize, recomputes
 from ._options import Options
 from ._prefix import own_buffer
 from ._stack import BLOCK, CARRY, Stack
@@ -235,7 +235,8 @@ def differentiate(
       stack: the stack's description.
       init, xs, consts: the flat carry leaves, the per-step inputs and the shared values.
       options: the transform's options (iterations, tol, save_linearization).
-      forward: ``forward(init, xs, consts) -> (final, ys, saved)``.
+      forward: ``forward(init, xs, consts, lin=None) -> (final, ys, saved, linearization)``
+        (``lin``: a :class:`hbpjax._linearize.ForwardLinearization` the forward steps evaluate).
       chain: ``chain() -> Chain``, called inside the backward (a device chain reads its position on
         the mesh axis there).
       slot: optional ``float32[2]`` input that the stack ignores; its cotangent is the sweep report
@@ -244,20 +245,28 @@ def differentiate(
 
     # A traced number of sweeps is an input of the custom_vjp (its backward may not close over it).
     k = options.iterations if options.traced else None
+    # The forward computes each layer's linearization; what it is made of is known once traced.
+    plans: list = []
 
     def primal(init, xs, consts, k, slot):
-        final, ys, _ = forward(init, xs, consts)
+        final, ys, _, _ = forward(init, xs, consts)
         return final, ys
 
     def fwd(init, xs, consts, k, slot):
-        final, ys, saved = forward(init, xs, consts)
-        return (final, ys), (init, saved, xs, consts, k)
+        read_once = not options.traced and min(options.iterations, stack.length - 1) == 0 and not stack.block_outputs
+        plan = ForwardLinearization.build(stack, options, *stack.step_inputs(init, xs), consts, read_once=read_once)
+        plans.append(plan)
+        final, ys, saved, lin = forward(init, xs, consts, lin=plan)
+        return (final, ys), (init, saved, xs, consts, lin, k)
 
     def bwd(residuals, cotangents):
-        *residuals, k = residuals
+        init, saved, xs, consts, lin, k = residuals
         run_options = options if k is None else dataclasses.replace(options, iterations=k)
         try:
-            cts, report = highway_backward(stack, run_options, chain(), residuals, cotangents, report=slot is not None)
+            cts, report = highway_backward(
+                stack, run_options, chain(), (init, saved, xs, consts), cotangents, report=slot is not None,
+                forward_linearization=None if lin is None else (plans[-1], lin),
+            )
         except Unbatchable as err:
             warnings.warn(
                 f"hbpjax: a block of {stack.length} layers holds an operation that cannot be vmapped "
@@ -265,7 +274,6 @@ def differentiate(
                 UnbatchableWarning,
                 stacklevel=2,
             )
-            init, _, xs, consts = residuals
             cts = jax.vjp(lambda i, x, c: forward(i, x, c)[:2], init, xs, consts)[1](cotangents)
             report = jnp.array([0.0, jnp.nan], jnp.float32)
         return (*cts, None, None if slot is None else report.astype(slot_dtype))
@@ -277,7 +285,9 @@ def differentiate(
     return run(init, xs, consts, k, slot)
 
 
-def highway_backward(stack: Stack, options: Options, chain: Chain, residuals, cotangents, *, report: bool = False):
+def highway_backward(
+    stack: Stack, options: Options, chain: Chain, residuals, cotangents, *, report: bool = False, forward_linearization=None
+):
     """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``options.iterations`` sweeps.
 
     The sweeps solve for ``y[j]``, the cotangent of the carry *entering* layer ``j`` (``h_j``), so
@@ -291,21 +301,27 @@ def highway_backward(stack: Stack, options: Options, chain: Chain, residuals, co
       residuals: ``(init, saved, xs, consts)`` as saved by the forward of :func:`differentiate`.
       cotangents: ``(ct_final, ct_ys)``: of the final carry leaves and of the per-step outputs.
       report: also track the sweeps run and the final relative change of ``y``.
+      forward_linearization: ``(plan, values)`` where the forward linearized every layer (step 1
+        is then reading its values), or ``None`` (step 1 linearizes here).
 
     Returns:
       ``((ct_init, ct_xs, ct_consts), report)``; ``report`` is ``float32[2]``, ``[sweeps run, last
       relative change]`` (NaN when no sweep ran), or ``None`` without ``report``.
     """
     init, saved, xs, consts = residuals
-    at = incoming(stack, chain, saved, xs, cotangents)
+    plan, values = forward_linearization or (None, None)
+    at = incoming(stack, chain, saved, xs, cotangents, values)
     exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
     if options.traced:  # known at run time only: a loop with a run-time trip count
         sweeps = jnp.clip(options.iterations, 0, exact_after)
     else:
         sweeps = min(options.iterations, exact_after)
-    read_once = not options.traced and sweeps == 0 and not at.ct_block
-    lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
-    path = residual_path(stack, chain, at.h_prev, lin.z)
+    if plan is not None:
+        lin = plan.linearization(at.h_prev, at.xe, consts, at.linearization)
+    else:
+        read_once = not options.traced and sweeps == 0 and not at.ct_block
+        lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
+    path = residual_path(stack, chain, at.h_prev, lin)
     after, done = sweep(stack, options, chain, at, lin, path, sweeps, report=report)
     return read_cotangents(stack, chain, init, after, at, lin, path), done
 
@@ -321,6 +337,7 @@ class Incoming:
         where none does).
       ct_block: the cotangents of the block's own per-step outputs.
       tail: the cotangent from outside at the carry past this chunk's last layer.
+      linearization: what the forward computed of every layer's linearization (or ``None``).
     """
 
     h_prev: list
@@ -328,14 +345,17 @@ class Incoming:
     e: list
     ct_block: list
     tail: list
+    linearization: Any = None
 
 
-def incoming(stack: Stack, chain: Chain, saved, xs, cotangents) -> Incoming:
+def incoming(stack: Stack, chain: Chain, saved, xs, cotangents, linearization=None) -> Incoming:
     """The layers' inputs and the cotangents from outside, in the order the forward ran."""
     ct_final, ct_ys = cotangents
     xs = stack.layer_inputs(xs)
     if stack.reverse:  # the same maths on the steps in the order the forward ran them
         saved, xs, ct_ys = _flip(saved), _flip(xs), _flip(ct_ys)
+        if linearization is not None:
+            linearization = (_flip(linearization[0]), linearization[1])
     e = [None] * len(stack.diff)
     ct_block = [None] * stack.block_outputs
     for route, ct in zip(stack.y_route, jax.tree.leaves(ct_ys)):
@@ -348,7 +368,7 @@ def incoming(stack: Stack, chain: Chain, saved, xs, cotangents) -> Incoming:
     last = chain.on_last([ct_final[i] for i in stack.diff])
     tail = [lj if ej is None else lj + chain.only_last(_last(ej)) for ej, lj in zip(e, last)]
     h_prev = [saved[i] for i in stack.diff]
-    return Incoming(h_prev, (xs, [saved[i] for i in stack.state]), e, ct_block, tail)
+    return Incoming(h_prev, (xs, [saved[i] for i in stack.state]), e, ct_block, tail, linearization)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,9 +408,9 @@ class ResidualPath:
         return tmap(lambda ks, a: ratio * (ks * a), self.k_scan, after)
 
 
-def residual_path(stack: Stack, chain: Chain, h_prev: list, z) -> ResidualPath:
-    """Step 2: ``K`` of every layer (one ``jvp`` with ones) and the prefix scan along ``K'``, planned
-    once for all sweeps.
+def residual_path(stack: Stack, chain: Chain, h_prev: list, lin: Linearization) -> ResidualPath:
+    """Step 2: ``K`` of every layer (as the forward computed it, or one ``jvp`` with ones) and the
+    prefix scan along ``K'``, planned once for all sweeps.
 
     ``K'`` is clipped to ``[-1, 1]``: with ``|K| > 1`` the sweeps would add up terms of size
     ``|K|^L`` that cancel (garbage, then NaN, where backprop is finite). The clip is skipped where
@@ -403,8 +423,13 @@ def residual_path(stack: Stack, chain: Chain, h_prev: list, z) -> ResidualPath:
     if solve is not None:  # h + z: K = 1, so K' = 1 - gamma is a constant
         ones = [jnp.ones((), h.dtype) for h in h_prev]
         return ResidualPath(ones, [1 - gamma for _ in ones], solve, None, None, gamma, clamp=False)
-    residuals = jax.vmap(stack.residual)
-    _, k_diag = jax.jvp(lambda h: residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
+    if lin.k_diag is not None:
+        k_diag = lin.k_diag
+    elif lin.z is None:  # K = 1 (the forward had nothing to compute)
+        k_diag = [jnp.ones_like(h) for h in h_prev]
+    else:
+        residuals = jax.vmap(stack.residual)
+        _, k_diag = jax.jvp(lambda h: residuals(h, lin.z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
     if clamp:
         scanned = lambda k: (1.0 - gamma) * _unit(k)
     else:

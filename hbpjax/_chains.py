@@ -76,28 +76,35 @@ class Chain:
         """What stacking the per-layer inputs for the backward takes."""
         return sum(int(np.prod(v.aval.shape)) * jnp.dtype(v.aval.dtype).itemsize * self.length for v in self.per_layer[0])
 
-    def forward(self, stack: ScanStack, init: list, xs: list, consts: tuple, *, eval_eqn=_jaxpr.bind):
-        """``(final, ys, saved)`` as :func:`hbpjax._stack.scan_forward` gives them, from the user's
-        own equations, layer by layer: ``xs`` is the list of every layer's inputs."""
+    def forward(self, stack: ScanStack, init: list, xs: list, consts: tuple, *, eval_eqn=_jaxpr.bind, lin=None):
+        """``(final, ys, saved, linearization)`` as :func:`hbpjax._stack.scan_forward` gives them,
+        from the user's own equations, layer by layer: ``xs`` is the list of every layer's inputs."""
         h = init[0]
-        saved, ys = [], []
+        saved, ys, values = [], [], []
+        hoisted = lin.hoisted(consts) if lin is not None else []
         for layer, eqns, inputs in zip(range(self.length), self.layers, xs):
             env = dict(zip(self.shared, consts))
             env[self.init if layer == 0 else self.carries[layer - 1]] = h
             env.update(zip(self.per_layer[layer], inputs))
             saved.append(h)
+            if lin is not None:
+                values.append(lin.step([h], (list(inputs), []), consts))
             for eqn in eqns:
                 env.update(zip(eqn.outvars, eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
             h = env[self.carries[layer]]
             ys.append([env[v] for v in self.outputs[layer]])
-        stacked_ys = [jnp.stack(column) for column in zip(*ys)] if ys and ys[0] else []
-        return [h], stacked_ys, [jnp.stack(saved)]
+        stack_columns = lambda rows: [jnp.stack(column) for column in zip(*rows)] if rows and rows[0] else []
+        linearization = None if lin is None else (stack_columns(values), hoisted)
+        return [h], stack_columns(ys), [jnp.stack(saved)], linearization
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ChainStack(ScanStack):
     """The stack of a :class:`Chain`: a scan step (its first group) whose per-layer inputs arrive
     as one list per layer (the forward reads them where they are) and are stacked for the backward."""
+
+    def step_inputs(self, init, xs):
+        return [init[0]], (list(xs[0]), [])
 
     def layer_inputs(self, xs):
         return [jnp.stack(column) for column in zip(*xs)]

@@ -160,6 +160,11 @@ def computes_complex(jaxpr: core.Jaxpr) -> bool:
     return False
 
 
+def holds(jaxpr: core.Jaxpr, primitive: str) -> bool:
+    """Whether any equation of ``jaxpr``, at any depth, is a ``primitive``."""
+    return any(eqn.primitive.name == primitive or any(holds(sub, primitive) for sub in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+
+
 def scope(eqn: core.JaxprEqn) -> str:
     """The equation's name stack as a string (``"outer/inner"``, transforms as ``"vmap(...)"``)."""
     source = getattr(eqn, "source_info", None)

@@ -94,7 +94,7 @@ def layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, s
         )
         forward = functools.partial(_pipeline, stack, axis=axis, size=size)
         if options is None or not stack.split.has_residual_path:
-            final, ys, _ = forward(init, xs, consts)
+            final, ys, _, _ = forward(init, xs, consts)
         else:
             chain = lambda: DeviceChain(axis, size)
             final, ys = differentiate(stack, init, xs, consts, options=run_options, forward=forward, chain=chain)
@@ -136,22 +136,23 @@ def _step_stack(converted, consts, init, x0, carry_tree, **options):
     return stack, found["ys"]
 
 
-def _pipeline(stack, init, xs, consts, *, axis, size):
+def _pipeline(stack, init, xs, consts, *, axis, size, lin=None):
     """The forward on this device's chunk: wait for the carry, run the chunk, pass it on.
 
-    Returns ``(final, ys, saved)`` as :func:`hbpjax._stack.scan_forward` does, for this chunk.
+    Returns ``(final, ys, saved, linearization)`` as :func:`hbpjax._stack.scan_forward` does, for
+    this chunk.
     """
     local_length = stack.length // size
-    run = lambda h: scan_steps(stack, h, xs, consts, length=local_length)
+    run = lambda h: scan_steps(stack, h, xs, consts, length=local_length, lin=lin)
     index = lax.axis_index(axis)
     # Stage 0 runs on every device (only device 0's result is kept: it is the one with the right
     # input); it fixes the output types that later stages pass through unchanged.
-    h, ys, saved = run(init)
+    h, ys, saved, values = run(init)
     for stage in range(1, size):
         h = jax.tree.map(lambda a: lax.ppermute(a, axis, [(i, i + 1) for i in range(size - 1)]), h)
-        h, ys, saved = lax.cond(index == stage, lambda c: run(c[0]), lambda c: c, (h, ys, saved))
+        h, ys, saved, values = lax.cond(index == stage, lambda c: run(c[0]), lambda c: c, (h, ys, saved, values))
     final = jax.tree.map(lambda a: lax.psum(jnp.where(index == size - 1, a, jnp.zeros_like(a)), axis), h)
-    return final, ys, saved
+    return final, ys, saved, values
 
 
 def _is_explicit(mesh, axis):

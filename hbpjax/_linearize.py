@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax.extend import core
+
 from . import _jaxpr
 from ._options import Options
 from ._stack import Stack
@@ -46,13 +48,16 @@ class Linearization:
     """Every layer's block path, linearized.
 
     Attributes:
-      z: the block's values of every layer (what the residual reads; ``K`` comes from them).
+      z: the block's values of every layer (what the residual reads; ``K`` comes from them), or
+        ``None`` where the forward computed ``K`` itself.
       vjp: ``vjp(after, ct_block) -> (ct_h, ct_xe, ct_consts)``: the cotangents of every layer's
         inputs, given those of its output (``after[j]``) and of its per-step block outputs.
+      k_diag: ``K`` of every layer, where the forward computed it (else ``None``).
     """
 
     z: PyTree
     vjp: Callable
+    k_diag: list | None = None
 
 
 def linearize(stack: Stack, options: Options, h_prev, xe, consts, *, read_once: bool) -> Linearization:
@@ -273,3 +278,209 @@ def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
         return ct_h, ct_xe, tmap(total, *[g[2] for g in grads])
 
     return stacked(zs), vjp_all
+
+
+# ------------------------------------------------------------------- linearized in the forward
+
+
+@dataclasses.dataclass(eq=False)
+class ForwardLinearization:
+    """Each layer's linearization, computed by the forward step that evaluates the layer.
+
+    Backprop's forward computes each step's residuals (JAX's partial evaluation of a scan's step);
+    so does a stack's forward here: a per-step function gives the values the linearization of the
+    block path keeps (:func:`jax.linearize` of it, stored as :func:`_lean` says), and ``K``. The
+    backward then only applies the transposed linearization, all layers at once; no block is
+    evaluated again. Of what the linearization keeps, the values that depend on the shared inputs
+    alone (a weight, its transpose) are computed once, before the steps, and the step's own inputs
+    (the carry, the per-step inputs) are read where the forward keeps them anyway: neither is
+    stored once per step.
+
+    Attributes:
+      closed: ``(h, x, s, consts) -> [the linearization's values..., K...]`` for one step.
+      tree: the structure of the linearized function (:func:`jax.linearize`'s), over those values.
+      sources: per value of the linearization, ``("step", i)`` (computed by every step, the
+        ``i``-th of :attr:`step_outs`), ``("input", i)`` (the ``i``-th input of ``closed``) or
+        ``("hoisted", i)`` (the ``i``-th of :attr:`hoisted_outs`).
+      step_outs, hoisted_outs: the outputs of ``closed`` computed per step and once.
+      k_outs: the outputs giving ``K`` per differentiated carry leaf (none where ``K = 1``).
+      counts: how many of ``closed``'s inputs are ``h``, ``x``, ``s`` and ``consts``.
+      k_eqns: the elementwise equations that give ``K`` from the steps' values and inputs, where
+        that is all it takes (``K`` is then computed in the backward, not kept per step).
+    """
+
+    closed: Any
+    tree: Any
+    sources: list
+    step_outs: list
+    hoisted_outs: list
+    k_outs: list
+    counts: tuple
+    k_eqns: tuple | None = None
+
+    @classmethod
+    def build(cls, stack: Stack, options: Options, h, xe, consts, *, read_once: bool) -> ForwardLinearization | None:
+        """The plan for ``stack`` from one step's inputs ``(h, xe)`` and ``consts``, or ``None``
+        where the backward linearizes instead (a checkpointed step, ``save_linearization=False``,
+        ``linearize="unroll"``)."""
+        if recomputes(stack, options) or stack.options.linearize != "vmap":
+            return None
+        x, s = xe
+        counts = (len(h), len(x), len(s), len(consts))
+        whole = read_once or _holds_complex(stack.path, h, xe, consts)
+        path = stack.path if whole else _lean(stack.path)
+        holder = {}
+
+        def flat(*args):
+            h, x, s, c = _unflatten(args, counts)
+            _, f_jvp, z = jax.linearize(lambda h, xe, c: path(h, xe, c), h, (x, s), c, has_aux=True)
+            leaves, holder["tree"] = jax.tree.flatten(f_jvp)
+            ks = []
+            if not stack.k_is_one:
+                _, ks = jax.jvp(lambda h: stack.residual(h, z), (h,), (tmap(jnp.ones_like, h),))
+            return [*leaves, *ks]
+
+        # A custom_vjp in the block (a nested stack, the user's rule) has no forward-mode rule: its
+        # linearization can be transposed, not evaluated; such blocks are linearized in the backward.
+        if _jaxpr.holds(jax.make_jaxpr(stack.path)(h, xe, consts).jaxpr, "custom_vjp_call"):
+            return None
+        closed = jax.make_jaxpr(flat)(*h, *x, *s, *consts)
+        jaxpr = closed.jaxpr
+        n_lin = holder["tree"].num_leaves
+        producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+
+        def root(v):  # the value itself, through roundings to its own precision and stop_gradients
+            while isinstance(v, core.Var) and v in producer and _no_op(producer[v]):
+                v = producer[v].invars[0]
+            return v
+
+        per_step = set(jaxpr.invars[: counts[0] + counts[1] + counts[2]])
+        sources, step_outs, hoisted_outs = [], [], []
+        for out in map(root, jaxpr.outvars[:n_lin]):
+            if isinstance(out, core.Var) and out in jaxpr.invars:  # read where the forward keeps it
+                sources.append(("input", jaxpr.invars.index(out)))
+            elif any(a in per_step for e in _jaxpr.needed(jaxpr.eqns, [out]) for a in e.invars if isinstance(a, core.Var)):
+                if out not in step_outs:
+                    step_outs.append(out)
+                sources.append(("step", step_outs.index(out)))
+            else:  # computed from the shared inputs alone
+                if out not in hoisted_outs:
+                    hoisted_outs.append(out)
+                sources.append(("hoisted", hoisted_outs.index(out)))
+        k_outs = list(jaxpr.outvars[n_lin:])
+        # K from what the steps keep anyway, if that takes elementwise arithmetic only (a GRU's
+        # 1 - u from its gate u): computed in the backward, fused where it is read, not stored.
+        known = set(jaxpr.invars) | set(step_outs)
+        k_eqns = _needed_from(jaxpr.eqns, k_outs, known)
+        cheap = all(e.primitive.name in RECOMPUTED or _no_op(e) for e in k_eqns)
+        return cls(
+            closed, holder["tree"], sources, step_outs, hoisted_outs, k_outs, counts,
+            k_eqns=tuple(k_eqns) if cheap else None,
+        )
+
+    def hoisted(self, consts) -> list:
+        """The values of the linearization computed from the shared inputs alone (once)."""
+        if not self.hoisted_outs:
+            return []
+        env = _jaxpr.closed_env(self.closed, [None] * sum(self.counts[:3]) + list(consts))
+        return _jaxpr.evaluate(self.closed.jaxpr.eqns, env, self.hoisted_outs, eval_eqn=_unrounded)
+
+    def step(self, h, xe, consts) -> list:
+        """One step's values: the linearization's (computed per step), then ``K`` where it is kept."""
+        targets = [*self.step_outs, *(self.k_outs if self.k_eqns is None else [])]
+        if not targets:
+            return []
+        env = _jaxpr.closed_env(self.closed, [*h, *xe[0], *xe[1], *consts])
+        with jax.named_scope("linearization"):
+            return _jaxpr.evaluate(self.closed.jaxpr.eqns, env, targets, eval_eqn=_unrounded)
+
+    def linearization(self, h_prev, xe, consts, values) -> Linearization:
+        """Every layer's linearization from the steps' values (stacked) and the hoisted ones:
+        the transposed linear map of all layers at once, the shared inputs' tangent broadcast, so
+        their cotangent is one sum over the layers (inside the transposed ops)."""
+        stacked, hoisted = values
+        n = len(self.step_outs)
+        per_step, k_diag = list(stacked[:n]), list(stacked[n:])
+        x, s = xe
+        if self.k_outs and self.k_eqns is not None:
+
+            def k_of(vals, h_j, x_j, s_j):
+                env = _jaxpr.closed_env(self.closed, [*h_j, *x_j, *s_j, *consts])
+                env.update(zip(self.step_outs, vals))
+                return _jaxpr.evaluate(self.k_eqns, env, self.k_outs, eval_eqn=_unrounded)
+
+            k_diag = jax.vmap(k_of)(per_step, h_prev, x, s)
+        fx = [i for i, a in enumerate(x) if _jaxpr.is_float(a)]  # what has a tangent
+        fc = [i for i, a in enumerate(consts) if _jaxpr.is_float(a)]
+
+        def tangents(values, which, given):
+            out = [_zero_tangent(v) for v in values]
+            for i, t in zip(which, given):
+                out[i] = t
+            return out
+
+        def layer(vals, h_j, x_j, s_j):
+            inputs = [*h_j, *x_j, *s_j, *consts]
+            leaves = [
+                vals[i] if kind == "step" else hoisted[i] if kind == "hoisted" else inputs[i]
+                for kind, i in self.sources
+            ]
+            return jax.tree.unflatten(self.tree, leaves)
+
+        def tangent_map(dh, dx, dc):
+            def apply(vals, h_j, x_j, s_j, dh_j, dx_j):
+                dxe = (tangents(x_j, fx, dx_j), [_zero_tangent(v) for v in s_j])
+                return layer(vals, h_j, x_j, s_j)(dh_j, dxe, tangents(consts, fc, dc))
+
+            return jax.vmap(apply)(per_step, h_prev, x, s, dh, dx)
+
+        transpose = jax.linear_transpose(tangent_map, h_prev, [x[i] for i in fx], [consts[i] for i in fc])
+
+        def vjp(after, ct_block):
+            ct_h, ct_fx, ct_fc = transpose((after, ct_block))
+            ct_x = [np.zeros(a.shape, jax.dtypes.float0) for a in x]
+            for i, ct in zip(fx, ct_fx):
+                ct_x[i] = ct
+            ct_c = [np.zeros(jnp.shape(a), jax.dtypes.float0) for a in consts]
+            for i, ct in zip(fc, ct_fc):
+                ct_c[i] = ct
+            return ct_h, (ct_x, None), tuple(ct_c)
+
+        return Linearization(None, vjp, k_diag if self.k_outs else None)
+
+
+def _no_op(eqn) -> bool:
+    """Whether ``eqn`` passes its operand's value through (a stop_gradient, a copy, a rounding of
+    a float32 / float64 to its own precision, a conversion to its own dtype)."""
+    name = eqn.primitive.name
+    if name in ("stop_gradient", "copy", "copy_p"):
+        return True
+    if name == "convert_element_type":
+        return eqn.invars[0].aval.dtype == eqn.outvars[0].aval.dtype
+    if name == "reduce_precision" and eqn.invars[0].aval.dtype in (jnp.float32, jnp.float64):
+        info = jnp.finfo(eqn.invars[0].aval.dtype)
+        return (eqn.params.get("exponent_bits"), eqn.params.get("mantissa_bits")) == (info.nexp, info.nmant)
+    return False
+
+
+def _needed_from(eqns, targets, known) -> list:
+    """The equations, in order, that compute ``targets`` from the values in ``known``."""
+    want = {a for a in targets if isinstance(a, core.Var) and a not in known}
+    keep = []
+    for eqn in reversed(eqns):
+        if any(v in want for v in eqn.outvars):
+            keep.append(eqn)
+            want.update(a for a in eqn.invars if isinstance(a, core.Var) and a not in known)
+    return keep[::-1]
+
+
+def _zero_tangent(value):
+    """The zero tangent of a value (``float0`` for integers, keys and booleans)."""
+    if _jaxpr.is_float(value):
+        return jnp.zeros(jnp.shape(value), jnp.result_type(value))
+    return np.zeros(jnp.shape(value), jax.dtypes.float0)
+
+
+def _unflatten(args, counts):
+    nh, nx, ns, _ = counts
+    return list(args[:nh]), list(args[nh : nh + nx]), list(args[nh + nx : nh + nx + ns]), list(args[nh + nx + ns :])

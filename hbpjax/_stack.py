@@ -102,6 +102,11 @@ class Stack(abc.ABC):
     def residual(self, h: list, z: PyTree) -> list:
         """The new differentiated leaves, elementwise in ``h``."""
 
+    def step_inputs(self, init: list, xs: PyTree) -> tuple[list, tuple]:
+        """``(h, xe)`` of the first step, from the stack's initial carry and per-layer inputs."""
+        x = [a[0] for a in jax.tree.leaves(xs)]
+        return [init[i] for i in self.diff], (x, [init[i] for i in self.state])
+
     def layer_inputs(self, xs: PyTree) -> PyTree:
         """The per-layer inputs as the backward reads them, stacked on a leading layer axis (a
         scan's ``xs`` are already)."""
@@ -122,26 +127,32 @@ class Stack(abc.ABC):
         return (self.residual([lax.stop_gradient(a) for a in h], z), yb), z
 
 
-def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: int | None = None):
-    """``(final carry, per-step outputs, saved)`` by ``lax.scan`` over ``stack.step``.
+def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: int | None = None, lin=None):
+    """``(final carry, per-step outputs, saved, linearization)`` by ``lax.scan`` over ``stack.step``.
 
     ``saved`` holds every carry leaf as it *entered* each step (``h_0 .. h_{L-1}``, stacked): what the
-    backward linearizes the layers at, with no shifted copy to make. ``length`` overrides
-    ``stack.length`` (a chunk of a layer-parallel stack).
+    backward linearizes the layers at, with no shifted copy to make. ``lin`` (a
+    :class:`hbpjax._linearize.ForwardLinearization`) has every step also compute its layer's
+    linearization: ``linearization`` is ``(its per-step values, stacked; its hoisted values)``, or
+    ``None`` without ``lin``. ``length`` overrides ``stack.length`` (a chunk of a layer-parallel stack).
     """
+    hoisted = lin.hoisted(consts) if lin is not None else []
 
     def body(carry, x):
         new, ys = stack.step(carry, x, consts)
-        return new, (ys, carry)
+        values = []
+        if lin is not None:
+            values = lin.step([carry[i] for i in stack.diff], (x, [carry[i] for i in stack.state]), consts)
+        return new, (ys, carry, values)
 
-    final, (ys, saved) = lax.scan(
+    final, (ys, saved, values) = lax.scan(
         body, init, xs, length=stack.length if length is None else length, reverse=stack.reverse,
         unroll=stack.unroll,
     )
-    return final, ys, saved
+    return final, ys, saved, None if lin is None else (values, hoisted)
 
 
-scan_forward = scan_steps  # the forward of a single-device stack: (final, ys, saved)
+scan_forward = scan_steps  # the forward of a single-device stack: (final, ys, saved, linearization)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -391,8 +391,18 @@ def test_gradient_agreement_takes_every_gradient_from_the_same_state():
 # --------------------------------------------------------------------- blocks JAX cannot vmap
 
 
-@pytest.mark.parametrize("length, fallback", [(L, "one by one"), (hbpjax._linearize.UNROLL_AT_MOST + 1, "exact backprop")])
-def test_unbatchable_block_falls_back_with_a_warning(length, fallback):
+@pytest.mark.parametrize(
+    "length, options, fallback",
+    [
+        # The forward computes each layer's linearization step by step: nothing is vmapped but the
+        # linear part, which holds no callback.
+        (L, {}, None),
+        # Recomputing the linearization vmaps the block: layer by layer instead, or exact.
+        (L, dict(save_linearization=False), "one by one"),
+        (hbpjax._linearize.UNROLL_AT_MOST + 1, dict(save_linearization=False), "exact backprop"),
+    ],
+)
+def test_unbatchable_block_falls_back_with_a_warning(length, options, fallback):
     """A pure_callback without vmap_method (on a path with no derivative) in a block: jax.grad
     works, so highway_grad must too."""
     with jax.enable_x64(True):
@@ -406,6 +416,7 @@ def test_unbatchable_block_falls_back_with_a_warning(length, fallback):
 
             return jnp.sum(jnp.sin(jax.lax.scan(step, x, W)[0]))
 
-        with pytest.warns(hbpjax.UnbatchableWarning, match=fallback):
-            got = hbpjax.highway_grad(loss, (0, 1), iterations=length)(W, x)
+        grad = hbpjax.highway_grad(loss, (0, 1), iterations=length, **options)
+        with pytest.warns(hbpjax.UnbatchableWarning, match=fallback) if fallback else contextlib.nullcontext():
+            got = grad(W, x)
         assert_trees_close(got, jax.grad(loss, (0, 1))(W, x))
