@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _filter
 from ._options import check_iterations
 from ._transform import highway_grad, normalize_argnums
 
@@ -26,6 +28,14 @@ class GradientAgreement:
         leaves flattened into one vector), per ``k``. ``1.0`` is perfect agreement in direction.
       relative_error: ``|g_k - g| / |g|`` per ``k``.
       exact_norm: ``|g|``, the norm of the exact gradient.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> def loss(W, x):
+      ...     return jnp.sum(jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, W)[0])
+      >>> agreement = hbpjax.gradient_agreement(loss, 0.3 * jnp.ones((8, 3, 3)), jnp.ones(3), iterations=(0, 8))
+      >>> agreement.iterations, agreement.cosine[-1] > 0.999999
+      ((0, 8), True)
     """
 
     iterations: tuple[int, ...]
@@ -51,13 +61,13 @@ def _flat(tree) -> np.ndarray:
 
 def gradient_agreement(
     fun: Callable,
-    *args,
-    iterations: Sequence[int] = (0, 1, 2, 4, 8),
+    *args: Any,
+    iterations: Sequence[int] | int = (0, 1, 2, 4, 8),
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
     jit: bool = True,
     gamma: float = 0.0,
-    scans="auto",
+    scans: str | Callable = "auto",
 ) -> GradientAgreement:
     """Compares :func:`hbpjax.highway_grad` with exact ``jax.grad`` for several numbers of sweeps.
 
@@ -71,7 +81,8 @@ def gradient_agreement(
     gradients are those of :func:`hbpjax.nnx.grad` (``nnx.Param`` only), the exact reference and
     every ``k`` each computed on a fresh copy of the arguments, so the state a forward reads and
     changes (Dropout's RNG counts, BatchNorm statistics) is the same for all of them and your model
-    is left exactly as it was.
+    is left exactly as it was. On a pytree with leaves that are not arrays (an Equinox Module) the
+    floating-point arrays are compared, as :func:`hbpjax.filter_grad` differentiates them.
 
     Args:
       fun: the loss, as you would pass it to ``jax.grad`` (or ``nnx.grad``).
@@ -81,12 +92,17 @@ def gradient_agreement(
       has_aux: whether ``fun`` returns ``(loss, aux)``.
       jit: compile each gradient with ``jax.jit`` (``nnx.jit`` for modules; all ``args`` must then be
         arrays, pytrees of arrays or modules); ``False`` runs them eagerly.
-      gamma, scans: as in :func:`hbpjax.highway_grad`.
+      gamma: as in :func:`hbpjax.highway_grad`.
+      scans: as in :func:`hbpjax.highway_grad`.
 
     Returns:
       A :class:`GradientAgreement`; ``print`` it for a table.
 
-    Example:
+    Raises:
+      TypeError: ``fun`` is not callable, or an option has the wrong type.
+      ValueError: ``iterations`` lists ``None`` or a negative number.
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> def loss(w):
       ...     h, _ = hbpjax.residual_scan(lambda h, x: jnp.tanh(w * h), jnp.ones(3), length=6)
@@ -97,14 +113,13 @@ def gradient_agreement(
     """
     if not callable(fun):
         raise TypeError(f"{_NAME}: `fun` must be callable; got {fun!r}.")
-    if isinstance(iterations, (int, np.integer)) or iterations is None:
-        iterations = (iterations,)
-    ks = []
-    for k in iterations:
-        k = check_iterations(_NAME, k)
-        if k is None:
+    listed = (iterations,) if isinstance(iterations, (int, np.integer)) or iterations is None else iterations
+    ks: list[int] = []
+    for k in listed:
+        checked = check_iterations(_NAME, k)
+        if checked is None:
             raise ValueError(f"{_NAME}: `iterations` lists sweep counts; None (exact) is the reference.")
-        ks.append(k)
+        ks.append(int(checked))
     nums = normalize_argnums(_NAME, argnums)
     nums = (nums,) if isinstance(nums, int) else nums
     nnx = sys.modules.get("flax.nnx")
@@ -119,6 +134,22 @@ def gradient_agreement(
         def grads(k):
             grad_fn = hbpjax_nnx.grad(fun, argnums=argnums, has_aux=has_aux, iterations=k, gamma=gamma, scans=scans)
             g = (nnx.jit(grad_fn) if jit else grad_fn)(*nnx.merge(graphdef, jax.tree.map(lambda a: a, state)))
+            return _flat(g[0] if has_aux else g)
+
+    elif any(not _filter.is_array_like(leaf) for a in nums for leaf in jax.tree.leaves(args[a])):
+        # Pytrees with static leaves (an Equinox Module): the floating-point arrays are
+        # differentiated, as hbpjax.filter_grad does; the rest is closed over.
+        parts = [_filter.partition(args[a]) for a in nums]
+
+        def of_arrays(diffs):
+            full = list(args)
+            for a, d, (_, tree) in zip(nums, diffs, parts):
+                full[a] = _filter.combine(d, tree)
+            return fun(*full)
+
+        def grads(k):
+            grad_fn = highway_grad(of_arrays, 0, has_aux, iterations=k, gamma=gamma, scans=scans)
+            g = (jax.jit(grad_fn) if jit else grad_fn)(tuple(d for d, _ in parts))
             return _flat(g[0] if has_aux else g)
 
     else:
