@@ -10,7 +10,7 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 # The oldest jax the package supports (pyproject.toml), pinned for the Python 3.11 run.
 OLDEST_JAX ?= jax==0.10.2 jaxlib==0.10.2
 
-.PHONY: test test-newest test-all demo bench clean
+.PHONY: test test-newest test-all demo bench docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,5 +40,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/core_speed.py
 
+# The documentation site (mkdocs-material + mkdocstrings + mkdocs-jupyter) into site/, warnings as
+# errors. The test run builds it too (tests/test_package.py), as it runs ruff and mypy.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
+lint: $(STAMP)
+	$(PY) -m ruff check hbpjax
+	$(PY) -m mypy
+
 clean:
-	rm -rf $(VENV) .venv312 .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv312 .pytest_cache build dist site *.egg-info .mypy_cache .ruff_cache

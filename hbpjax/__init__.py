@@ -7,8 +7,6 @@ parallel sweeps instead of walking the layers one by one. ``iterations=k`` sweep
 gradient path through at most ``k`` blocks exactly; ``k >= L`` is exact backprop.
 """
 
-import importlib.metadata
-
 from . import residual as residual
 from ._adaptive import AdaptiveIterations as AdaptiveIterations
 from ._adaptive import AdaptiveState as AdaptiveState
@@ -18,16 +16,14 @@ from ._auto import find_stacks as find_stacks
 from ._context import exact as exact
 from ._diagnostics import GradientAgreement as GradientAgreement
 from ._diagnostics import gradient_agreement as gradient_agreement
+from ._filter import filter_grad as filter_grad
+from ._filter import filter_value_and_grad as filter_value_and_grad
 from ._linearize import UnbatchableWarning as UnbatchableWarning
 from ._report import SweepReport as SweepReport
 from ._scan import residual_scan as residual_scan
 from ._transform import highway_grad as highway_grad
 from ._transform import highway_value_and_grad as highway_value_and_grad
-
-try:
-    __version__ = importlib.metadata.version("hbpjax")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+from ._version import __version__ as __version__
 
 
 def __getattr__(name):
@@ -48,6 +44,8 @@ __all__ = [
     "SweepReport",
     "UnbatchableWarning",
     "exact",
+    "filter_grad",
+    "filter_value_and_grad",
     "find_stacks",
     "gradient_agreement",
     "highway_grad",
