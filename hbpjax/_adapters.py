@@ -8,7 +8,8 @@ hand them to the split functions below, so both APIs give the same ``(a, b)`` of
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,12 @@ class AdaptiveState:
       cosine: ``float32``: the last measured cosine similarity to the exact gradient (NaN before
         the first measurement).
       measured_k: ``int32``: the ``k`` that ``cosine`` was measured at.
+
+    Examples:
+      >>> import hbpjax
+      >>> state = hbpjax.AdaptiveIterations(k_init=3).init()
+      >>> int(state.k), int(state.step)
+      (3, 0)
     """
 
     k: jax.Array
@@ -73,7 +80,12 @@ class AdaptiveIterations:
       relax: above this cosine, ``k`` is lowered; default halfway between ``target`` and 1.
       log: log every measurement (step, cosine, old and new ``k``).
 
-    Example:
+    Raises:
+      TypeError: a setting has the wrong type.
+      ValueError: a setting is out of range (``target`` outside ``(0, 1)``, ``relax < target``,
+        ``k_min > k_max``, ``every < 1``).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> W, x = 0.5 * jax.random.normal(jax.random.key(0), (16, 4, 4)), jnp.ones(4)
       >>> def loss(W, x):
@@ -138,18 +150,19 @@ class AdaptiveIterations:
         """The state after a measurement of ``cosine`` at ``state.k`` (pure; used by the step)."""
         grow = jnp.minimum(self.k_max, jnp.maximum(state.k + 1, 2 * state.k))
         shrink = jnp.maximum(self.k_min, state.k - 1)
-        k = jnp.where(cosine < self.target, grow, jnp.where(cosine > self.relax, shrink, state.k))
+        k = jnp.where(cosine < self.target, grow, jnp.where(cosine > cast(float, self.relax), shrink, state.k))
         return AdaptiveState(k=k.astype(jnp.int32), step=state.step, cosine=cosine.astype(jnp.float32), measured_k=state.k)
 
     def value_and_grad(
-        self, fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, **options
+        self, fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, **options: Any
     ) -> Callable[..., tuple[Any, AdaptiveState]]:
         """A value-and-gradient function with ``k`` from the controller's state.
 
         Args:
           fun: the loss, as for :func:`hbpjax.highway_value_and_grad` (or, when the differentiated
             arguments are NNX modules, :func:`hbpjax.nnx.value_and_grad`).
-          argnums, has_aux: as for ``jax.value_and_grad``.
+          argnums: which positional arguments to differentiate, as for ``jax.value_and_grad``.
+          has_aux: whether ``fun`` returns ``(value, aux)``.
           **options: other keyword options of the transform (``gamma``, ``scans``, ``tol``).
 
         Returns:
@@ -165,6 +178,7 @@ class AdaptiveIterations:
             if modules:
                 from . import nnx as hbpjax_nnx
 
+                assert nnx is not None
                 graphdef, snapshot = nnx.split((args, kwargs))  # the exact gradient sees the same state
                 highway = hbpjax_nnx.value_and_grad(fun, argnums=argnums, has_aux=has_aux, iterations=state.k, **options)
                 exact_fn = nnx.grad(fun, argnums=argnums, has_aux=has_aux)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,7 +40,16 @@ class NoStackWarning(UserWarning):
     """``highway_grad`` found no residual stack to convert: the gradient is plain backprop.
 
     Call :func:`hbpjax.find_stacks` on the same function and arguments to see every scan and why
-    it was not converted.
+    it was not converted. Warned once per trace; filter it as any warning.
+
+    Examples:
+      >>> import warnings, jax, jax.numpy as jnp, hbpjax
+      >>> loss = lambda w, x: jnp.sum(jnp.tanh(x @ w))          # no scan: nothing to convert
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     _ = hbpjax.highway_grad(loss)(jnp.ones((3, 3)), jnp.ones(3))
+      >>> [w.category.__name__ for w in caught]
+      ['NoStackWarning']
     """
 
 
@@ -61,6 +71,14 @@ class StackInfo:
       reason: why (or why not), in words.
       period: for a chain, how many different blocks repeat as one layer (attention then MLP: 2).
       last_source: for a chain, ``file:line`` of its last layer (``source`` is its first's).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> def loss(W, x):
+      ...     return jnp.sum(jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, W)[0])
+      >>> (info,) = hbpjax.find_stacks(loss, jnp.ones((8, 3, 3)), jnp.ones(3))
+      >>> info.kind, info.length, info.residual, info.converted
+      ('scan', 8, ('identity',), True)
     """
 
     source: str
@@ -125,9 +143,9 @@ class Traced:
         return [leaves[i] for i in self.dynamic]
 
     def unflatten(self, outs: Sequence):
-        outs, leaves = iter(outs), []
+        dynamic, leaves = iter(outs), []
         for i in range(self.out_tree.num_leaves):
-            leaves.append(self.out_static[i] if i in self.out_static else next(outs))
+            leaves.append(self.out_static[i] if i in self.out_static else next(dynamic))
         return jax.tree.unflatten(self.out_tree, leaves)
 
 
@@ -198,7 +216,7 @@ def _analyse(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.Jaxpr
         if stack.rule:
             reason += " inside the step's custom derivative rule (whose Jacobian the backward keeps)"
     info = StackInfo(
-        source=_jaxpr.user_source(marked_by if mark else eqn), kind="residual_scan" if mark else "scan",
+        source=_jaxpr.user_source(marked_by if mark and marked_by is not None else eqn), kind="residual_scan" if mark else "scan",
         length=params["length"],
         carry=carry, residual=residual, converted=converted, reason=reason,
     )
@@ -228,7 +246,8 @@ def _analyse_chains(jaxpr, *, options: StackOptions, eval_eqn, exact_only: bool 
             options=_linearize_for(options, body, body.invars[len(chain.shared) + 1 :], chain.length),
             eval_eqn=eval_eqn, kind=_chains.ChainStack,
         )
-        carry = (jax.ShapeDtypeStruct(chain.init.aval.shape, chain.init.aval.dtype),)
+        aval: Any = chain.init.aval
+        carry = (jax.ShapeDtypeStruct(aval.shape, aval.dtype),)
         layers = f"{chain.length} layers" if chain.period == 1 else f"{chain.length} groups of {chain.period} blocks"
         reason = f"{layers} written one after the other, {_jaxpr.user_source(first)} to {_jaxpr.user_source(last)}"
         converted = split.has_residual_path
@@ -284,7 +303,7 @@ def _no_path_reason(stack) -> str:
     return "no carry leaf has a residual path (h_new is not h plus or times something): exact backprop"
 
 
-def _choose(scans) -> Callable[[_Found], bool]:
+def _choose(scans) -> Callable[[Any], bool]:
     if scans == "auto":
         return lambda found: True
     if scans == "marked":
@@ -300,7 +319,7 @@ _INLINE = {"closed_call": "call_jaxpr", "core_call": "call_jaxpr"}  # calls that
 REWRITTEN = frozenset({"scan", "cond", *_CALLS, *_REMATS, *_INLINE})
 
 
-def _inner(eqn):
+def _inner(eqn) -> tuple[Any, Sequence]:
     """``(jaxpr, consts)`` of a call or checkpoint equation."""
     inner = eqn.params[_INLINE.get(eqn.primitive.name, "jaxpr")]
     return getattr(inner, "jaxpr", inner), getattr(inner, "consts", ())
@@ -476,7 +495,7 @@ class Rewriter:
         chain, stack = c.chain, c.stack
         self.converted += 1
         slot = self._slot(id(chain.layers[0][0]), c.info)
-        init = [jax.numpy.asarray(env[chain.init], chain.init.aval.dtype)]
+        init = [jax.numpy.asarray(env[chain.init], getattr(chain.init.aval, "dtype", None))]
         xs = [[_jaxpr.read(env, v) for v in layer] for layer in chain.per_layer]
         consts = tuple(_jaxpr.read(env, v) for v in chain.shared)
         forward = functools.partial(chain.forward, stack)
@@ -542,7 +561,7 @@ class Rewriter:
         self.converted += 1
         slot = self._slot(id(eqn), found.info)
         # Literal operands (a Python float as the initial carry) become arrays of their type.
-        invals = [jax.numpy.asarray(v, a.aval.dtype) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
+        invals = [jax.numpy.asarray(v, getattr(a.aval, "dtype", None)) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
         num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
         consts = tuple(invals[:num_consts])
         init = list(invals[num_consts : num_consts + num_carry])
@@ -618,7 +637,7 @@ class Conversion:
 # --------------------------------------------------------------------------------------- find_stacks
 
 
-def find_stacks(fun: Callable, *args, **kwargs) -> Stacks:
+def find_stacks(fun: Callable, *args: Any, **kwargs: Any) -> Stacks:
     """The scans of ``fun(*args, **kwargs)`` and what :func:`hbpjax.highway_grad` does with each.
 
     One :class:`StackInfo` per scan in program order (scans inside ``jit``, ``jax.checkpoint`` and
@@ -627,12 +646,16 @@ def find_stacks(fun: Callable, *args, **kwargs) -> Stacks:
 
     Args:
       fun: the function, as you would pass it to ``jax.grad`` (a loss, or a model's forward).
-      *args, **kwargs: arguments to trace it with (arrays or ``jax.ShapeDtypeStruct``).
+      *args: positional arguments to trace it with (arrays or ``jax.ShapeDtypeStruct``).
+      **kwargs: keyword arguments to trace it with.
 
     Returns:
       A list of :class:`StackInfo` (its ``str`` is a table).
 
-    Example:
+    Raises:
+      TypeError: ``fun`` is not callable.
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> def loss(W, x):
       ...     h, _ = jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, W)   # residual
@@ -669,7 +692,7 @@ def _collect(rewriter: Rewriter, jaxpr, infos: list, *, kept: str | None, nested
             info = at[id(eqn)]
             if kept is not None and info.converted:
                 info = dataclasses.replace(info, converted=False, reason=kept)
-            elif info.converted and not rewriter.choose(_FoundChain(None, info, None)):
+            elif info.converted and not rewriter.choose(_Found(info, None, marked=False)):
                 info = dataclasses.replace(info, converted=False, reason=f"not chosen by scans={rewriter.options.scans!r}")
             infos.append(info)
         name, mark = eqn.primitive.name, _marks.stack_mark(eqn)

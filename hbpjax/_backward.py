@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -312,10 +313,11 @@ def highway_backward(
     plan, values = forward_linearization or (None, None)
     at = incoming(stack, chain, saved, xs, cotangents, values)
     exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
+    sweeps: Any
     if options.traced:  # known at run time only: a loop with a run-time trip count
         sweeps = jnp.clip(options.iterations, 0, exact_after)
     else:
-        sweeps = min(options.iterations, exact_after)
+        sweeps = min(cast(int, options.iterations), exact_after)
     if plan is not None:
         lin = plan.linearization(at.h_prev, at.xe, consts, at.linearization)
     else:

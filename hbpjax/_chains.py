@@ -25,7 +25,9 @@ that differ) is left alone, and :func:`find` says why.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import itertools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,9 +142,9 @@ def find(jaxpr: core.Jaxpr) -> tuple[list[Chain], list[Miss]]:
         # The last segment ends at the last join or at one of the steps after it (a ReLU after the
         # add belongs to the layer, a loss's sin does not): the end that repeats the most wins.
         starts = [graph.pred[j] for j in joins]
-        segments = [graph.segment(a, b) for a, b in zip(starts, starts[1:])]
+        segments = [graph.segment(a, b) for a, b in itertools.pairwise(starts)]
         keys = [graph.key(segment, start) for segment, start in zip(segments, starts)]
-        best = None
+        best: tuple | None = None
         for end in spine[spine.index(joins[-1]):]:
             last = graph.segment(starts[-1], end)
             candidate = (segments + [last], keys + [graph.key(last, starts[-1])], starts + [end])
@@ -150,6 +152,7 @@ def find(jaxpr: core.Jaxpr) -> tuple[list[Chain], list[Miss]]:
             covered = sum(p * g for _, p, g in runs)
             if best is None or covered > best[0]:
                 best = (covered, runs, candidate)
+        assert best is not None  # the spine holds the last join: one candidate at least
         _, found, (segments, keys, boundaries) = best
         if not found:
             misses.append(Miss(segments[0][0], len(joins), _difference(keys, segments)))
@@ -223,7 +226,7 @@ class _Graph:
                 self._add(v, deps)
                 self.producer[v] = eqn
         self.order = {id(e): i for i, e in enumerate(jaxpr.eqns)}
-        self.used_outside = set(v for v in jaxpr.outvars if isinstance(v, core.Var))
+        self.used_outside = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
         self.kind, self.pred = {}, {}
         for eqn in jaxpr.eqns:
             self._link(eqn)
@@ -303,7 +306,7 @@ class _Graph:
         external: list = []
         program = []
         for i, eqn in enumerate(eqns):
-            refs = []
+            refs: list[tuple] = []
             for a in eqn.invars:
                 if isinstance(a, core.Literal):
                     refs.append(("lit", str(a.aval), _literal_key(a.val)))
@@ -359,9 +362,10 @@ class _Graph:
         return Chain(init, carries, layers, shared, per_layer, outputs, body, period, groups), None
 
     def _used_by_others(self, v, owned) -> bool:
-        users = getattr(self, "_users", None)
+        users: dict[Any, list] | None = getattr(self, "_users", None)
         if users is None:
-            users = self._users = {}
+            users = {}
+            self._users = users
             for e in self.jaxpr.eqns:
                 for a in e.invars:
                     if isinstance(a, core.Var):
@@ -392,7 +396,7 @@ def _body(eqns, init, carry_out, shared, per_layer, outputs):
 def _literal_key(val):
     try:
         return ("val", np.asarray(val).tobytes(), str(np.asarray(val).dtype))
-    except Exception:  # noqa: BLE001 - an unusual literal: compare by identity
+    except Exception:
         return ("id", id(val))
 
 
@@ -407,11 +411,11 @@ def _params_key(params) -> tuple:
 
 
 def _value_key(v):
-    if hasattr(v, "eqns") or hasattr(v, "jaxpr") and hasattr(v, "consts"):
+    if hasattr(v, "eqns") or (hasattr(v, "jaxpr") and hasattr(v, "consts")):
         return ("jaxpr", str(v))
     if isinstance(v, (tuple, list)):
         return (type(v).__name__, tuple(_value_key(x) for x in v))
-    if hasattr(v, "f") and callable(getattr(v, "f")):  # a wrapped function: the same when its function is
+    if hasattr(v, "f") and callable(v.f):  # a wrapped function: the same when its function is
         return ("fn", id(v.f))
     if callable(v) and not isinstance(v, type):
         return ("fn", id(v))

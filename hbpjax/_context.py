@@ -10,6 +10,7 @@ instead of silently reusing a stale trace, and nothing leaks into an unrelated `
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import jax
 
@@ -48,7 +49,7 @@ def active(options: Options):
 
 
 @contextlib.contextmanager
-def exact():
+def exact() -> Iterator[None]:
     """Keeps a region exact: what is computed inside is differentiated by plain backprop.
 
     Inside the ``with`` block no scan is converted, ``residual_scan``s (layer-parallel ones included)
@@ -57,7 +58,11 @@ def exact():
     derivative the outer ``highway_grad`` should take exactly (a gradient penalty), or around a
     training step to compare with exact backprop without changing its code.
 
-    Example:
+    Yields:
+      The ``with`` block, run with every highway transform and conversion off; the previous state
+      comes back when it ends (also on an exception).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> def loss(W, x):
       ...     with hbpjax.exact():

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
 from jax.extend import core
 
 from . import _jaxpr
@@ -95,7 +95,17 @@ UNROLL_AT_MOST = 64
 
 class UnbatchableWarning(UserWarning):
     """A block holds an operation JAX cannot vmap: its stack is linearized layer by layer, or runs
-    exact backprop."""
+    exact backprop.
+
+    Highway-BP applies all layers' transposes at once (a ``vmap`` of the block's linearization). A
+    ``jax.pure_callback`` without ``vmap_method`` (or a custom primitive without a batching rule) on
+    the block's differentiated path cannot be batched; the stack then takes the route that still
+    works and says so with this warning (once per trace).
+
+    Examples:
+      >>> import warnings, hbpjax
+      >>> warnings.simplefilter("ignore", hbpjax.UnbatchableWarning)   # to silence it
+    """
 
 
 class Unbatchable(Exception):

@@ -18,7 +18,7 @@ marked: ``residual_scan`` is exactly ``lax.scan``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +60,11 @@ def as_real(value) -> float:
         raise TypeError
     if isinstance(value, numbers.Real):
         return float(value)
-    if hasattr(value, "dtype") and jnp.ndim(value) == 0 and not is_traced(value):
-        if jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer):
-            return float(value)
+    if (
+        hasattr(value, "dtype") and jnp.ndim(value) == 0 and not is_traced(value)
+        and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+    ):
+        return float(value)
     raise TypeError
 
 

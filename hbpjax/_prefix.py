@@ -130,7 +130,8 @@ def plan(k: PyTree, *, method: str = "parallel") -> PyTree:
 def solve(planned: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
     """Solves ``w[j] = u[j] + k[j] * w[j + 1]`` along the leading axis, given ``plan(k)``."""
     if method == "parallel":
-        leaves, treedef = jax.tree.flatten(u)
+        leaves = jax.tree.leaves(u)
+        treedef: Any = jax.tree.structure(u)
         levels = treedef.flatten_up_to(planned)
         return treedef.unflatten([_solve_leaf(lv, leaf) for lv, leaf in zip(levels, leaves)])
     if method == "sequential":
@@ -159,7 +160,7 @@ def affine_scan(k: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
     Returns:
       ``w``, a pytree like ``u``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> affine_scan(jnp.array([2.0, 3.0, 5.0]), jnp.array([1.0, 1.0, 1.0])).tolist()
       [9.0, 4.0, 1.0]

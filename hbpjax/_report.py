@@ -32,6 +32,14 @@ class SweepReport:
       change: ``float32[n]``: the relative change ``|w_k - w_{k-1}| / |w_k|`` of the carry cotangents
         in the last sweep (NaN when no sweep ran): small means more sweeps would change little.
       sources: where each stack was made (``file:line``; static).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> def loss(W, x):
+      ...     return jnp.sum(jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, W)[0])
+      >>> grads, report = hbpjax.highway_grad(loss, iterations=2, return_report=True)(0.1 * jnp.ones((8, 3, 3)), jnp.ones(3))
+      >>> report.sweeps.tolist()
+      [2]
     """
 
     sweeps: jax.Array
@@ -39,12 +47,12 @@ class SweepReport:
     sources: tuple[str, ...] = ()
 
     @classmethod
-    def empty(cls) -> "SweepReport":
+    def empty(cls) -> SweepReport:
         """The report of a gradient that converted nothing (exact backprop)."""
         return cls.from_slots(jnp.zeros((0, 2)), ())
 
     @classmethod
-    def from_slots(cls, slots: jax.Array, sources) -> "SweepReport":
+    def from_slots(cls, slots: jax.Array, sources) -> SweepReport:
         """The report from the gradient with respect to the stacks' report slots."""
         slots = jnp.real(slots)
         return cls(slots[:, 0].astype(jnp.int32), slots[:, 1].astype(jnp.float32), tuple(sources))

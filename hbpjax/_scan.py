@@ -18,7 +18,8 @@ the active transform.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,7 @@ def residual_scan(
       ``(final_carry, carries)``: ``h_L`` and ``h_1..h_L`` stacked on a leading axis of length ``L``;
       ``(final_carry, carries, aux)`` with ``has_aux=True``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> W = 0.1 * jnp.ones((8, 3, 3))               # 8 layers of 3x3 weights
       >>> def loss(W, h0):

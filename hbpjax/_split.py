@@ -30,7 +30,7 @@ mean and the variance are cuts).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +42,11 @@ IDENTITY, DIAGONAL, NONE = "identity", "diagonal", "none"
 
 #: Primitives that act elementwise (pointwise) on operands of one shape (scalars broadcast).
 ELEMENTWISE = frozenset(
-    """
-    abs acos acosh add add_any asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
-    copy copy_p cos cosh digamma div erf erf_inv erfc exp exp2 expm1 floor imag integer_pow lgamma
-    log log1p logistic max min mul neg nextafter pow real reduce_precision rem round rsqrt select_n
-    sharding_constraint sign sin sinh sqrt square sub tan tanh
-    """.split()
+    ["abs", "acos", "acosh", "add", "add_any", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "clamp", "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "imag", "integer_pow", "lgamma", "log", "log1p", "logistic", "max", "min", "mul", "neg", "nextafter", "pow", "real", "reduce_precision", "rem", "round", "rsqrt", "select_n", "sharding_constraint", "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh"]
 )
 #: Pointwise tests: inside an elementwise call they may read the carry (``jnp.where(h > 0, h, 0)``);
 #: their boolean outputs carry no derivative.
-_FLAGS = frozenset("eq ne lt le gt ge is_finite not and or xor".split())
+_FLAGS = frozenset(["eq", "ne", "lt", "le", "gt", "ge", "is_finite", "not", "and", "or", "xor"])
 #: Call primitives that count as elementwise when their inner jaxpr is (``jax.nn.relu``, ...).
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
 #: Calls whose values the bounds on ``K`` read through: the above, and checkpoints (a value is the
@@ -129,9 +124,11 @@ def split(
             z.append(atom)
         return len(z) - 1 if isinstance(atom, core.Literal) else z.index(atom)
 
-    kinds, out_z, eqns = [], [], []
+    kinds: list = []
+    out_z: list = []
+    eqns: list[tuple] = []
     for p, out in enumerate(outs):
-        diag = _classify(jaxpr.eqns, {h[p]: p}, {p: h[p].aval}, opaque)  # this leaf alone is the carry
+        diag: dict = _classify(jaxpr.eqns, {h[p]: p}, {p: h[p].aval}, opaque)  # type: ignore[assignment]  # this leaf alone is the carry
         if not (isinstance(out, core.Var) and diag.get(out) == p):
             kinds.append(NONE)
             out_z.append(add_z(out))  # the new value is the block's (K = 0)
@@ -272,9 +269,7 @@ def _kind(out, h_var, leaf: int, diag: dict, producer: dict) -> str:
         eqn = producer[var]
         name = eqn.primitive.name
         on_path = [a for a in eqn.invars if isinstance(a, core.Var) and diag.get(a) == leaf]
-        if name in _IDENTITY_STEPS and len(on_path) == 1:
-            var = on_path[0]
-        elif name == "sub" and len(on_path) == 1 and eqn.invars[0] is on_path[0]:
+        if (name in _IDENTITY_STEPS and len(on_path) == 1) or (name == "sub" and len(on_path) == 1 and eqn.invars[0] is on_path[0]):
             var = on_path[0]
         else:
             return DIAGONAL
@@ -301,7 +296,7 @@ _KNOWN_CUSTOM_JVP = frozenset({"relu", "relu6"})
 
 
 def _mul(a, b):
-    products = [x * y for x in a for y in b if not (x == 0 and abs(y) == _INF or y == 0 and abs(x) == _INF)]
+    products = [x * y for x in a for y in b if not ((x == 0 and abs(y) == _INF) or (y == 0 and abs(x) == _INF))]
     return (min(products, default=0.0), max(products, default=0.0))
 
 

@@ -36,6 +36,8 @@ from . import _jaxpr, _marks, _split
 from ._jaxpr import is_float
 from ._options import StackOptions
 
+_DEFAULT_OPTIONS = StackOptions()
+
 PyTree = Any
 
 CARRY = "carry"  # y_route tag: the per-step output is a (differentiated) carry leaf
@@ -72,7 +74,7 @@ class Stack(abc.ABC):
     num_carry: int
     diff: tuple[int, ...]
     y_route: tuple[tuple[str, int] | None, ...] = ()
-    options: StackOptions = StackOptions()
+    options: StackOptions = dataclasses.field(default_factory=StackOptions)
     unroll: int | bool = 1
     reverse: bool = False
     block_reads_carry: bool = True
@@ -239,7 +241,7 @@ def scan_stack(
     length: int,
     reverse: bool = False,
     unroll: int | bool = 1,
-    options: StackOptions = StackOptions(),
+    options: StackOptions = _DEFAULT_OPTIONS,
     opaque=lambda eqn: False,
     eval_eqn=None,
     kind: type | None = None,
@@ -260,7 +262,8 @@ def scan_stack(
     diff = tuple(i for i, v in enumerate(carry_in) if is_float(v.aval))
     found = _split.split(jaxpr, [carry_in[i] for i in diff], [carry_out[i] for i in diff], opaque=opaque)
     same = lambda a, b: isinstance(a, core.Var) and a is b
-    routes, block_ys = [], []
+    routes: list[tuple[str, int] | None] = []
+    block_ys: list = []
     for y in ys:
         p = next((p for p, i in enumerate(diff) if same(y, carry_out[i])), None)
         if p is not None:

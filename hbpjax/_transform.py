@@ -9,7 +9,8 @@ The function is traced once; its residual stacks (``lax.scan``s with a residual 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,14 @@ def highway_value_and_grad(
       ``((value, aux), grad)``), ``grad`` shaped like the ``argnums`` arguments; with
       ``return_report``, ``(that, report)``.
 
-    Example:
+    Raises:
+      TypeError: ``fun`` is not callable, an option has the wrong type, or (at call time) a
+        differentiated argument holds an integer or non-array leaf (use
+        :func:`hbpjax.filter_value_and_grad` for a pytree with static leaves).
+      ValueError: an option has a bad value (a negative ``iterations``, a ``gamma`` outside
+        ``[0, 1]``, an unknown ``scans`` string).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> def loss(w, h0):
       ...     h, _ = hbpjax.residual_scan(lambda h, x: jnp.sin(w * h), h0, length=32)
@@ -94,10 +102,39 @@ def highway_grad(
 ) -> Callable:
     """Like ``jax.grad``, with Highway-BP in every residual stack of ``fun``.
 
-    Same arguments as :func:`highway_value_and_grad`; returns ``grad`` (or ``(grad, aux)`` with
-    ``has_aux``), exactly like ``jax.grad``; with ``return_report``, ``(that, report)``.
+    Built on :func:`highway_value_and_grad` as ``jax.grad`` is on ``jax.value_and_grad``: the
+    residual stacks of ``fun`` (``lax.scan``s with a residual path, Python loops of identical residual
+    blocks, every :func:`hbpjax.residual_scan`) run their backward as ``iterations`` parallel sweeps.
 
-    Example:
+    Args:
+      fun: function to differentiate, returning a real scalar (or ``(scalar, aux)`` with
+        ``has_aux``).
+      argnums: int or sequence of ints: which positional arguments to differentiate.
+      has_aux: whether ``fun`` returns ``(value, aux)``; ``aux`` is returned, not differentiated.
+      holomorphic: as in ``jax.grad``.
+      allow_int: as in ``jax.grad``: integer inputs get ``float0`` zero gradients.
+      iterations: the number of sweeps ``k`` (an int >= 0, or an integer traced under ``jax.jit``).
+        ``k >= L`` equals backprop for a stack of ``L`` layers; ``None`` is exact backprop.
+      tol: optional; stop sweeping a stack once its cotangents change by at most ``tol`` (relative).
+      gamma: backward-only split ``K' = (1 - gamma) K`` for the stacks found automatically.
+      scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
+      return_report: also return a :class:`hbpjax.SweepReport`.
+      save_linearization: keep every layer's linearization between sweeps (default); ``False``
+        recomputes it per sweep, a group of layers at a time, for backprop's memory.
+
+    Returns:
+      A function with ``fun``'s positional signature returning ``grad`` (or ``(grad, aux)`` with
+      ``has_aux``), shaped like the ``argnums`` arguments, exactly like ``jax.grad``; with
+      ``return_report``, ``(that, report)``.
+
+    Raises:
+      TypeError: ``fun`` is not callable, an option has the wrong type, or (at call time) a
+        differentiated argument holds an integer or non-array leaf (use :func:`hbpjax.filter_grad`
+        for a pytree with static leaves, such as an Equinox Module).
+      ValueError: an option has a bad value (a negative ``iterations``, a ``gamma`` outside
+        ``[0, 1]``, an unknown ``scans`` string).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> W = 0.3 * jnp.ones((16, 4))                  # 16 layers, per-layer weights
       >>> def loss(W):
@@ -111,7 +148,7 @@ def highway_grad(
     return grad_from_value_and_grad(fun, ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options))
 
 
-def grad_from_value_and_grad(fun: Callable, value_and_grad: Callable) -> Callable:
+def grad_from_value_and_grad(fun: Callable, value_and_grad: ValueAndGrad) -> Callable:
     """``grad`` from a ``value_and_grad`` built by one of hbpjax's transforms, as ``jax.grad`` is
     built: the gradient (and ``aux``), and the report when it returns one."""
     has_aux, report = value_and_grad.has_aux, value_and_grad.options.report
@@ -203,6 +240,13 @@ def check_args(name: str, argnums, args, allow_int: bool, holomorphic: bool = Fa
         return
     for a in nums:
         for path, leaf in jax.tree_util.tree_flatten_with_path(args[a])[0]:
+            if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, complex)):
+                raise TypeError(
+                    f"{name}: argument {a} has a leaf{jax.tree_util.keystr(path)} that is not an array: "
+                    f"{describe(leaf)}. To differentiate the arrays of a pytree holding other things (an "
+                    "Equinox Module), use hbpjax.filter_grad / hbpjax.filter_value_and_grad, or move the "
+                    "leaf out of the differentiated argument."
+                )
             dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
             if not jnp.issubdtype(dtype, jnp.inexact):
                 raise TypeError(

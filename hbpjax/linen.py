@@ -13,10 +13,17 @@ inside :func:`hbpjax.residual_scan`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-from flax import linen as nn
+
+try:
+    from flax import linen as nn
+except ImportError as err:
+    raise ImportError(
+        f"hbpjax.linen needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
+    ) from err
 
 from . import _adapters
 from .residual import additive
@@ -47,7 +54,13 @@ class ResidualStack(nn.Module):
         :func:`hbpjax.residual_scan`); ``mesh`` defaults to the one set with ``jax.set_mesh``.
       linearize: ``"vmap"`` or ``"unroll"`` (see :func:`hbpjax.residual_scan`).
 
-    Example:
+    Raises:
+      TypeError: (when called) ``num_layers`` is not an int, or ``block()`` does not build a Linen
+        Module.
+      ValueError: (when called) ``num_layers < 1``, or a bad ``gamma`` or ``layer_axis`` (as
+        :func:`hbpjax.residual_scan` reports them).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> import flax.linen as nn
       >>> class Block(nn.Module):
@@ -86,7 +99,7 @@ class ResidualStack(nn.Module):
             keys = jax.random.split(self.make_rng("params"), self.num_layers)
 
             def init_one(key):
-                rngs = {"params": key, **{n: key for n in rng_names}}
+                rngs = {"params": key, **dict.fromkeys(rng_names, key)}
                 return template.init(rngs, h, *args, **kwargs)
 
             stacked = jax.vmap(init_one)(keys)
@@ -126,7 +139,11 @@ class GRUCell(_adapters.SplitCell, nn.GRUCell):
     ``block(h, x) = (z, (1 - z) * n)`` with :func:`hbpjax.residual.gated`: ``h' = z * h + (1-z) n``.
     Use it with :class:`ResidualRNN`; as a plain cell it computes what ``nn.GRUCell`` computes.
 
-    Example:
+    Attributes:
+      features: the carry's feature size; the other attributes (``gate_fn``, ``activation_fn``,
+        initialisers, ``dtype``, ``param_dtype``) are ``nn.GRUCell``'s.
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> cell = hbpjax.linen.GRUCell(features=4)
       >>> variables = cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.ones((2, 3)))
@@ -157,7 +174,10 @@ class LSTMCell(_adapters.SplitCell, nn.LSTMCell):
 
     On the carry ``(c, h)``: :func:`hbpjax.residual.gated` with ``a = (f, 0)``, ``b = (i g, h')``.
 
-    Example:
+    Attributes:
+      features: the feature size of ``c`` and ``h``; the other attributes are ``nn.LSTMCell``'s.
+
+    Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
       >>> cell = hbpjax.linen.LSTMCell(features=4)
       >>> carry = (jnp.zeros((2, 4)), jnp.zeros((2, 4)))
@@ -200,7 +220,11 @@ class ResidualRNN(nn.Module):
       unroll: forward scan unrolling.
       gamma: backward-only split (see :func:`hbpjax.residual_scan`).
 
-    Example:
+    Raises:
+      TypeError: (when called) the cell does not spell out its residual split (no ``block`` method
+        or ``residual``); use ``nn.RNN`` for other cells (its scan is converted automatically).
+
+    Examples:
       >>> import functools, jax, jax.numpy as jnp, hbpjax
       >>> rnn = hbpjax.linen.ResidualRNN(functools.partial(hbpjax.linen.GRUCell, features=5))
       >>> variables = rnn.init(jax.random.key(0), jnp.ones((2, 7, 3)))

@@ -14,12 +14,18 @@ layers, ``nnx.RNN`` over a cell) whose step has a residual path, found automatic
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx as _nnx
+
+try:
+    from flax import nnx as _nnx
+except ImportError as err:
+    raise ImportError(
+        f"hbpjax.nnx needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
+    ) from err
 
 from . import _adapters, _auto
 from ._options import Options, describe
@@ -68,7 +74,13 @@ class ResidualStack(_nnx.Module):
       mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
       linearize: ``"vmap"`` or ``"unroll"`` (see :func:`hbpjax.residual_scan`).
 
-    Example:
+    Raises:
+      TypeError: ``make_block`` is not callable, ``num_layers`` is not an int or ``rngs`` is not an
+        ``nnx.Rngs``.
+      ValueError: ``num_layers < 1``; when called, a bad ``gamma`` or ``layer_axis`` (as
+        :func:`hbpjax.residual_scan` reports them).
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
       >>> class Block(nnx.Module):
@@ -145,7 +157,14 @@ class GRUCell(_adapters.SplitCell, _nnx.GRUCell):
     so :class:`ResidualRNN` can run it with Highway-BP. Constructor and parameters are those of
     ``nnx.GRUCell``.
 
-    Example:
+    Built as ``GRUCell(in_features, hidden_features, rngs=rngs, **kwargs)`` with the other arguments
+    of ``nnx.GRUCell`` (``gate_fn``, ``activation_fn``, initialisers, ``dtype``, ``param_dtype``).
+
+    Attributes:
+      in_features: the input's feature size.
+      hidden_features: the carry's feature size.
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
       >>> cell = hbpjax.nnx.GRUCell(3, 5, rngs=nnx.Rngs(0))
@@ -169,7 +188,14 @@ class LSTMCell(_adapters.SplitCell, _nnx.OptimizedLSTMCell):
     :func:`hbpjax.residual.gated` with ``a = (f, 0)``, ``b = (i * g, h')``: the cell state is the
     residual path (``K = (f, 0)``), everything else is the block.
 
-    Example:
+    Built as ``LSTMCell(in_features, hidden_features, rngs=rngs, **kwargs)`` with the other arguments
+    of ``nnx.OptimizedLSTMCell``.
+
+    Attributes:
+      in_features: the input's feature size.
+      hidden_features: the carry's feature size (of ``c`` and of ``h``).
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
       >>> cell = hbpjax.nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
@@ -194,7 +220,13 @@ class MinGRUCell(_adapters.SplitCell, _nnx.Module):
     depend on the carry: ``J = 0`` and Highway-BP with ``iterations=0`` is *exact* — an exact,
     parallel backward for a linear RNN.
 
-    Example:
+    Args:
+      in_features: the input's feature size.
+      hidden_features: the carry's feature size.
+      rngs: ``nnx.Rngs`` for the initialisation.
+      param_dtype: the parameters' dtype.
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
       >>> cell = hbpjax.nnx.MinGRUCell(3, 4, rngs=nnx.Rngs(0))
@@ -202,7 +234,7 @@ class MinGRUCell(_adapters.SplitCell, _nnx.Module):
       (2, 4)
     """
 
-    def __init__(self, in_features: int, hidden_features: int, *, rngs: _nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, in_features: int, hidden_features: int, *, rngs: _nnx.Rngs, param_dtype: Any = jnp.float32):
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.param_dtype = param_dtype
@@ -241,7 +273,11 @@ class ResidualRNN(_nnx.Module):
       unroll: forward scan unrolling.
       gamma: backward-only split (see :func:`hbpjax.residual_scan`).
 
-    Example:
+    Raises:
+      TypeError: ``cell`` does not spell out its residual split (no ``block`` method or
+        ``residual``); use ``nnx.RNN`` for other cells (its scan is converted automatically).
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
       >>> rnn = hbpjax.nnx.ResidualRNN(hbpjax.nnx.GRUCell(3, 5, rngs=nnx.Rngs(0)))
@@ -385,7 +421,34 @@ def value_and_grad(
     (``nnx.scan`` over layers, ``nnx.RNN``) are found and converted without changing the model.
     Usable as a decorator, inside ``nnx.jit``, in graph and tree mode.
 
-    Example:
+    Args:
+      f: the function, ``f(*args)`` returning a real scalar (or ``(scalar, aux)`` with ``has_aux``);
+        omitted, a decorator is returned.
+      argnums: which positional arguments to differentiate: an int, an ``nnx.DiffState`` (an
+        argument and a filter of its Variables) or a sequence of them (as ``nnx.grad``).
+      has_aux: whether ``f`` returns ``(value, aux)``.
+      holomorphic: as in ``nnx.grad``.
+      allow_int: as in ``nnx.grad``.
+      graph: as in ``nnx.grad``: graph mode (``True``) or tree mode; ``None`` is Flax's default.
+      graph_updates: as in ``nnx.grad``: write state changes of the modules back.
+      iterations: the number of sweeps ``k``; ``k >= L`` is exact; ``None`` is exact backprop.
+      tol: optional; stop sweeping a stack once its cotangents change by at most ``tol`` (relative).
+      gamma: backward-only split ``K' = (1 - gamma) K`` for the stacks found automatically.
+      scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
+      return_report: also return a :class:`hbpjax.SweepReport`.
+      save_linearization: keep every layer's linearization between sweeps (default).
+
+    Returns:
+      A function with ``f``'s signature returning ``(value, grads)`` (``((value, aux), grads)`` with
+      ``has_aux``), ``grads`` an ``nnx.State`` of the differentiated Variables (a tuple of them for
+      several ``argnums``); with ``return_report``, ``(that, report)``.
+
+    Raises:
+      TypeError: ``f`` is not callable, an option has the wrong type, or (at call time) a
+        differentiated argument is not an ``nnx.Module`` or ``nnx.State``.
+      ValueError: an option has a bad value.
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax
       >>> from flax import nnx
       >>> model = nnx.RNN(nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))        # Flax's own modules
@@ -410,7 +473,33 @@ def grad(
 
     See :func:`value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
 
-    Example:
+    Args:
+      f: the function, ``f(*args)`` returning a real scalar (or ``(scalar, aux)`` with ``has_aux``);
+        omitted, a decorator is returned.
+      argnums: which positional arguments to differentiate: an int, an ``nnx.DiffState`` (an
+        argument and a filter of its Variables) or a sequence of them (as ``nnx.grad``).
+      has_aux: whether ``f`` returns ``(value, aux)``.
+      holomorphic: as in ``nnx.grad``.
+      allow_int: as in ``nnx.grad``.
+      graph: as in ``nnx.grad``: graph mode (``True``) or tree mode; ``None`` is Flax's default.
+      graph_updates: as in ``nnx.grad``: write state changes of the modules back.
+      iterations: the number of sweeps ``k``; ``k >= L`` is exact; ``None`` is exact backprop.
+      tol: optional; stop sweeping a stack once its cotangents change by at most ``tol`` (relative).
+      gamma: backward-only split ``K' = (1 - gamma) K`` for the stacks found automatically.
+      scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
+      return_report: also return a :class:`hbpjax.SweepReport`.
+      save_linearization: keep every layer's linearization between sweeps (default).
+
+    Returns:
+      A function with ``f``'s signature returning ``grads`` (``(grads, aux)`` with ``has_aux``), an
+      ``nnx.State`` that ``nnx.Optimizer.update`` accepts; with ``return_report``, ``(that, report)``.
+
+    Raises:
+      TypeError: ``f`` is not callable, an option has the wrong type, or (at call time) a
+        differentiated argument is not an ``nnx.Module`` or ``nnx.State``.
+      ValueError: an option has a bad value.
+
+    Examples:
       >>> import jax.numpy as jnp, hbpjax, optax
       >>> from flax import nnx
       >>> model = hbpjax.nnx.ResidualRNN(hbpjax.nnx.GRUCell(2, 4, rngs=nnx.Rngs(0)))

@@ -39,7 +39,8 @@ def check_layout(h: PyTree, other: PyTree, *, structure: str, shape: str) -> Non
     ``structure`` and ``shape`` are the messages, with ``{carry}`` and ``{got}`` filled in with the
     carry's and the other's tree structure (or first differing leaf shape).
     """
-    h_tree, other_tree = jax.tree.structure(h), jax.tree.structure(other)
+    h_tree: Any = jax.tree.structure(h)
+    other_tree = jax.tree.structure(other)
     if h_tree != other_tree:
         raise ValueError(structure.format(carry=h_tree, got=other_tree))
     for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(other)):
@@ -84,7 +85,18 @@ def _same_layout(h: PyTree, z: PyTree, what: str) -> None:
 def additive(h: PyTree, z: PyTree) -> PyTree:
     """``h + z``: pre-activation ResNets, pre-LN Transformer sublayers. ``K = 1``.
 
-    Example:
+    Args:
+      h: the carry (a pytree of arrays).
+      z: the block's output, with the structure and shapes of ``h``.
+
+    Returns:
+      ``h + z``, leaf by leaf.
+
+    Raises:
+      ValueError: (inside :func:`hbpjax.residual_scan`) ``z`` does not have the carry's structure or
+        shapes.
+
+    Examples:
       >>> import jax.numpy as jnp
       >>> additive(jnp.ones(2), jnp.array([1.0, 2.0]))
       Array([2., 3.], dtype=float32)
@@ -102,7 +114,18 @@ additive.check = _check_additive  # type: ignore[attr-defined]
 def gated(h: PyTree, z: tuple[PyTree, PyTree]) -> PyTree:
     """``a * h + b`` with ``z = (a, b)``: GRU, highway gates, LSTM cells, post-LN. ``K = a``.
 
-    Example:
+    Args:
+      h: the carry (a pytree of arrays).
+      z: a pair ``(a, b)``, each with the structure and shapes of ``h``: the gate and the update.
+
+    Returns:
+      ``a * h + b``, leaf by leaf.
+
+    Raises:
+      ValueError: (inside :func:`hbpjax.residual_scan`) ``z`` is not a pair, or ``a`` or ``b`` does
+        not have the carry's structure or shapes.
+
+    Examples:
       >>> import jax.numpy as jnp
       >>> gated(jnp.ones(2), (jnp.array([0.5, 0.25]), jnp.array([1.0, 2.0])))
       Array([1.5 , 2.25], dtype=float32)
@@ -127,7 +150,18 @@ gated.check = _check_gated  # type: ignore[attr-defined]
 def relu(h: PyTree, z: PyTree) -> PyTree:
     """``relu(h + z)``: ResNets with the ReLU after the addition. ``K`` is the ReLU mask.
 
-    Example:
+    Args:
+      h: the carry (a pytree of arrays).
+      z: the block's output, with the structure and shapes of ``h``.
+
+    Returns:
+      ``relu(h + z)``, leaf by leaf.
+
+    Raises:
+      ValueError: (inside :func:`hbpjax.residual_scan`) ``z`` does not have the carry's structure or
+        shapes.
+
+    Examples:
       >>> import jax.numpy as jnp
       >>> relu(jnp.array([1.0, -1.0]), jnp.array([1.0, -2.0]))
       Array([2., 0.], dtype=float32)

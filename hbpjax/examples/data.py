@@ -82,7 +82,7 @@ class CharCorpus:
     val: np.ndarray
 
     @classmethod
-    def from_text(cls, text: str, val_fraction: float = 0.1) -> "CharCorpus":
+    def from_text(cls, text: str, val_fraction: float = 0.1) -> CharCorpus:
         vocab = "".join(sorted(set(text)))
         lookup = {c: i for i, c in enumerate(vocab)}
         tokens = np.fromiter((lookup[c] for c in text), dtype=np.int32, count=len(text))

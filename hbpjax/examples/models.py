@@ -22,7 +22,10 @@ model                    residual structure                             default 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +64,12 @@ class PostReLUBlock(nnx.Module):
         return self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(h)))))
 
 
+def _make_block(block, channels, rngs):
+    return block(channels, rngs=rngs)
+
+
 class _ResNet(nnx.Module):
-    block = PreActBlock
+    block: Callable[..., nnx.Module] = PreActBlock
     residual = staticmethod(hbpjax.residual.additive)
 
     def __init__(
@@ -81,14 +88,14 @@ class _ResNet(nnx.Module):
         self.stages = nnx.List(
             [
                 hbpjax.nnx.ResidualStack(
-                    lambda r, c=c: type(self).block(c, rngs=r), blocks_per_stage, rngs=rngs,
+                    functools.partial(_make_block, type(self).block, c), blocks_per_stage, rngs=rngs,
                     residual=type(self).residual, gamma=gamma, linearize=linearize, unroll=unroll,
                 )
                 for c in channels
             ]
         )
         self.downsample = nnx.List(
-            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(channels[:-1], channels[1:])]
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in itertools.pairwise(channels)]
         )
         self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
         self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
@@ -119,7 +126,7 @@ class LoopResNet(nnx.Module):
         self.stem = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
         self.stages = nnx.List([nnx.List([PreActBlock(c, rngs=rngs) for _ in range(blocks_per_stage)]) for c in channels])
         self.downsample = nnx.List(
-            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in zip(channels[:-1], channels[1:])]
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in itertools.pairwise(channels)]
         )
         self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
         self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
@@ -205,7 +212,7 @@ class PostLNSublayer(_Sublayer):
 
 
 class _Transformer(nnx.Module):
-    sublayer = PreLNSublayer
+    sublayer: Callable[..., nnx.Module] = PreLNSublayer
     residual = staticmethod(hbpjax.residual.additive)
     default_gamma = 0.2
 

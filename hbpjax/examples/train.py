@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +71,12 @@ class Method:
         """Keyword options of the highway transform (``gamma`` where the method sets it)."""
         return {} if self.gamma is None else {"gamma": self.gamma}
 
-    def make_step(self, loss_fn: Callable) -> "Step":
+    def make_step(self, loss_fn: Callable) -> Step:
         """The method's jitted training step, with the state a schedule or a controller keeps."""
         return Step(self, loss_fn)
 
     @classmethod
-    def parse(cls, text: str) -> "Method":
+    def parse(cls, text: str) -> Method:
         """``exact``, ``k=2`` / ``highway:2``, ``fpi:10``, ``tbptt:16``."""
         text = text.strip()
         if text in ("exact", "backprop"):
@@ -100,7 +100,9 @@ class Step:
     """
 
     def __init__(self, method: Method, loss_fn: Callable):
-        self.method, self.k_trace = method, []
+        self.method = method
+        self.k_trace: list[int | None] = []
+        step: Callable
         if method.kind == "schedule":
             value_and_grad = lambda k: hbpjax.nnx.value_and_grad(loss_fn, iterations=k, **method.transform_options())
 
@@ -111,12 +113,14 @@ class Step:
                 return loss
 
         elif method.kind == "adaptive":
-            value_and_grad = method.controller.value_and_grad(loss_fn)
-            self.state = method.controller.init()
+            controller = method.controller
+            assert controller is not None
+            adaptive_step = controller.value_and_grad(loss_fn)
+            self.state = controller.init()
 
             @nnx.jit
             def step(model, optimizer, x, y, state):
-                (loss, grads), state = value_and_grad(state, model, x, y)
+                (loss, grads), state = adaptive_step(state, model, x, y)
                 optimizer.update(model, grads)
                 return loss, state
 
@@ -127,7 +131,9 @@ class Step:
     def __call__(self, model, optimizer, x, y, i: int):
         kind = self.method.kind
         if kind == "schedule":
-            k = int(self.method.schedule(i))
+            schedule = self.method.schedule
+            assert schedule is not None
+            k = int(schedule(i))
             self.k_trace.append(k)
             return self._step(model, optimizer, x, y, jnp.int32(k))
         if kind == "adaptive":
@@ -204,7 +210,7 @@ def train_interleaved(
     Returns:
       ``{method.label: (trained model, History)}``.
     """
-    runs = {}
+    runs: dict = {}
     for method in methods:
         model = make_model(**method.model_kwargs())
         optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
@@ -232,7 +238,7 @@ def train_interleaved(
                 metrics = {k: float(v) for k, v in evaluate(model).items()}
                 model.train()
                 if agreement_probe is not None and step.k_trace[-1] is not None:
-                    metrics["cosine"] = gradient_cosines(model, loss_fn, *agreement_probe, (step.k_trace[-1],))[step.k_trace[-1]][0]
+                    metrics["cosine"] = gradient_cosines(model, loss_fn, agreement_probe[0], agreement_probe[1], (step.k_trace[-1],))[step.k_trace[-1]][0]
                 history.evals.append((i + 1, history.wall[-1], metrics))
             if bar is not None:
                 bar.update(1)
@@ -271,7 +277,6 @@ def _progress_bar():
     """tqdm's widget bar where ipywidgets is installed (Colab, JupyterLab), its text bar elsewhere."""
     try:
         import ipywidgets  # noqa: F401
-
         from tqdm.auto import tqdm
     except ImportError:
         from tqdm import tqdm
