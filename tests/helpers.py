@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,20 +15,16 @@ TOL = {jnp.dtype("float64"): dict(rtol=1e-10, atol=1e-12), jnp.dtype("float32"):
 
 
 def assert_trees_close(actual, expected, rtol=None, atol=None):
-    """Leafwise ``np.testing.assert_allclose`` with per-dtype default tolerances."""
-    a_leaves, a_tree = jax.tree.flatten(actual)
-    e_leaves, e_tree = jax.tree.flatten(expected)
-    assert a_tree == e_tree, f"tree mismatch: {a_tree} vs {e_tree}"
-    for a, e in zip(a_leaves, e_leaves):
-        assert jnp.shape(a) == jnp.shape(e)
+    """``chex.assert_trees_all_close`` with per-dtype default tolerances (PRNG keys compared by data)."""
+    chex.assert_trees_all_equal_structs(actual, expected)
+    chex.assert_trees_all_equal_shapes(actual, expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         if jnp.issubdtype(jnp.result_type(e), jax.dtypes.prng_key):
             a, e = jax.random.key_data(a), jax.random.key_data(e)
         tol = TOL.get(jnp.result_type(e), dict(rtol=1e-6, atol=1e-7))
-        np.testing.assert_allclose(
-            np.asarray(a),
-            np.asarray(e),
-            rtol=tol["rtol"] if rtol is None else rtol,
-            atol=tol["atol"] if atol is None else atol,
+        chex.assert_trees_all_close(
+            np.asarray(a), np.asarray(e),
+            rtol=tol["rtol"] if rtol is None else rtol, atol=tol["atol"] if atol is None else atol,
         )
 
 
