@@ -31,16 +31,24 @@ from ._prefix import sharding_spec
 from ._stack import scan_stack, scan_steps
 
 
-def resolve(layer_axis, mesh, length, *, name: str):
-    """The mesh and the number of chunks ``D`` for ``layer_axis``, with clear errors naming ``name``."""
+def resolve(layer_axis, mesh, length, *, name: str, xs=()):
+    """The mesh and the number of chunks ``D`` for ``layer_axis``, with clear errors naming ``name``.
+
+    ``xs`` are the per-layer inputs: with a ``mesh`` passed without ``jax.set_mesh``, whether their
+    types carry that mesh decides how its axes are used.
+    """
     if not isinstance(layer_axis, str):
         raise TypeError(f"{name}: `layer_axis` must be a mesh axis name (str); got {layer_axis!r}.")
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
-    elif jax.sharding.get_abstract_mesh().empty and isinstance(mesh, jax.sharding.Mesh):
-        # A mesh passed without `jax.set_mesh`: the arrays around the stack carry no mesh in their
-        # types, so neither may its outputs (eager ops on them would need the mesh as context).
-        # Its axes are used as Auto axes.
+    elif (
+        jax.sharding.get_abstract_mesh().empty and isinstance(mesh, jax.sharding.Mesh)
+        and not any(_typed_mesh(a) for a in jax.tree.leaves(xs))
+    ):
+        # A mesh passed without `jax.set_mesh`, and arrays whose types carry no mesh: neither may
+        # the stack's outputs (eager ops on them would need the mesh as context). Its axes are used
+        # as Auto axes. (Arrays put on an Explicit mesh carry it in their types even without
+        # `jax.set_mesh`; then the mesh is used as it is, so cotangents get the same types.)
         mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
     names = tuple(getattr(mesh, "axis_names", ()) or ())
     if not names:
@@ -153,6 +161,12 @@ def _pipeline(stack, init, xs, consts, *, axis, size, lin=None):
         h, ys, saved, values = lax.cond(index == stage, lambda c: run(c[0]), lambda c: c, (h, ys, saved, values))
     final = jax.tree.map(lambda a: lax.psum(jnp.where(index == size - 1, a, jnp.zeros_like(a)), axis), h)
     return final, ys, saved, values
+
+
+def _typed_mesh(a) -> bool:
+    """Whether ``a``'s type carries a (non-empty) mesh: it was put on Explicit mesh axes."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    return sharding is not None and not getattr(sharding, "mesh", jax.sharding.get_abstract_mesh()).empty
 
 
 def _is_explicit(mesh, axis):

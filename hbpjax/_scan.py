@@ -131,7 +131,7 @@ def residual_scan(
             scan = _marks.mark(scan, _marks.StackMark(options))
         final, (carries, aux) = scan(init, xs)
     else:
-        mesh, size = _layers.resolve(layer_axis, mesh, length, name=_NAME)
+        mesh, size = _layers.resolve(layer_axis, mesh, length, name=_NAME, xs=xs)
         converted = highway is not None and length > 0
         run = lambda init, xs: _layers.layer_parallel_scan(
             step, init, xs, options=highway if converted else None, stack_options=options, axis=layer_axis,

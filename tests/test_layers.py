@@ -192,3 +192,24 @@ def test_mesh_argument_without_set_mesh_eager_and_jitted():
     expected = jax.grad(lambda W: jnp.sum(hbpjax.residual_scan(lambda h, w: jnp.tanh(h @ w), jnp.ones(3), W)[0]))(W)
     for fn in (jax.grad(loss), jax.jit(jax.grad(loss)), hbpjax.highway_grad(loss, iterations=4), jax.jit(hbpjax.highway_grad(loss, iterations=4))):
         assert_trees_close(fn(W), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_mesh_argument_on_a_default_explicit_mesh_with_sharded_weights():
+    """`mesh=` only (no `jax.set_mesh`), on a default (Explicit) mesh, with the weights put on
+    P("layers"): their types carry the mesh, so the cotangents must too (this raised `Expected
+    cotangent type float32[32@layers,8,8] but got float32[32,8,8]`)."""
+    mesh = jax.make_mesh((8,), ("layers",))
+    assert mesh.axis_types == (AxisType.Explicit,)
+    with jax.enable_x64(True):
+        W = 0.3 * jax.random.normal(jax.random.key(43), (32, 8, 8), jnp.float64)
+        x = jax.random.normal(jax.random.key(44), (4, 8), jnp.float64)
+        block = lambda h, w: jnp.tanh(h @ w)
+        loss = lambda W, x: jnp.sum(hbpjax.residual_scan(block, x, W, layer_axis="layers", mesh=mesh)[0] ** 2)
+        plain = lambda W, x: jnp.sum(hbpjax.residual_scan(block, x, W)[0] ** 2)
+        Ws = jax.device_put(W, NamedSharding(mesh, P("layers")))
+        exact = jax.grad(plain)(W, x)
+        for k in (None, 2, 32):
+            got = jax.jit(hbpjax.highway_grad(loss, iterations=k))(Ws, x)
+            assert got.sharding.spec[0] == "layers"  # sharded like the parameters
+            assert_trees_close(np.asarray(got), hbpjax.highway_grad(plain, iterations=k)(W, x))
+        assert_trees_close(np.asarray(jax.jit(hbpjax.highway_grad(loss, iterations=32))(Ws, x)), exact)
