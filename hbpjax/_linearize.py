@@ -444,10 +444,21 @@ class ForwardLinearization:
 
             return jax.vmap(apply)(per_step, h_prev, x, s, dh, dx)
 
-        transpose = jax.linear_transpose(tangent_map, h_prev, [x[i] for i in fx], [consts[i] for i in fc])
+        primals = (h_prev, [x[i] for i in fx], [consts[i] for i in fc])
+        transpose = jax.linear_transpose(tangent_map, *primals)
+
+        def transposed(ct):
+            try:
+                return transpose(ct)
+            except NotImplementedError:
+                # A linear map JAX cannot transpose directly: vmap of a `cond` with a per-layer
+                # index (alternating sublayers) wraps operands in stop_gradient, which has no
+                # transpose rule. The VJP of the same map at zero tangents is its transpose too.
+                zeros = tmap(jnp.zeros_like, primals)
+                return jax.vjp(tangent_map, *zeros)[1](ct)
 
         def vjp(after, ct_block):
-            ct_h, ct_fx, ct_fc = transpose((after, ct_block))
+            ct_h, ct_fx, ct_fc = transposed((after, ct_block))
             ct_x = [np.zeros(a.shape, jax.dtypes.float0) for a in x]
             for i, ct in zip(fx, ct_fx):
                 ct_x[i] = ct

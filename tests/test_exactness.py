@@ -304,3 +304,32 @@ def test_save_linearization_false_is_the_same_gradient(builder):
             jax.jit(hbpjax.highway_grad(loss, argnums, iterations=12, save_linearization=False))(*args),
             jax.grad(loss, argnums)(*args),
         )
+
+
+@pytest.mark.parametrize("scans", ["auto", "marked"])
+def test_alternating_sublayers_chosen_by_a_per_layer_cond_exact(scans):
+    """A block that picks its sublayer with `lax.cond` on a per-layer integer (attention / MLP
+    alternating, as hbpjax.examples.GPT does): vmap of the cond puts stop_gradient on the operands
+    of its linearization, which has no transpose rule of its own."""
+    L, d = 6, 4
+    with jax.enable_x64(True):
+        key = jax.random.key(7)
+        W = 0.5 * jax.random.normal(key, (L, d, d), jnp.float64)
+        kinds = jnp.arange(L, dtype=jnp.int32) % 2
+        x = jax.random.normal(jax.random.key(8), (3, d), jnp.float64)
+
+        def block(h, layer):
+            w, kind = layer
+            return jax.lax.cond(kind == 0, lambda h: jnp.tanh(h @ w), lambda h: jnp.sin(h @ w) ** 2, h)
+
+        def loss(W, x):
+            if scans == "marked":
+                h, _ = hbpjax.residual_scan(block, x, (W, kinds))
+            else:
+                h, _ = jax.lax.scan(lambda h, layer: (h + block(h, layer), None), x, (W, kinds))
+            return jnp.sum(jnp.cos(h))
+
+        exact = jax.grad(loss, (0, 1))(W, x)
+        assert_trees_close(hbpjax.highway_grad(loss, (0, 1), iterations=L, scans=scans)(W, x), exact)
+        assert_trees_close(jax.jit(hbpjax.highway_grad(loss, (0, 1), iterations=L, scans=scans))(W, x), exact)
+        assert tree_rel_error(hbpjax.highway_grad(loss, (0, 1), iterations=0, scans=scans)(W, x), exact) > 1e-6
