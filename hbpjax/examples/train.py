@@ -188,6 +188,7 @@ def train_interleaved(
     progress: bool = True,
     desc: str | None = None,
     agreement_probe: tuple | None = None,
+    extra_steps: dict[str, int] | None = None,
 ) -> dict[str, tuple[nnx.Module, History]]:
     """Trains one model per method, in lockstep: step ``i`` of every method, then step ``i + 1``.
 
@@ -206,6 +207,8 @@ def train_interleaved(
         steps and at the end.
       agreement_probe: ``(x, y)``: at every evaluation, also record the cosine similarity of the
         method's gradient at the ``k`` it last used to the exact one on this batch (``"cosine"``).
+      extra_steps: ``{label: n}``: these methods go on for ``n`` more steps after ``steps`` (still
+        taking turns among themselves; evaluated at ``steps`` too, for comparisons at equal steps).
 
     Returns:
       ``{method.label: (trained model, History)}``.
@@ -215,12 +218,14 @@ def train_interleaved(
         model = make_model(**method.model_kwargs())
         optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
         runs[method.label] = (method, model, optimizer, method.make_step(loss_fn), History(method.label), [])
+    extra_steps = extra_steps or {}
+    total = {label: steps + extra_steps.get(label, 0) for label in runs}
     bar = None
     if progress:
-        bar = _progress_bar()(total=steps * len(runs), desc=desc or " / ".join(runs), leave=False)
-    labels = list(runs)
-    for i in range(steps):
+        bar = _progress_bar()(total=sum(total.values()), desc=desc or " / ".join(runs), leave=False)
+    for i in range(max(total.values())):
         x, y = batches(i)
+        labels = [label for label in runs if i < total[label]]
         for label in labels[i % len(labels):] + labels[: i % len(labels)]:
             _, model, optimizer, step, history, durations = runs[label]
             start = time.perf_counter()
@@ -233,7 +238,7 @@ def train_interleaved(
             history.steps.append(i + 1)
             history.wall.append(sum(durations))
             history.loss.append(loss)
-            if evaluate is not None and ((i + 1) % eval_every == 0 or i + 1 == steps):
+            if evaluate is not None and ((i + 1) % eval_every == 0 or i + 1 in (steps, total[label])):
                 model.eval()
                 metrics = {k: float(v) for k, v in evaluate(model).items()}
                 model.train()
