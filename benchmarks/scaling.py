@@ -1,7 +1,8 @@
 """Layer-parallel Highway-BP on D in {1, 2, 4, 8} simulated CPU devices: equality, memory, collectives.
 
 For a deep residual MLP (per-layer parameters) and a GRU (shared weights, the layer axis is time),
-split over a mesh axis of D devices with ``residual_scan(layer_axis="layers")``:
+split over a mesh axis of D devices with ``residual_scan(layer_axis="layers")``, and for the same MLP
+written as an unmodified ``lax.scan`` split by ``highway_grad(..., layer_axis="layers")``:
 
 * equality: relative error of the layer-parallel gradient against the single-device one (exact
   and highway k=2);
@@ -53,7 +54,18 @@ def mlp(L=64, width=64, batch=32):
         h, _ = hbpjax.residual_scan(lambda h, p: jnp.tanh(h @ p["W"] + p["b"]), x, params, layer_axis=layer_axis)
         return jnp.mean(h**2)
 
-    return "residual MLP, L=64, width 64, batch 32", loss, params, x, "params"
+    return "residual MLP, L=64, width 64, batch 32", loss, params, x, "params", "residual_scan"
+
+
+def scan_mlp(L=64, width=64, batch=32):
+    """The same MLP as an unmodified lax.scan: layer parallelism from the transform's layer_axis."""
+    _, _, params, x, _, _ = mlp(L, width, batch)
+
+    def loss(params, x, layer_axis=None):  # nothing of hbpjax in the model
+        h, _ = jax.lax.scan(lambda h, p: (h + jnp.tanh(h @ p["W"] + p["b"]), None), x, params)
+        return jnp.mean(h**2)
+
+    return "unmodified lax.scan MLP, L=64, width 64, batch 32 (highway_grad(layer_axis=))", loss, params, x, "params", "transform"
 
 
 def gru(T=256, hidden=64, batch=32, d_in=16):
@@ -70,7 +82,7 @@ def gru(T=256, hidden=64, batch=32, d_in=16):
         _, hs = hbpjax.residual_scan(cell, jnp.zeros((batch, hidden)), xs, residual=hbpjax.residual.gated, layer_axis=layer_axis)
         return jnp.mean(hs**2)
 
-    return "GRU, T=256, hidden 64, batch 32 (time chunks)", loss, params, xs, "inputs"
+    return "GRU, T=256, hidden 64, batch 32 (time chunks)", loss, params, xs, "inputs", "residual_scan"
 
 
 _OP = re.compile(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(")
@@ -98,8 +110,8 @@ def fmt(counter: Counter) -> str:
 def run():
     env = common.environment()
     rows, data = [], {"environment": env, "results": []}
-    for build in (mlp, gru):
-        title, loss, params, inputs, sharded = build()
+    for build in (mlp, gru, scan_mlp):
+        title, loss, params, inputs, sharded, via = build()
         reference = {
             k: jax.jit(hbpjax.highway_grad(loss, (0, 1), iterations=k))(params, inputs) for k in (None, K)
         }
@@ -110,7 +122,10 @@ def run():
                 put = lambda a: jax.device_put(a, NamedSharding(mesh, P("layers") if D > 1 else P()))
                 args = (jax.tree.map(put, params), inputs) if sharded == "params" else (params, put(inputs))
                 entry = {"model": title, "devices": D}
-                fn_k = lambda k: jax.jit(hbpjax.highway_grad(lambda p, x: loss(p, x, layer_axis=axis), (0, 1), iterations=k))
+                if via == "transform":  # the model as written; the transform splits its scan
+                    fn_k = lambda k: jax.jit(hbpjax.highway_grad(loss, (0, 1), iterations=k, layer_axis=axis))
+                else:
+                    fn_k = lambda k: jax.jit(hbpjax.highway_grad(lambda p, x: loss(p, x, layer_axis=axis), (0, 1), iterations=k))
                 for k in (None, K):
                     fn = fn_k(k)
                     compiled = fn.lower(*args).compile()

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.extend import core
 
-from . import _chains, _context, _jaxpr, _marks
+from . import _chains, _context, _jaxpr, _layers, _marks
 from ._backward import Local, differentiate
 from ._context import EXACT_SCOPE
 from ._jaxpr import is_float
@@ -149,10 +149,16 @@ class Traced:
         return jax.tree.unflatten(self.out_tree, leaves)
 
 
-def trace(fun: Callable, args: tuple, kwargs: dict, *, differentiated: Sequence[int] = ()) -> Traced:
+def trace(
+    fun: Callable, args: tuple, kwargs: dict, *, differentiated: Sequence[int] = (), unshard: str | None = None
+) -> Traced:
     """Traces ``fun(*args, **kwargs)`` to a jaxpr over the array leaves of the arguments and every
     leaf of the positional arguments in ``differentiated`` (Python numbers there are traced, as
-    ``jax.grad`` traces them); other non-array leaves are baked into the jaxpr."""
+    ``jax.grad`` traces them); other non-array leaves are baked into the jaxpr.
+
+    With ``unshard`` (a transform's ``layer_axis``), the arguments are traced as if that Explicit
+    mesh axis shards none of them: JAX refuses to trace a scan over inputs sharded along their
+    leading axis, and such scans are exactly the ones evaluated layer-parallel."""
     leaves, in_tree = jax.tree.flatten((args, kwargs))
     traced_args = {a % len(args) for a in differentiated} if args else set()
     starts = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in args])
@@ -170,8 +176,28 @@ def trace(fun: Callable, args: tuple, kwargs: dict, *, differentiated: Sequence[
         found["static"] = {i: x for i, x in enumerate(out_leaves) if not _is_dynamic(x)}
         return [x for i, x in enumerate(out_leaves) if i not in found["static"]]
 
-    closed = jax.make_jaxpr(flat_fun)(*[leaves[i] for i in dynamic])
+    values = [leaves[i] for i in dynamic]
+    if unshard is not None:
+        values = [_without_axis(v, unshard) for v in values]
+    closed = jax.make_jaxpr(flat_fun)(*values)
     return Traced(closed, in_tree, dynamic, found["tree"], found["static"])
+
+
+def _without_axis(value, axis: str):
+    """``value``'s type with ``axis`` taken out of its sharding (the value itself if its type has
+    no mesh or does not use ``axis``)."""
+    aval: Any = jax.typeof(value)
+    sharding = getattr(aval, "sharding", None)
+    if sharding is None or getattr(sharding, "mesh", None) is None or sharding.mesh.empty:
+        return value
+    uses = lambda s: s == axis or (isinstance(s, tuple) and axis in s)
+    if not any(uses(s) for s in sharding.spec):
+        return value
+    drop = lambda s: None if s == axis else tuple(a for a in s if a != axis) or None if isinstance(s, tuple) else s
+    spec = jax.sharding.PartitionSpec(*(drop(s) for s in sharding.spec))
+    return jax.ShapeDtypeStruct(
+        aval.shape, aval.dtype, sharding=jax.sharding.NamedSharding(sharding.mesh, spec), weak_type=aval.weak_type
+    )
 
 
 # ------------------------------------------------------------------------------------- the analysis
@@ -376,7 +402,9 @@ class Rewriter:
         return found.stack is not None and self.choose(found)
 
     def chains(self, jaxpr) -> list[_FoundChain]:
-        """The chains of ``jaxpr``'s own equations that are converted."""
+        """The chains of ``jaxpr``'s own equations that are converted (none for exact backprop)."""
+        if not self.options.highway:
+            return []
         return [c for c in self._chain_analysis(jaxpr)[0] if c.stack is not None and self.choose(c)]
 
     def _chain_analysis(self, jaxpr) -> tuple[list, list]:
@@ -409,7 +437,9 @@ class Rewriter:
     def reporting(self, jaxpr) -> list[tuple[int, StackInfo]]:
         """The stacks of ``jaxpr`` that :meth:`eval_eqn` gives a report slot, in program order, each
         as ``(key, info)``: the key of its scan equation or chain."""
-        out = []
+        out: list[tuple[int, StackInfo]] = []
+        if not self.options.highway:  # exact backprop (layer-parallel stacks only): nothing sweeps
+            return out
         chains = {id(c.chain.layers[0][0]): c for c in self.chains(jaxpr)}
         for eqn in jaxpr.eqns:
             if id(eqn) in chains:
@@ -558,19 +588,47 @@ class Rewriter:
             params = eqn.params
             final, ys = jax.lax.scan(step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"])
             return [*final, *ys]
+        if not self.options.highway:  # exact backprop: only layer-parallel stacks are run differently
+            return self._exact_scan(eqn, invals)
         self.converted += 1
         slot = self._slot(id(eqn), found.info)
-        # Literal operands (a Python float as the initial carry) become arrays of their type.
-        invals = [jax.numpy.asarray(v, getattr(a.aval, "dtype", None)) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
-        num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
-        consts = tuple(invals[:num_consts])
-        init = list(invals[num_consts : num_consts + num_carry])
-        xs = list(invals[num_consts + num_carry :])
+        init, xs, consts = self._operands(eqn, invals)
+        parallel = self._layer_parallel(found.stack, init, xs, consts)
+        if parallel is not None:
+            return parallel
         forward = functools.partial(scan_forward, found.stack)
         final, ys = differentiate(
             found.stack, init, xs, consts, options=self.options, forward=forward, chain=Local, slot=slot
         )
         return [*final, *ys]
+
+    @staticmethod
+    def _operands(eqn, invals) -> tuple[list, list, tuple]:
+        """``(init, xs, consts)`` of a scan equation; literal operands (a Python float as the
+        initial carry) become arrays of their type."""
+        invals = [jax.numpy.asarray(v, getattr(a.aval, "dtype", None)) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
+        num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
+        return list(invals[num_consts : num_consts + num_carry]), list(invals[num_consts + num_carry :]), tuple(invals[:num_consts])
+
+    def _layer_parallel(self, stack, init, xs, consts) -> list | None:
+        """The outputs of ``stack`` run layer-parallel, if the transform has a ``layer_axis`` and
+        the stack's per-layer inputs are sharded over it; else ``None``."""
+        axis = self.options.layer_axis
+        if axis is None or stack.reverse:  # the pipeline runs the layers in order
+            return None
+        mesh, size = _layers.resolve(axis, self.options.mesh, 0, name=self.options.name, xs=xs)
+        if not _layers.sharded_over(xs, axis, mesh):
+            return None
+        _layers.resolve(axis, mesh, stack.length, name=self.options.name)  # the layers fit the axis
+        final, ys = _layers.found_stack(stack, init, xs, consts, options=self.options, axis=axis, mesh=mesh, size=size)
+        return [*final, *ys]
+
+    def _exact_scan(self, eqn, invals) -> list:
+        """A converted scan under exact backprop (``iterations=None`` with a ``layer_axis``): run
+        layer-parallel if its inputs are sharded so (JAX differentiates the pipeline), else as is."""
+        init, xs, consts = self._operands(eqn, invals)
+        parallel = self._layer_parallel(self.found(eqn).stack, init, xs, consts)
+        return parallel if parallel is not None else _jaxpr.bind(eqn, invals)
 
 
 def _named(fn, name):
@@ -595,7 +653,7 @@ class Conversion:
     def __init__(self, fun: Callable, options: Options, args: tuple, kwargs: dict, *, differentiated=()):
         self.options = options
         with _context.active(options):
-            self.traced = trace(fun, args, kwargs, differentiated=differentiated)
+            self.traced = trace(fun, args, kwargs, differentiated=differentiated, unshard=options.layer_axis)
         reporting = Rewriter(options).reporting(self.traced.closed.jaxpr)
         self.keys = [key for key, _ in reporting]
         self.stacks = [info for _, info in reporting]
@@ -609,7 +667,7 @@ class Conversion:
         outs = rewriter.eval_closed(self.traced.closed, self.traced.inputs(args, kwargs))
         if sorted(s.source for s in rewriter.reported) != sorted(s.source for s in self.stacks):
             raise AssertionError(f"hbpjax: the stacks that report changed: {rewriter.reported} vs {self.stacks}")
-        self.none_converted = rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0
+        self.none_converted = self.options.highway and rewriter.converted == rewriter.trivial == rewriter.kept_exact == 0
         return self.traced.unflatten(outs)
 
     def warn(self, stacklevel: int = 2) -> None:

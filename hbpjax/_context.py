@@ -35,7 +35,9 @@ _ACTIVE = jax.make_user_context(default_value=None)
 def current() -> Options | None:
     """The options of the innermost active highway transform, or ``None`` (none, or an exact region)."""
     value = _ACTIVE.value
-    return value if isinstance(value, Options) else None
+    # iterations=None (exact) traces through the conversion only to run layer-parallel stacks:
+    # a residual_scan is then a plain scan, found like any other.
+    return value if isinstance(value, Options) and value.highway else None
 
 
 def in_exact() -> bool:

@@ -63,7 +63,7 @@ class _FilterValueAndGrad(ValueAndGrad):
 def filter_value_and_grad(
     fun: Callable | None = None, *, has_aux: bool = False, iterations: int | jax.Array | None = DEFAULT_ITERATIONS,
     tol: float | None = None, gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False,
-    save_linearization: bool = True) -> Callable[..., Any]:
+    save_linearization: bool = True, layer_axis: str | None = None, mesh: Any = None) -> Callable[..., Any]:
     """``eqx.filter_value_and_grad`` with Highway-BP inside every residual stack of ``fun``.
 
     Differentiates with respect to the floating-point arrays of the first argument (an Equinox
@@ -78,6 +78,9 @@ def filter_value_and_grad(
       scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
       return_report: also return a :class:`hbpjax.SweepReport`.
       save_linearization: keep every layer's linearization between sweeps (default).
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       ``(value, grads)`` (``((value, aux), grads)`` with ``has_aux``), ``grads`` shaped like ``x``
@@ -98,7 +101,7 @@ def filter_value_and_grad(
       >>> grads["w"].shape, grads["act"]
       ((6, 3, 3), None)
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.filter_value_and_grad")
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.filter_value_and_grad")
     make = lambda fun: _FilterValueAndGrad(fun, has_aux, options=options)
     return make if fun is None else make(fun)
 
@@ -106,7 +109,7 @@ def filter_value_and_grad(
 def filter_grad(
     fun: Callable | None = None, *, has_aux: bool = False, iterations: int | jax.Array | None = DEFAULT_ITERATIONS,
     tol: float | None = None, gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False,
-    save_linearization: bool = True) -> Callable:
+    save_linearization: bool = True, layer_axis: str | None = None, mesh: Any = None) -> Callable:
     """``eqx.filter_grad`` with Highway-BP inside every residual stack of ``fun``.
 
     See :func:`filter_value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
@@ -120,6 +123,9 @@ def filter_grad(
       scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
       return_report: also return a :class:`hbpjax.SweepReport`.
       save_linearization: keep every layer's linearization between sweeps (default).
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       The gradients, shaped like the first argument with ``None`` where a leaf is not a
@@ -136,6 +142,6 @@ def filter_grad(
       >>> hbpjax.filter_grad(loss, iterations=4)(0.5 * jnp.ones((4, 3, 3)), jnp.ones(3)).shape
       (4, 3, 3)
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.filter_grad")
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.filter_grad")
     make = lambda fun: grad_from_value_and_grad(fun, _FilterValueAndGrad(fun, has_aux, options=options))
     return make if fun is None else make(fun)

@@ -43,7 +43,10 @@ def bind(eqn: core.JaxprEqn, invals: Sequence) -> list:
         subfuns, params = params
     manager = getattr(getattr(eqn, "ctx", None), "manager", None)
     if manager is not None:
-        with manager:
+        # The equation's context, except its mesh: the equation may be evaluated again under
+        # another one (inside a shard_map over the layers, where that axis is Manual).
+        mesh = jax.sharding.get_abstract_mesh()
+        with manager, jax.sharding.use_abstract_mesh(mesh):
             out = eqn.primitive.bind(*subfuns, *invals, **params)
     else:
         out = eqn.primitive.bind(*subfuns, *invals, **params)

@@ -108,6 +108,11 @@ def layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, s
             final, ys = differentiate(stack, init, xs, consts, options=run_options, forward=forward, chain=chain)
         return jax.tree.unflatten(carry_tree, final), jax.tree.unflatten(ys_tree, ys)
 
+    return _over_devices(local, jax.tree.leaves(init), jax.tree.leaves(xs), outer_consts, k, mesh=mesh, axis=axis)
+
+
+def _over_devices(local, init, xs, consts, k, *, mesh, axis):
+    """``local(init, xs, consts, k)`` with ``xs`` (and the per-step outputs) split over ``axis``."""
     if _is_explicit(mesh, axis):
         # Explicit axes do not reshard implicitly: put each leaf's layer axis on the mesh axis,
         # keeping how its other axes are sharded (a no-op for layer-sharded parameters).
@@ -124,7 +129,40 @@ def layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, s
         # never inside the device-dependent `cond` of the pipeline (where only some devices would
         # reach it). Per-device cotangents of replicated inputs are therefore returned unreduced.
         check_vma=False,
-    )(jax.tree.leaves(init), jax.tree.leaves(xs), outer_consts, k)
+    )(init, xs, consts, k)
+
+
+def sharded_over(xs, axis, mesh) -> bool:
+    """Whether a stack found in a function, with per-layer inputs ``xs``, runs layer-parallel.
+
+    With an Explicit ``axis`` the types say it: some floating-point input is sharded along its
+    layer (leading) axis over ``axis``. With an Auto one they do not (JAX decides placement
+    later): every stack with floating-point per-layer inputs does.
+    """
+    floats = [a for a in xs if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    if not floats:
+        return False
+    if not _is_explicit(mesh, axis):
+        return True
+    return any(_typed_mesh(a) and sharding_spec(a)[:1] == (axis,) for a in floats)
+
+
+def found_stack(stack, init, xs, consts, *, options, axis, mesh, size):
+    """``(final carry, per-step outputs)`` of a stack found in a function (a ``lax.scan``,
+    ``nnx.scan``, ...), its layers split over ``axis``: the pipelined forward and the
+    :class:`~hbpjax._backward.DeviceChain` backward of :func:`layer_parallel_scan`."""
+    k = options.iterations if options.traced else None
+
+    def local(init, xs, consts, k):
+        run_options = options if k is None else dataclasses.replace(options, iterations=k)
+        forward = functools.partial(_pipeline, stack, axis=axis, size=size)
+        if not options.highway or not stack.split.has_residual_path:  # JAX differentiates the pipeline
+            final, ys, _, _ = forward(init, xs, consts)
+            return final, ys
+        chain = lambda: DeviceChain(axis, size)
+        return differentiate(stack, init, xs, consts, options=run_options, forward=forward, chain=chain)
+
+    return _over_devices(local, list(init), list(xs), tuple(consts), k, mesh=mesh, axis=axis)
 
 
 def _step_stack(converted, consts, init, x0, carry_tree, **options):

@@ -175,6 +175,9 @@ class Options:
       save_linearization: keep every layer's linearization between sweeps, or recompute it in each
         sweep, in groups of layers, to save memory.
       report: also return a :class:`hbpjax.SweepReport`.
+      layer_axis: a mesh axis name: converted stacks whose per-layer inputs are sharded along their
+        layer axis over it run layer-parallel (see :func:`hbpjax.highway_grad`); ``None``: none.
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
       name: the public function the options were given to (for error messages; not compared).
 
     Options are part of JAX's tracing cache key while a transform is active (see
@@ -188,6 +191,8 @@ class Options:
     scans: str | Callable = "auto"
     save_linearization: bool = True
     report: bool = False
+    layer_axis: str | None = None
+    mesh: Any = None
     name: str = "hbpjax"
 
     def __post_init__(self):
@@ -202,6 +207,12 @@ class Options:
                 f"or False (recompute it, to save memory); got {self.save_linearization!r}."
             )
         set_("report", bool(self.report))
+        if self.layer_axis is not None and not isinstance(self.layer_axis, str):
+            raise TypeError(f"{self.name}: `layer_axis` must be a mesh axis name (str) or None; got {self.layer_axis!r}.")
+        if self.mesh is not None and not isinstance(self.mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+            raise TypeError(f"{self.name}: `mesh` must be a jax.sharding.Mesh (jax.make_mesh(...)) or None; got {describe(self.mesh)}.")
+        if self.mesh is not None and self.layer_axis is None:
+            raise ValueError(f"{self.name}: `mesh` is the mesh for `layer_axis`; pass layer_axis='<axis name>' with it.")
 
     @property
     def highway(self) -> bool:
@@ -215,7 +226,7 @@ class Options:
 
     def _key(self):
         k = id(self.iterations) if self.traced else self.iterations
-        return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.report)
+        return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.report, self.layer_axis, id(self.mesh))
 
     def __eq__(self, other):
         return isinstance(other, Options) and self._key() == other._key()

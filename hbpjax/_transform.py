@@ -25,6 +25,7 @@ def highway_value_and_grad(
     fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, *, iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None,
     gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True,
+    layer_axis: str | None = None, mesh: Any = None,
 ) -> Callable[..., tuple[Any, Any]]:
     """Like ``jax.value_and_grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -63,6 +64,9 @@ def highway_value_and_grad(
         sweep redoes the elementwise arithmetic). With ``False`` each sweep recomputes it, a group of
         layers at a time (8 groups): the backward's memory drops to about backprop's, for one more
         forward of every layer per sweep.
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or
@@ -90,7 +94,8 @@ def highway_value_and_grad(
       32 1.00
     """
     options = Options(
-        iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.highway_value_and_grad"
+        iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh,
+        name="hbpjax.highway_value_and_grad",
     )
     return ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options)
 
@@ -99,6 +104,7 @@ def highway_grad(
     fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, *, iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None,
     gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True,
+    layer_axis: str | None = None, mesh: Any = None,
 ) -> Callable:
     """Like ``jax.grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -121,6 +127,9 @@ def highway_grad(
       return_report: also return a :class:`hbpjax.SweepReport`.
       save_linearization: keep every layer's linearization between sweeps (default); ``False``
         recomputes it per sweep, a group of layers at a time, for backprop's memory.
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       A function with ``fun``'s positional signature returning ``grad`` (or ``(grad, aux)`` with
@@ -144,7 +153,7 @@ def highway_grad(
       >>> bool(jnp.allclose(g, jax.grad(loss)(W), rtol=1e-4))
       True
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.highway_grad")
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.highway_grad")
     return grad_from_value_and_grad(fun, ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options))
 
 
@@ -198,7 +207,9 @@ class ValueAndGrad:
 
     def __call__(self, *args, **kwargs):
         self._check(args)
-        if not self.options.highway or _context.in_exact():  # exact backprop through the same function
+        # Exact backprop through the same function (with a layer_axis, through the conversion: the
+        # stacks sharded over it run layer-parallel, their backward JAX's transpose of the pipeline).
+        if (not self.options.highway and self.options.layer_axis is None) or _context.in_exact():
             out = self._transform(self.checked, self.argnums)(*args, **kwargs)
             return (out, _report.SweepReport.empty()) if self.options.report else out
         conversion = self._conversion(args, kwargs)

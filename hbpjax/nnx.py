@@ -410,7 +410,7 @@ def value_and_grad(
     f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
     iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None, gamma: float = 0.0,
-    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True) -> Callable:
+    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True, layer_axis: str | None = None, mesh: Any = None) -> Callable:
     """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
 
     Same arguments and results as ``nnx.value_and_grad``: ``nnx.Param`` of the Module arguments are
@@ -437,6 +437,9 @@ def value_and_grad(
       scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
       return_report: also return a :class:`hbpjax.SweepReport`.
       save_linearization: keep every layer's linearization between sweeps (default).
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       A function with ``f``'s signature returning ``(value, grads)`` (``((value, aux), grads)`` with
@@ -457,7 +460,7 @@ def value_and_grad(
       >>> grads["cell"]["dense_h"]["kernel"].shape
       (4, 12)
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.nnx.value_and_grad")
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.nnx.value_and_grad")
     make = lambda f: _ValueAndGrad(
         f, argnums, has_aux, holomorphic, allow_int, options=options, graph=graph, graph_updates=graph_updates
     )
@@ -468,7 +471,7 @@ def grad(
     f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
     iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None, gamma: float = 0.0,
-    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True) -> Callable:
+    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True, layer_axis: str | None = None, mesh: Any = None) -> Callable:
     """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
 
     See :func:`value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
@@ -489,6 +492,9 @@ def grad(
       scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
       return_report: also return a :class:`hbpjax.SweepReport`.
       save_linearization: keep every layer's linearization between sweeps (default).
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       A function with ``f``'s signature returning ``grads`` (``(grads, aux)`` with ``has_aux``), an
@@ -507,7 +513,7 @@ def grad(
       >>> grads = hbpjax.nnx.grad(lambda m, x: jnp.mean(m(x) ** 2), iterations=2)(model, jnp.ones((3, 10, 2)))
       >>> _ = optimizer.update(model, grads)   # a standard optax step
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, name="hbpjax.nnx.grad")
+    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.nnx.grad")
     make = lambda f: grad_from_value_and_grad(
         f, _ValueAndGrad(f, argnums, has_aux, holomorphic, allow_int, options=options, graph=graph, graph_updates=graph_updates)
     )

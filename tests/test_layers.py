@@ -213,3 +213,145 @@ def test_mesh_argument_on_a_default_explicit_mesh_with_sharded_weights():
             assert got.sharding.spec[0] == "layers"  # sharded like the parameters
             assert_trees_close(np.asarray(got), hbpjax.highway_grad(plain, iterations=k)(W, x))
         assert_trees_close(np.asarray(jax.jit(hbpjax.highway_grad(loss, iterations=32))(Ws, x)), exact)
+
+
+# ----------------------------------------------------- layer_axis on the transforms: found stacks
+
+
+def _scan_loss(W, x):
+    """An unmodified `lax.scan` over stacked layers: nothing of hbpjax in the model."""
+    h, _ = jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, W)
+    return jnp.sum(jnp.sin(h))
+
+
+def _scan_problem(L=16, width=6, batch=4, dtype=jnp.float64):
+    W = 0.4 * jax.random.normal(jax.random.key(51), (L, width, width), dtype)
+    x = jax.random.normal(jax.random.key(52), (batch, width), dtype)
+    return W, x
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_transform_layer_axis_on_an_unmodified_scan_equals_one_device(axis_type):
+    """A `lax.scan` over weights sharded P("layers") on a 2 x 4 (data x layers) mesh runs
+    layer-parallel under `highway_grad(layer_axis="layers")`: equal to one device at k = 2 and
+    k >= L (and to jax.grad there), the gradient sharded like the weights, 1/4 of it per device."""
+    with jax.enable_x64(True):
+        W0, x0 = _scan_problem()
+        L = W0.shape[0]
+        exact = jax.grad(_scan_loss)(W0, x0)
+        mesh = jax.make_mesh((2, 4), ("data", "layers"), axis_types=(axis_type,) * 2)
+        with jax.set_mesh(mesh):
+            W = jax.device_put(W0, NamedSharding(mesh, P("layers")))
+            x = jax.device_put(x0, NamedSharding(mesh, P("data")))
+            assert W.addressable_shards[0].data.shape == (L // 4, *W0.shape[1:])  # 1/D of the weights per device
+            for k in (2, L):
+                got = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=k, layer_axis="layers"))(W, x)
+                assert got.sharding.spec[0] == "layers"
+                assert got.addressable_shards[0].data.shape == (L // 4, *W0.shape[1:])
+                assert_trees_close(np.asarray(got), hbpjax.highway_grad(_scan_loss, iterations=k)(W0, x0))
+            got = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=L, layer_axis="layers"))(W, x)
+        assert_trees_close(np.asarray(got), exact)
+        assert tree_rel_error(hbpjax.highway_grad(_scan_loss, iterations=2)(W0, x0), exact) > 1e-6  # k=2 is not exact
+
+
+def test_transform_layer_axis_collectives_do_not_grow_with_the_layer_devices():
+    """Compiled step of the found stack on D = 2, 4, 8 layer devices: beyond the forward's D - 1
+    hops of the carry, the collectives do not grow with D, and the stacked weights are never
+    gathered (nothing shaped like a layer's weight crosses devices in an all-gather)."""
+    W0, x0 = _scan_problem(dtype=jnp.float32)
+    counts = {}
+    for D in (2, 4, 8):
+        mesh = jax.make_mesh((8 // D, D), ("data", "layers"))
+        with jax.set_mesh(mesh):
+            W = jax.device_put(W0, NamedSharding(mesh, P("layers")))
+            x = jax.device_put(x0, NamedSharding(mesh, P("data")))
+            fn = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=2, layer_axis="layers"))
+            found = _collectives(fn.lower(W, x).compile().as_text())
+        assert not any(kind == "all-gather" and s[-2:] == W0.shape[1:] for kind, s in found), found
+        counts[D] = len(found) - (D - 1)
+    assert counts[8] <= counts[4] <= counts[2], counts
+
+
+def test_transform_layer_axis_leaves_unsharded_stacks_alone():
+    """On an Explicit mesh, a scan whose inputs are not sharded along "layers" stays as it was
+    (the same program as without layer_axis); a non-dividing layer count of a sharded one is the
+    error residual_scan gives."""
+    W0, x0 = _scan_problem(L=6, dtype=jnp.float32)
+    mesh = jax.make_mesh((2, 4), ("data", "layers"))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x0, NamedSharding(mesh, P("data")))
+        W = jax.device_put(W0, NamedSharding(mesh, P()))
+        with_axis = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=2, layer_axis="layers"))
+        without = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=2))
+        assert "shard_map" not in str(jax.make_jaxpr(with_axis)(W, x))
+        assert_trees_close(with_axis(W, x), without(W, x))
+    with pytest.raises(ValueError, match=r"layer_axis='stages' is not an axis of the mesh; its axes are \('data', 'layers'\)"):
+        with jax.set_mesh(mesh):
+            jax.jit(hbpjax.highway_grad(_scan_loss, iterations=2, layer_axis="stages"))(W, x)
+    auto = jax.make_mesh((2, 4), ("data", "layers"), axis_types=(AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match=r"6 layers cannot be split evenly over the 4 devices of mesh axis 'layers'"):
+        with jax.set_mesh(auto):
+            jax.jit(hbpjax.highway_grad(_scan_loss, iterations=2, layer_axis="layers"))(W0, x0)
+    with pytest.raises(TypeError, match=r"hbpjax.highway_grad: `layer_axis` must be a mesh axis name"):
+        hbpjax.highway_grad(_scan_loss, layer_axis=3)
+    with pytest.raises(ValueError, match=r"hbpjax.highway_grad: `mesh` is the mesh for `layer_axis`"):
+        hbpjax.highway_grad(_scan_loss, mesh=mesh)
+
+
+class _PreLNBlock(nnx.Module):
+    """A pre-LN Transformer layer from Flax's own modules."""
+
+    def __init__(self, dim, heads, *, rngs):
+        f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
+        self.norm1, self.norm2 = nnx.LayerNorm(dim, rngs=rngs, **f64), nnx.LayerNorm(dim, rngs=rngs, **f64)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs, **f64)
+        self.fc1, self.fc2 = nnx.Linear(dim, 2 * dim, rngs=rngs, **f64), nnx.Linear(2 * dim, dim, rngs=rngs, **f64)
+
+    def __call__(self, h):
+        h = h + self.attn(self.norm1(h))
+        return h + self.fc2(jax.nn.gelu(self.fc1(self.norm2(h))))
+
+
+class _ScannedTransformer(nnx.Module):
+    """Layers stacked with nnx.vmap and run by nnx.scan, as large Flax models are written."""
+
+    def __init__(self, layers, dim, heads, *, rngs):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _PreLNBlock(dim, heads, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, h):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, layer):
+            return layer(h)
+
+        return run(h, self.layers)
+
+
+def test_transform_layer_axis_on_an_nnx_scan_transformer():
+    """`hbpjax.nnx.grad(layer_axis="layers")` on an nnx.scan pre-LN Transformer whose stacked
+    parameters are sharded P("layers") on a 2 x 4 mesh: equal to one device at k = 2 and k >= L,
+    gradients sharded like the parameters."""
+    L, dim, heads = 8, 8, 2
+    loss_fn = lambda model, h: jnp.mean(jnp.sin(model(h)))
+    with jax.enable_x64(True):
+        h0 = jax.random.normal(jax.random.key(53), (4, 5, dim), jnp.float64)
+        single = _ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
+        exact = nnx.grad(loss_fn)(single, h0)
+        mesh = jax.make_mesh((2, 4), ("data", "layers"))
+        with jax.set_mesh(mesh):
+            model = _ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
+            layers = nnx.state(model.layers)
+            nnx.update(model.layers, jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("layers"))), layers))
+            h = jax.device_put(h0, NamedSharding(mesh, P("data")))
+            for k in (2, L):
+                got = nnx.jit(hbpjax.nnx.grad(loss_fn, iterations=k, layer_axis="layers"))(model, h)
+                kernel = got["layers"]["fc1"]["kernel"][...]
+                assert kernel.sharding.spec[0] == "layers" and kernel.addressable_shards[0].data.shape[0] == L // 4
+                expected = hbpjax.nnx.grad(loss_fn, iterations=k)(single, h0)
+                assert_trees_close(jax.tree.map(np.asarray, got), expected)
+        assert_trees_close(jax.tree.map(np.asarray, got), exact)
+        assert tree_rel_error(hbpjax.nnx.grad(loss_fn, iterations=2)(single, h0), exact) > 1e-8
