@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +212,8 @@ def read_through(body: core.ClosedJaxpr, carry: Sequence[int], *, keep: Callable
             return run(_contents(eqn), {**dict(zip(_contents(eqn).constvars, getattr(inner, "consts", ()))),
                                          **dict(zip(_contents(eqn).invars, invals))})
 
-        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type) for v in jaxpr.invars]
+        shaped: list[Any] = [v.aval for v in jaxpr.invars]
+        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in shaped]
         body = jax.make_jaxpr(lambda *a, body=body, inline=inline: run(body.jaxpr, closed_env(body, a), eval_eqn=inline))(*avals)
     return body, remat, rule
 
