@@ -119,7 +119,9 @@ def _over_devices(local, init, xs, consts, k, *, mesh, axis):
         # A NamedSharding, not a bare spec: `mesh` may be given without `jax.set_mesh`.
         spec = lambda a: jax.sharding.NamedSharding(mesh, P(axis, *sharding_spec(a)[1:]))
         xs = jax.tree.map(lambda a: jax.sharding.reshard(a, spec(a)), xs)
-    return jax.shard_map(
+    # Under jax.jit always: an eager shard_map checks its out_specs against the values' Explicit
+    # shardings, which name the other mesh axes (a data axis) that stay automatic here.
+    return jax.jit(jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(P(), P(axis), P(), P()),
@@ -129,7 +131,7 @@ def _over_devices(local, init, xs, consts, k, *, mesh, axis):
         # never inside the device-dependent `cond` of the pipeline (where only some devices would
         # reach it). Per-device cotangents of replicated inputs are therefore returned unreduced.
         check_vma=False,
-    )(init, xs, consts, k)
+    ))(init, xs, consts, k)
 
 
 def sharded_over(xs, axis, mesh) -> bool:

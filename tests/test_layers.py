@@ -250,7 +250,13 @@ def test_transform_layer_axis_on_an_unmodified_scan_equals_one_device(axis_type)
                 assert got.addressable_shards[0].data.shape == (L // 4, *W0.shape[1:])
                 assert_trees_close(np.asarray(got), hbpjax.highway_grad(_scan_loss, iterations=k)(W0, x0))
             got = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=L, layer_axis="layers"))(W, x)
+            eager = hbpjax.highway_grad(_scan_loss, iterations=2, layer_axis="layers")(W, x)  # no jax.jit
+            assert_trees_close(np.asarray(eager), hbpjax.highway_grad(_scan_loss, iterations=2)(W0, x0))
+            # iterations=None: the same pipeline, differentiated exactly by JAX
+            pipelined_exact = jax.jit(hbpjax.highway_grad(_scan_loss, iterations=None, layer_axis="layers"))(W, x)
+            assert pipelined_exact.sharding.spec[0] == "layers"
         assert_trees_close(np.asarray(got), exact)
+        assert_trees_close(np.asarray(pipelined_exact), exact)
         assert tree_rel_error(hbpjax.highway_grad(_scan_loss, iterations=2)(W0, x0), exact) > 1e-6  # k=2 is not exact
 
 
