@@ -445,17 +445,18 @@ class ForwardLinearization:
             return jax.vmap(apply)(per_step, h_prev, x, s, dh, dx)
 
         primals = (h_prev, [x[i] for i in fx], [consts[i] for i in fc])
-        transpose = jax.linear_transpose(tangent_map, *primals)
+        chosen: list = [jax.linear_transpose(tangent_map, *primals)]
 
         def transposed(ct):
             try:
-                return transpose(ct)
+                return chosen[0](ct)
             except NotImplementedError:
                 # A linear map JAX cannot transpose directly: vmap of a `cond` with a per-layer
                 # index (alternating sublayers) wraps operands in stop_gradient, which has no
-                # transpose rule. The VJP of the same map at zero tangents is its transpose too.
-                zeros = tmap(jnp.zeros_like, primals)
-                return jax.vjp(tangent_map, *zeros)[1](ct)
+                # transpose rule. The VJP of the same map at zero tangents is its transpose too;
+                # it is built once and serves every later sweep.
+                chosen[0] = jax.vjp(tangent_map, *tmap(jnp.zeros_like, primals))[1]
+                return chosen[0](ct)
 
         def vjp(after, ct_block):
             ct_h, ct_fx, ct_fc = transposed((after, ct_block))
