@@ -616,10 +616,10 @@ class Rewriter:
         axis = self.options.layer_axis
         if axis is None or stack.reverse:  # the pipeline runs the layers in order
             return None
-        mesh, size = _layers.resolve(axis, self.options.mesh, 0, name=self.options.name, xs=xs)
+        mesh, size = _layers.resolve(axis, self.options.mesh, None, name=self.options.name, xs=xs)
         if not _layers.sharded_over(xs, axis, mesh):
             return None
-        _layers.resolve(axis, mesh, stack.length, name=self.options.name)  # the layers fit the axis
+        _layers.check_length(axis, size, stack.length, name=self.options.name)
         final, ys = _layers.found_stack(stack, init, xs, consts, options=self.options, axis=axis, mesh=mesh, size=size)
         return [*final, *ys]
 

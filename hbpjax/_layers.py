@@ -31,11 +31,12 @@ from ._prefix import sharding_spec
 from ._stack import scan_stack, scan_steps
 
 
-def resolve(layer_axis, mesh, length, *, name: str, xs=()):
+def resolve(layer_axis, mesh, length: int | None, *, name: str, xs=()):
     """The mesh and the number of chunks ``D`` for ``layer_axis``, with clear errors naming ``name``.
 
     ``xs`` are the per-layer inputs: with a ``mesh`` passed without ``jax.set_mesh``, whether their
-    types carry that mesh decides how its axes are used.
+    types carry that mesh decides how its axes are used. ``length`` (the number of layers) is
+    checked to divide evenly (``None``: checked later, with :func:`check_length`).
     """
     if not isinstance(layer_axis, str):
         raise TypeError(f"{name}: `layer_axis` must be a mesh axis name (str); got {layer_axis!r}.")
@@ -59,12 +60,18 @@ def resolve(layer_axis, mesh, length, *, name: str, xs=()):
     if layer_axis not in names:
         raise ValueError(f"{name}: layer_axis={layer_axis!r} is not an axis of the mesh; its axes are {names}.")
     size = dict(zip(names, mesh.axis_sizes))[layer_axis]
+    if length is not None:
+        check_length(layer_axis, size, length, name=name)
+    return mesh, size
+
+
+def check_length(layer_axis, size: int, length: int, *, name: str) -> None:
+    """Raises ``ValueError`` unless ``length`` layers split evenly over ``size`` devices."""
     if length % size:
         raise ValueError(
             f"{name}: {length} layers cannot be split evenly over the {size} devices of mesh axis "
             f"{layer_axis!r}; use a multiple of {size} layers."
         )
-    return mesh, size
 
 
 def layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, size, length, unroll):
