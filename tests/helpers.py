@@ -6,6 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
 import hbpjax
@@ -26,6 +28,35 @@ def assert_trees_close(actual, expected, rtol=None, atol=None):
             np.asarray(a), np.asarray(e),
             rtol=tol["rtol"] if rtol is None else rtol, atol=tol["atol"] if atol is None else atol,
         )
+
+
+def model_grad(loss, args, k=None, *, module=False, argnums=None, has_aux=False, **options):
+    """The jitted gradient of ``loss`` at ``args``: exact (``k=None``: ``jax.grad`` / ``nnx.grad``)
+    or with ``k`` highway sweeps. A module case (``module=True``) differentiates the ``nnx.Param``s
+    of ``args[0]`` (a fresh clone per call: the same state every time); otherwise ``argnums``
+    (default: every argument), without ``aux``."""
+    if module:
+        fn = nnx.grad(loss) if k is None else hbpjax.nnx.grad(loss, iterations=k, **options)
+        return nnx.jit(fn)(nnx.clone(args[0]), *args[1:])
+    argnums = tuple(range(len(args))) if argnums is None else argnums
+    if k is None:
+        fn = jax.grad(loss, argnums, has_aux=has_aux)
+    else:
+        fn = hbpjax.highway_grad(loss, argnums, has_aux=has_aux, iterations=k, **options)
+    out = jax.jit(fn)(*args)
+    return out[0] if has_aux else out
+
+
+def fixture_over_cases(namespace: dict):
+    """A ``case`` fixture over the module's ``case_<name>()`` builders, each built in float64."""
+    cases = {name[len("case_") :]: fn for name, fn in sorted(namespace.items()) if name.startswith("case_")}
+
+    @pytest.fixture(params=sorted(cases))
+    def case(request):
+        with jax.enable_x64(True):
+            yield cases[request.param]()
+
+    return case
 
 
 def tree_rel_error(a, b) -> float:

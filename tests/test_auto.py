@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import assert_trees_close, loops, tree_rel_error
+from helpers import assert_trees_close, fixture_over_cases, loops, model_grad, tree_rel_error
 
 sg = jax.lax.stop_gradient
 T, D_IN, H, B = 7, 3, 4, 2  # T is distinct from every other size and from the sweep counts used
@@ -56,12 +56,7 @@ class Case:
     def grad(self, k=None, **options):
         """``k`` sweeps (``None``: exact ``jax.grad``/``nnx.grad``) of the parameters (``args[0]``)
         and, for a function case, of every other argument."""
-        if self.module:
-            fn = nnx.grad(self.loss) if k is None else hbpjax.nnx.grad(self.loss, iterations=k, **options)
-            return nnx.jit(fn)(nnx.clone(self.args[0]), *self.args[1:])  # same state for every call
-        argnums = tuple(range(len(self.args)))
-        fn = jax.grad(self.loss, argnums) if k is None else hbpjax.highway_grad(self.loss, argnums, iterations=k, **options)
-        return jax.jit(fn)(*self.args)
+        return model_grad(self.loss, self.args, k, module=self.module, **options)
 
     def detached_grad(self):
         if self.module:
@@ -327,15 +322,7 @@ def case_jit_inside_loss():
     return Case(make(False), (U, xs, h0), make(True), ("identity", "diagonal"), T)
 
 
-CASES = {
-    name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")
-}
-
-
-@pytest.fixture(params=sorted(CASES))
-def case(request):
-    with jax.enable_x64(True):
-        yield CASES[request.param]()
+case = fixture_over_cases(globals())
 
 
 def test_k_ge_L_equals_jax_grad(case):

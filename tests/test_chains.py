@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import assert_trees_close, tree_rel_error
+from helpers import assert_trees_close, fixture_over_cases, model_grad, tree_rel_error
 
 B, T, D = 2, 6, 8
 f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
@@ -41,14 +41,7 @@ class Case:
     has_aux: bool = False
 
     def grad(self, k=None, **options):
-        if self.module:
-            fn = nnx.grad(self.loss) if k is None else hbpjax.nnx.grad(self.loss, iterations=k, **options)
-            return nnx.jit(fn)(nnx.clone(self.args[0]), *self.args[1:])
-        fn = jax.grad(self.loss, has_aux=self.has_aux)
-        if k is not None:
-            fn = hbpjax.highway_grad(self.loss, has_aux=self.has_aux, iterations=k, **options)
-        out = jax.jit(fn)(*self.args)
-        return out[0] if self.has_aux else out
+        return model_grad(self.loss, self.args, k, module=self.module, argnums=0, has_aux=self.has_aux, **options)
 
 
 # ------------------------------------------------------------------------------------- models
@@ -192,13 +185,7 @@ def case_nnx_pre_activation_resnet_dropout():
     return Case(lambda m, x: jnp.sum(jnp.sin(m(x))), (model, _normal(9, (B, D))), L=4, module=True)
 
 
-CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
-
-
-@pytest.fixture(params=sorted(CASES))
-def case(request):
-    with jax.enable_x64(True):
-        yield CASES[request.param]()
+case = fixture_over_cases(globals())
 
 
 def test_k_ge_L_equals_jax_grad(case):

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import assert_trees_close, tree_rel_error
+from helpers import assert_trees_close, fixture_over_cases, model_grad, tree_rel_error
 
 L, B, D = 5, 2, 8  # layers (or time steps), batch, width
 
@@ -31,12 +31,7 @@ class Case:
     module: bool = False  # args[0] is an NNX module: nnx.grad / hbpjax.nnx.grad of its Params
 
     def grad(self, k=None):
-        if self.module:
-            fn = nnx.grad(self.loss) if k is None else hbpjax.nnx.grad(self.loss, iterations=k)
-            return nnx.jit(fn)(nnx.clone(self.args[0]), *self.args[1:])
-        nums = tuple(range(len(self.args)))
-        fn = jax.grad(self.loss, nums) if k is None else hbpjax.highway_grad(self.loss, nums, iterations=k)
-        return jax.jit(fn)(*self.args)
+        return model_grad(self.loss, self.args, k, module=self.module)
 
 
 def _normal(key, shape, scale=1.0):
@@ -292,13 +287,7 @@ def case_scan_inside_a_custom_vjp():
     return Case(lambda p, s: jnp.sum(jnp.sin(run(p, s[0]))), (params, seqs), False)
 
 
-CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
-
-
-@pytest.fixture(params=sorted(CASES))
-def case(request):
-    with jax.enable_x64(True):
-        yield CASES[request.param]()
+case = fixture_over_cases(globals())
 
 
 def test_k_ge_L_equals_jax_grad(case):
@@ -323,7 +312,7 @@ def test_remat_is_kept_around_the_block():
     """A remat'd step's block is recomputed under the user's policy: the backward holds the
     step's checkpoint (and with dots_saveable, the policy object itself)."""
     with jax.enable_x64(True):
-        case = CASES["checkpoint_dots_saveable"]()
+        case = case_checkpoint_dots_saveable()
         policies = []
 
         def walk(jaxpr):
@@ -345,7 +334,7 @@ def test_remat_is_kept_around_the_block():
 @pytest.mark.parametrize("jit", [False, True])
 def test_exact_around_the_transform_call(jit):
     with jax.enable_x64(True):
-        case = CASES["checkpoint_no_policy"]()
+        case = case_checkpoint_no_policy()
         fn = hbpjax.highway_grad(case.loss, (0, 1), iterations=0)
         fn = jax.jit(fn) if jit else fn
         with hbpjax.exact():
