@@ -85,16 +85,23 @@ class Chain:
         saved, ys, values = [], [], []
         hoisted = lin.hoisted(consts) if lin is not None else []
         for layer, eqns, inputs in zip(range(self.length), self.layers, xs):
-            env = dict(zip(self.shared, consts))
-            env[self.init if layer == 0 else self.carries[layer - 1]] = h
-            env.update(zip(self.per_layer[layer], inputs))
+
+            def run(h, inputs, consts, layer=layer, eqns=eqns):
+                env = dict(zip(self.shared, consts))
+                env[self.init if layer == 0 else self.carries[layer - 1]] = h
+                env.update(zip(self.per_layer[layer], inputs))
+                for eqn in eqns:
+                    env.update(zip(eqn.outvars, eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
+                out = env[self.carries[layer]], [env[v] for v in self.outputs[layer]]
+                return out if lin is None else (*out, lin.step([h], (list(inputs), []), consts))
+
             saved.append(h)
-            if lin is not None:
-                values.append(lin.step([h], (list(inputs), []), consts))
-            for eqn in eqns:
-                env.update(zip(eqn.outvars, eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
-            h = env[self.carries[layer]]
-            ys.append([env[v] for v in self.outputs[layer]])
+            if lin is None:
+                h, y = run(h, inputs, consts)
+            else:  # the linearization repeats the layer's equations: evaluated once, not twice
+                h, y, v = _jaxpr.once(run, h, list(inputs), consts)
+                values.append(v)
+            ys.append(y)
         stack_columns = lambda rows: [jnp.stack(column) for column in zip(*rows)] if rows and rows[0] else []
         linearization = None if lin is None else (stack_columns(values), hoisted)
         return [h], stack_columns(ys), [jnp.stack(saved)], linearization

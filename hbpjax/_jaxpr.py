@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 
 Atom = Any  # core.Var or core.Literal
@@ -139,6 +140,104 @@ def run(
     for eqn in jaxpr.eqns:
         env.update(zip(eqn.outvars, eval_eqn(eqn, [read(env, a) for a in eqn.invars])))
     return [read(env, a) for a in jaxpr.outvars]
+
+
+def once(fun: Callable, *args) -> Any:
+    """``fun(*args)``, evaluating each computation ``fun`` repeats only once.
+
+    ``fun`` is traced, its equations that repeat an earlier one (same primitive, parameters and
+    operands) are dropped in favour of the earlier one's results (:func:`deduplicate`), and the rest
+    are evaluated in order, effects included. A stack's forward step computes the layer and then its
+    linearization, whose primal part repeats the layer's own equations: evaluated this way, the
+    forward runs each layer once instead of leaving XLA to find the repetition (its simplifier may
+    rewrite the two copies differently before its own CSE sees them).
+    """
+    closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    jaxpr = deduplicate(closed.jaxpr)
+    out = run(jaxpr, closed_env(closed, jax.tree.leaves(args)))
+    return jax.tree.unflatten(jax.tree.structure(shape), out)
+
+
+def deduplicate(jaxpr: core.Jaxpr) -> core.Jaxpr:
+    """``jaxpr`` without the equations that repeat an earlier one (common subexpression
+    elimination): the first of equal equations stays, later ones' results are read from it.
+
+    Equations with effects, and those whose parameters cannot be compared (:func:`_param_key`), are
+    always kept.
+    """
+    seen: dict = {}
+    rename: dict = {}
+    eqns = []
+    jaxpr_keys: dict = {}
+    for eqn in jaxpr.eqns:
+        invars = [rename.get(a, a) if isinstance(a, core.Var) else a for a in eqn.invars]
+        key = None if eqn.effects or eqn.primitive.name in _STATEFUL else _equation_key(eqn, invars, jaxpr_keys)
+        if key is not None and key in seen:
+            rename.update(zip(eqn.outvars, seen[key]))
+            continue
+        eqns.append(eqn.replace(invars=invars))
+        if key is not None and not any(isinstance(v, core.DropVar) for v in eqn.outvars):
+            seen[key] = eqn.outvars
+    outvars = [rename.get(a, a) if isinstance(a, core.Var) else a for a in jaxpr.outvars]
+    return jaxpr.replace(eqns=eqns, outvars=outvars)
+
+
+#: Primitives whose results are not a function of their operands.
+_STATEFUL = frozenset({"rng_uniform"})
+
+#: Parameters of ``custom_jvp_call`` that say how to differentiate it, not what it computes.
+_DERIVATIVE_PARAMS = frozenset({"jvp", "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "symbolic_zeros"})
+
+
+def _equation_key(eqn: core.JaxprEqn, invars: list, jaxpr_keys: dict):
+    """A hashable key equal for equations that compute the same values, else ``None``."""
+    try:
+        operands = tuple(_atom_key(a) for a in invars)
+        skip = _DERIVATIVE_PARAMS if eqn.primitive.name == "custom_jvp_call" else frozenset()
+        params = tuple(
+            (name, _param_key(value, jaxpr_keys)) for name, value in sorted(eqn.params.items()) if name not in skip
+        )
+        key = (eqn.primitive, operands, params)
+        hash(key)
+    except _Incomparable:
+        return None
+    return key
+
+
+class _Incomparable(Exception):
+    pass
+
+
+def _atom_key(atom: Atom):
+    if isinstance(atom, core.Literal):
+        value = np.asarray(atom.val)
+        return ("literal", value.dtype.str, value.shape, value.tobytes(), str(atom.aval))
+    return atom
+
+
+def _param_key(value, jaxpr_keys: dict):
+    """A hashable stand-in for a parameter value: inner jaxprs by their text (and constants by
+    identity), arrays by their bytes, sequences element by element; anything else that cannot be
+    hashed (a function, an object) raises :class:`_Incomparable`."""
+    if isinstance(value, core.ClosedJaxpr):
+        return ("closed", _param_key(value.jaxpr, jaxpr_keys), tuple(id(c) for c in value.consts))
+    if isinstance(value, core.Jaxpr):
+        if id(value) not in jaxpr_keys:
+            jaxpr_keys[id(value)] = (value, str(value))  # holds the jaxpr: its id stays its own
+        consts = getattr(value, "consts", None) or ()  # jax >= 0.12: a jaxpr can be its own closed form
+        return ("jaxpr", jaxpr_keys[id(value)][1], tuple(id(c) for c in consts))
+    if isinstance(value, np.ndarray | jax.Array):
+        value = np.asarray(value)
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, tuple | list):
+        return (type(value).__name__, *(_param_key(v, jaxpr_keys) for v in value))
+    if callable(value) and not isinstance(value, type):
+        raise _Incomparable
+    try:
+        hash(value)
+    except TypeError:
+        raise _Incomparable from None
+    return value
 
 
 def closed_env(closed: core.ClosedJaxpr, args: Sequence) -> dict:

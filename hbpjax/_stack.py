@@ -140,11 +140,17 @@ def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: i
     """
     hoisted = lin.hoisted(consts) if lin is not None else []
 
-    def body(carry, x):
+    def step_and_values(carry, x, consts):
         new, ys = stack.step(carry, x, consts)
-        values = []
-        if lin is not None:
-            values = lin.step([carry[i] for i in stack.diff], (x, [carry[i] for i in stack.state]), consts)
+        values = lin.step([carry[i] for i in stack.diff], (x, [carry[i] for i in stack.state]), consts)
+        return new, ys, values
+
+    def body(carry, x):
+        if lin is None:
+            new, ys = stack.step(carry, x, consts)
+            return new, (ys, carry, [])
+        # The linearization repeats the step's own equations: evaluated once, not twice.
+        new, ys, values = _jaxpr.once(step_and_values, carry, x, consts)
         return new, (ys, carry, values)
 
     final, (ys, saved, values) = lax.scan(
