@@ -439,7 +439,7 @@ def residual_path(stack: Stack, chain: Chain, h_prev: list, lin: Linearization) 
     k_scan = tmap(scanned, k_diag)
     planned = _plan(k_scan)  # the k-only half of the prefix scan, shared by every sweep
     return ResidualPath(
-        tmap(lambda k: k[0], k_diag), [k[-1] for k in k_scan], chain.solver(planned, k_scan), k_diag, k_scan,
+        tmap(_first, k_diag), [_last(k) for k in k_scan], chain.solver(planned, k_scan), k_diag, k_scan,
         gamma, clamp,
     )
 

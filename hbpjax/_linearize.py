@@ -15,8 +15,9 @@ How the linearization is kept between the sweeps that read it:
   stores only what is costly to recompute (:data:`RECOMPUTED` lists what is not); read once it
   is kept whole (nothing to save, no work to redo); blocks that compute complex values are kept
   whole (``jax.checkpoint`` cannot store them).
-* ``unroll``: one ``jax.vjp`` per layer, still independent of each other (for ops that XLA batches
-  poorly, such as convolutions with per-layer kernels on a CPU).
+* ``unroll``: one transpose per layer (one ``jax.vjp`` per layer where the backward linearizes),
+  still independent of each other (for ops that XLA batches poorly, such as convolutions with
+  per-layer kernels on a CPU, and on a CPU, where per-layer matmuls run faster than batched ones).
 * ``save_linearization=False``, and steps the user wrapped in a checkpoint: nothing kept; each
   VJP recomputes the layers in groups (within a group, the checkpoint's policy decides what is
   stored between its forward and its backward).
@@ -25,6 +26,7 @@ How the linearization is kept between the sweeps that read it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -300,7 +302,8 @@ class ForwardLinearization:
     Backprop's forward computes each step's residuals (JAX's partial evaluation of a scan's step);
     so does a stack's forward here: a per-step function gives the values the linearization of the
     block path keeps (:func:`jax.linearize` of it, stored as :func:`_lean` says), and ``K``. The
-    backward then only applies the transposed linearization, all layers at once; no block is
+    backward then only applies the transposed linearization, all layers at once (or one transpose
+    per layer, independent of each other, with ``linearize="unroll"``); no block is
     evaluated again. Of what the linearization keeps, the values that depend on the shared inputs
     alone (a weight, its transpose) are computed once, before the steps, and the step's own inputs
     (the carry, the per-step inputs) are read where the forward keeps them anyway: neither is
@@ -327,13 +330,13 @@ class ForwardLinearization:
     k_outs: list
     counts: tuple
     k_eqns: tuple | None = None
+    unroll: bool = False
 
     @classmethod
     def build(cls, stack: Stack, options: Options, h, xe, consts, *, read_once: bool) -> ForwardLinearization | None:
         """The plan for ``stack`` from one step's inputs ``(h, xe)`` and ``consts``, or ``None``
-        where the backward linearizes instead (a checkpointed step, ``save_linearization=False``,
-        ``linearize="unroll"``)."""
-        if recomputes(stack, options) or stack.options.linearize != "vmap":
+        where the backward linearizes instead (a checkpointed step, ``save_linearization=False``)."""
+        if recomputes(stack, options):
             return None
         x, s = xe
         counts = (len(h), len(x), len(s), len(consts))
@@ -385,7 +388,7 @@ class ForwardLinearization:
         cheap = all(e.primitive.name in RECOMPUTED or _no_op(e) for e in k_eqns)
         return cls(
             closed, holder["tree"], sources, step_outs, hoisted_outs, k_outs, counts,
-            k_eqns=tuple(k_eqns) if cheap else None,
+            k_eqns=tuple(k_eqns) if cheap else None, unroll=stack.options.linearize == "unroll",
         )
 
     def hoisted(self, consts) -> list:
@@ -437,26 +440,16 @@ class ForwardLinearization:
             ]
             return jax.tree.unflatten(self.tree, leaves)
 
-        def tangent_map(dh, dx, dc):
-            def apply(vals, h_j, x_j, s_j, dh_j, dx_j):
-                dxe = (tangents(x_j, fx, dx_j), [_zero_tangent(v) for v in s_j])
-                return layer(vals, h_j, x_j, s_j)(dh_j, dxe, tangents(consts, fc, dc))
-
-            return jax.vmap(apply)(per_step, h_prev, x, s, dh, dx)
+        def apply(vals, h_j, x_j, s_j, dh_j, dx_j, dc):
+            dxe = (tangents(x_j, fx, dx_j), [_zero_tangent(v) for v in s_j])
+            return layer(vals, h_j, x_j, s_j)(dh_j, dxe, tangents(consts, fc, dc))
 
         primals = (h_prev, [x[i] for i in fx], [consts[i] for i in fc])
-        chosen: list = [jax.linear_transpose(tangent_map, *primals)]
-
-        def transposed(ct):
-            try:
-                return chosen[0](ct)
-            except NotImplementedError:
-                # A linear map JAX cannot transpose directly: vmap of a `cond` with a per-layer
-                # index (alternating sublayers) wraps operands in stop_gradient, which has no
-                # transpose rule. The VJP of the same map at zero tangents is its transpose too;
-                # it is built once and serves every later sweep.
-                chosen[0] = jax.vjp(tangent_map, *tmap(jnp.zeros_like, primals))[1]
-                return chosen[0](ct)
+        if self.unroll:
+            transposed = _transposed_layers(apply, (per_step, h_prev, x, s), primals)
+        else:
+            tangent_map = lambda dh, dx, dc: jax.vmap(apply, in_axes=(0,) * 6 + (None,))(per_step, h_prev, x, s, dh, dx, dc)
+            transposed = _transposed(tangent_map, primals)
 
         def vjp(after, ct_block):
             ct_h, ct_fx, ct_fc = transposed((after, ct_block))
@@ -469,6 +462,47 @@ class ForwardLinearization:
             return ct_h, (ct_x, None), tuple(ct_c)
 
         return Linearization(None, vjp, k_diag if self.k_outs else None)
+
+
+def _transposed(tangent_map, primals):
+    """The transpose of the linear ``tangent_map`` at ``primals`` (their shapes), as a function of
+    the cotangent of its output.
+
+    A linear map JAX cannot transpose directly (a ``vmap`` of a ``cond`` with a per-layer index wraps
+    operands in ``stop_gradient``, which has no transpose rule) is transposed as its VJP at zero
+    tangents instead; which of the two works is decided on the first call and kept for the sweeps
+    after it.
+    """
+    chosen: list = [jax.linear_transpose(tangent_map, *primals)]
+
+    def transposed(ct):
+        try:
+            return chosen[0](ct)
+        except NotImplementedError:
+            chosen[0] = jax.vjp(tangent_map, *tmap(jnp.zeros_like, primals))[1]
+            return chosen[0](ct)
+
+    return transposed
+
+
+def _transposed_layers(apply, per_layer, primals):
+    """:func:`_transposed` for ``linearize="unroll"``: one transpose per layer, independent of each
+    other, instead of one of the vmapped map (for ops XLA batches poorly, such as convolutions with
+    per-layer kernels on a CPU). The layers' cotangents of the shared inputs are summed."""
+    dh, dx, dc = primals
+    length = dh[0].shape[0]
+    at = lambda tree, j: tmap(lambda a: a[j], tree)
+    layers = [
+        _transposed(functools.partial(apply, *at(per_layer, j)), (at(dh, j), at(dx, j), dc))
+        for j in range(length)
+    ]
+
+    def transposed(ct):
+        grads = [t(at(ct, j)) for j, t in enumerate(layers)]
+        ct_h, ct_x = (tmap(lambda *a: jnp.stack(a), *[g[i] for g in grads]) for i in (0, 1))
+        return ct_h, ct_x, tmap(lambda *a: sum(a[1:], a[0]), *[g[2] for g in grads])
+
+    return transposed
 
 
 def _no_op(eqn) -> bool:
