@@ -309,7 +309,7 @@ def test_save_linearization_false_is_the_same_gradient(builder):
 @pytest.mark.parametrize("scans", ["auto", "marked"])
 def test_alternating_sublayers_chosen_by_a_per_layer_cond_exact(scans):
     """A block that picks its sublayer with `lax.cond` on a per-layer integer (attention / MLP
-    alternating, as hbpjax.examples.GPT does): vmap of the cond puts stop_gradient on the operands
+    alternating as separate layers of one stack): vmap of the cond puts stop_gradient on the operands
     of its linearization, which has no transpose rule of its own."""
     L, d = 6, 4
     with jax.enable_x64(True):

@@ -11,8 +11,8 @@ model                    residual structure                             default 
 =======================  =============================================  ======================
 ``PreActResNet``         stages of ``h + block(h)``, conv downsampling  0
 ``PostReLUResNet``       stages of ``relu(h + block(h))``               0
-``GPT``                  pre-LN: ``h + attn(LN h)``, ``h + mlp(LN h)``  0.2
-``PostLNTransformer``    post-LN: ``LN(h + f(h))`` as ``a(h) h + b(h)``  0.8
+``GPT``                  pre-LN: ``h + attn(LN h)``, ``+ mlp(LN h)``    0.2
+``PostLNTransformer``    post-LN: twice ``LN(h + f)``, as ``a h + b``   0.8
 ``ScannedGPT``           plain Flax: ``nnx.scan`` over ``nnx.remat``    transform's ``gamma``
 ``LoopResNet``           plain Flax: a Python loop of blocks per stage  0
 ``CharRNN``              GRU / LSTM / minGRU, stacked with residuals    0
@@ -151,17 +151,11 @@ class PostReLUResNet(_ResNet):
 # ------------------------------------------------------------------------------- Transformers
 
 
-class Kind(nnx.Variable):
-    """Which sublayer a layer of the stack is: 0 attention, 1 MLP (state, not a parameter)."""
-
-
-class _Sublayer(nnx.Module):
-    """Attention *or* MLP, chosen per layer by ``kind``: attention and MLP sublayers alternate as
-    separate layers of one residual stack (a stack needs identically shaped layers)."""
+class _Layer(nnx.Module):
+    """One Transformer layer's weights: causal self-attention and an MLP."""
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
         self.heads = heads
-        self.kind = Kind(jnp.int32(0))
         self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
         self.proj = nnx.Linear(dim, dim, rngs=rngs, kernel_init=nnx.initializers.normal(0.02 / math.sqrt(2)))
         self.fc1 = nnx.Linear(dim, 4 * dim, rngs=rngs)
@@ -180,51 +174,68 @@ class _Sublayer(nnx.Module):
     def mlp(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x)))
 
-    def update(self, x):
-        return lax.cond(self.kind[...] == 0, self.attend, self.mlp, x)
 
-
-class PreLNSublayer(_Sublayer):
-    def __init__(self, dim, heads, *, rngs):
-        super().__init__(dim, heads, rngs=rngs)
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-
-    def __call__(self, h):
-        return self.update(self.norm(h))
-
-
-class PostLNSublayer(_Sublayer):
-    """``LN(h + f(h)) = a * h + b`` with ``a = s / std(y)``, ``b = (f(h) - mean(y)) s / std(y) + beta``
-    and ``y = h + f(h)``: the gated residual with ``K = a`` (RoBERTa-style split, use gamma ~ 0.8)."""
+class PreLNLayer(_Layer):
+    """``h + attn(LN h)``, then ``+ mlp(LN h)``: the update ``z`` of ``h + z`` is both sublayers'."""
 
     def __init__(self, dim, heads, *, rngs):
         super().__init__(dim, heads, rngs=rngs)
-        self.scale = nnx.Param(jnp.ones(dim))
-        self.bias = nnx.Param(jnp.zeros(dim))
+        self.norm1, self.norm2 = nnx.LayerNorm(dim, rngs=rngs), nnx.LayerNorm(dim, rngs=rngs)
 
     def __call__(self, h):
-        f = self.update(h)
-        y = h + f
-        mean = jnp.mean(y, axis=-1, keepdims=True)
-        inv = lax.rsqrt(jnp.var(y, axis=-1, keepdims=True) + 1e-6)
-        a = inv * self.scale[...]
-        return a, (f - mean) * a + self.bias[...]
+        a = self.attend(self.norm1(h))
+        return a + self.mlp(self.norm2(h + a))
+
+
+def _post_ln(h, f, scale, bias):
+    """``LN(h + f) = a * h + b``: ``a = scale / std(y)``, ``b = (f - mean(y)) a + bias``, ``y = h + f``."""
+    y = h + f
+    mean = jnp.mean(y, axis=-1, keepdims=True)
+    a = lax.rsqrt(jnp.var(y, axis=-1, keepdims=True) + 1e-6) * scale
+    return a, (f - mean) * a + bias
+
+
+class PostLNLayer(_Layer):
+    """``h1 = LN(h + attn(h))``, ``h2 = LN(h1 + mlp(h1))``; each ``LN(h + f)`` is ``a h + b``, so the
+    layer is the gated residual ``(a2 a1) h + (a2 b1 + b2)`` with ``K = a2 a1`` (RoBERTa-style split,
+    use gamma ~ 0.8)."""
+
+    def __init__(self, dim, heads, *, rngs):
+        super().__init__(dim, heads, rngs=rngs)
+        self.scale1, self.bias1 = nnx.Param(jnp.ones(dim)), nnx.Param(jnp.zeros(dim))
+        self.scale2, self.bias2 = nnx.Param(jnp.ones(dim)), nnx.Param(jnp.zeros(dim))
+
+    def __call__(self, h):
+        a1, b1 = _post_ln(h, self.attend(h), self.scale1[...], self.bias1[...])
+        h1 = a1 * h + b1
+        a2, b2 = _post_ln(h1, self.mlp(h1), self.scale2[...], self.bias2[...])
+        return a2 * a1, a2 * b1 + b2
 
 
 class _Transformer(nnx.Module):
-    sublayer: Callable[..., nnx.Module] = PreLNSublayer
+    """Embedding, one ``ResidualStack`` of ``layers`` Transformer layers, final LayerNorm, head.
+
+    ``linearize="unroll"`` and ``unroll=True`` (as for the ResNets) suit a CPU, where one transpose
+    per layer and a written-out forward run faster than one batched transpose of all layers; on a
+    GPU or TPU pass ``linearize="vmap"``.
+    """
+
+    layer: Callable[..., nnx.Module] = PreLNLayer
     residual = staticmethod(hbpjax.residual.additive)
     default_gamma = 0.2
 
-    def __init__(self, vocab_size: int, *, dim=64, heads=4, layers=4, max_len=256, gamma=None, rngs: nnx.Rngs):
+    def __init__(
+        self, vocab_size: int, *, dim=64, heads=4, layers=4, max_len=256, gamma=None,
+        linearize: str = "unroll", unroll: int | bool = True, rngs: nnx.Rngs,
+    ):
         gamma = self.default_gamma if gamma is None else gamma
         self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
-        cls = type(self).sublayer
+        cls = type(self).layer
         self.stack = hbpjax.nnx.ResidualStack(
-            lambda r: cls(dim, heads, rngs=r), 2 * layers, rngs=rngs, residual=type(self).residual, gamma=gamma
+            lambda r: cls(dim, heads, rngs=r), layers, rngs=rngs, residual=type(self).residual, gamma=gamma,
+            linearize=linearize, unroll=unroll,
         )
-        self.stack.layers.kind[...] = jnp.arange(2 * layers, dtype=jnp.int32) % 2  # attn, mlp, attn, ...
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
 
@@ -234,14 +245,15 @@ class _Transformer(nnx.Module):
 
 
 class GPT(_Transformer):
-    """GPT-2-style pre-LN decoder: attention and MLP sublayers are separate layers of one stack,
-    ``h + attn(LN h)`` then ``h + mlp(LN h)``; gamma 0.2 by default."""
+    """GPT-2-style pre-LN decoder: each layer of the stack is ``h + attn(LN h)`` then
+    ``+ mlp(LN h)``, one additive residual ``h + z`` per layer; gamma 0.2 by default."""
 
 
 class PostLNTransformer(_Transformer):
-    """Post-LN (BERT/RoBERTa-style) decoder, ``h <- LN(h + f(h))`` per sublayer; gamma 0.8."""
+    """Post-LN (BERT/RoBERTa-style) decoder, ``h <- LN(h + f(h))`` after attention and after the
+    MLP, one gated residual per layer; gamma 0.8."""
 
-    sublayer = PostLNSublayer
+    layer = PostLNLayer
     residual = staticmethod(hbpjax.residual.gated)
     default_gamma = 0.8
 

@@ -1,0 +1,94 @@
+"""The example models of the benchmarks and notebooks (``hbpjax.examples.models``), as they are
+built there, in float64: Highway-BP with ``k >= L`` equals Flax's own gradient, with the
+examples' per-layer linearization (``linearize="unroll"``, the forward written out) and with the
+batched one."""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_trees_close, model_grad, tree_rel_error
+
+import hbpjax
+from hbpjax.examples import models
+
+LAYERS = 3
+
+
+def _in_float64(model):
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    return nnx.merge(graphdef, state)
+
+
+def _cross_entropy(model, x, y):
+    logits = model(x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1))
+
+
+def _transformer(cls, linearize):
+    model = cls(11, dim=8, heads=2, layers=LAYERS, max_len=6, linearize=linearize, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 11, (2, 6)).astype(np.int32)
+    return model, tokens, np.roll(tokens, -1, axis=1)
+
+
+def _resnet(cls, linearize):
+    model = cls(channels=(2, 4), blocks_per_stage=LAYERS, linearize=linearize, rngs=nnx.Rngs(0))
+    images = np.random.default_rng(1).uniform(size=(4, 8, 8, 1))  # float64: cast where used
+    return model, images, np.arange(4, dtype=np.int32)
+
+
+MODELS = {
+    "gpt": lambda lin: _transformer(models.GPT, lin),
+    "post_ln": lambda lin: _transformer(models.PostLNTransformer, lin),
+    "pre_act_resnet": lambda lin: _resnet(models.PreActResNet, lin),
+    "post_relu_resnet": lambda lin: _resnet(models.PostReLUResNet, lin),
+}
+
+
+@pytest.mark.parametrize("linearize", ["unroll", "vmap"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_example_model_exact_at_k_equal_to_layers(name, linearize):
+    with jax.enable_x64(True):
+        model, x, y = MODELS[name](linearize)
+        args = (_in_float64(model), jnp.asarray(x), jnp.asarray(y))
+        exact = model_grad(_cross_entropy, args, module=True)
+        assert_trees_close(model_grad(_cross_entropy, args, LAYERS, module=True), exact)
+        assert tree_rel_error(model_grad(_cross_entropy, args, 0, module=True), exact) > 1e-6
+
+
+def _count(jaxpr, name):
+    return sum(
+        (eqn.primitive.name == name) + sum(_count(sub, name) for sub in map(_inner, jax.extend.core.jaxprs_in_params(eqn.params)))
+        for eqn in jaxpr.eqns
+    )
+
+
+def _inner(j):
+    return getattr(j, "jaxpr", j)
+
+
+def _scans(jaxpr):
+    """The bodies of every scan in ``jaxpr``, at any depth."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for sub in map(_inner, jax.extend.core.jaxprs_in_params(eqn.params)):
+            found += [sub] if eqn.primitive.name == "scan" else []
+            found += _scans(sub)
+    return found
+
+
+@pytest.mark.parametrize("name", ["pre_act_resnet", "post_relu_resnet"])
+def test_each_convolution_once_per_forward_step(name):
+    """The forward keeps each layer's linearization from its own evaluation, not from a second
+    copy of the block beside it: each stage's forward scan holds the block's two convolutions (the
+    backward holds no scan)."""
+    model, x, y = MODELS[name]("unroll")
+    graphdef, state = nnx.split(model)
+    loss = lambda state, x, y: _cross_entropy(nnx.merge(graphdef, state), x, y)
+    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=0))(state, x.astype(np.float32), y).jaxpr
+    assert [_count(body, "conv_general_dilated") for body in _scans(jaxpr)] == [2, 2]
