@@ -153,16 +153,46 @@ def once(fun: Callable, *args) -> Any:
     rewrite the two copies differently before its own CSE sees them).
     """
     closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
-    jaxpr = deduplicate(closed.jaxpr)
-    out = run(jaxpr, closed_env(closed, jax.tree.leaves(args)))
+    # Calls inlined first: the linearization computes a jitted function's primal inside another
+    # call than the step's (partial evaluation adds the residuals to its outputs).
+    leaves = jax.tree.leaves(args)
+    flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed_env(closed, a), eval_eqn=_inlined))(*leaves)
+    out = run(deduplicate(flat.jaxpr), closed_env(flat, leaves))
     return jax.tree.unflatten(jax.tree.structure(shape), out)
+
+
+def _inlined(eqn: core.JaxprEqn, invals: list) -> list:
+    """Evaluates ``eqn``, by the equations of its inner jaxpr where it is a call that only groups
+    them: a ``jit`` without shardings or donations, a ``custom_jvp`` function (its rule says how to
+    differentiate it; what it computes is its body, and :func:`once` evaluates a forward that is
+    not differentiated)."""
+    name = eqn.primitive.name
+    inner = None
+    if name == "custom_jvp_call":
+        inner = eqn.params["call_jaxpr"]
+    elif name in ("jit", "pjit") and _plain_jit(eqn):
+        inner = eqn.params["jaxpr"]
+    if inner is None or len(inner.jaxpr.invars) != len(invals):
+        return bind(eqn, invals)
+    return run(inner.jaxpr, closed_env(inner, invals), eval_eqn=_inlined)
+
+
+def _plain_jit(eqn: core.JaxprEqn) -> bool:
+    """Whether a ``jit`` equation sets no sharding, layout or donation of its own."""
+    params = eqn.params
+    unset = lambda values: all(v is None or type(v).__name__ == "UnspecifiedValue" for v in values)
+    return (
+        unset(params.get("in_shardings", ())) and unset(params.get("out_shardings", ()))
+        and unset(params.get("in_layouts", ())) and unset(params.get("out_layouts", ()))
+        and not any(params.get("donated_invars", ()))
+    )
 
 
 def deduplicate(jaxpr: core.Jaxpr) -> core.Jaxpr:
     """``jaxpr`` without the equations that repeat an earlier one (common subexpression
     elimination): the first of equal equations stays, later ones' results are read from it.
 
-    Equations with effects, and those whose parameters cannot be compared (:func:`_param_key`), are
+    Equations with effects, and those whose parameters cannot be hashed (:func:`_param_key`), are
     always kept.
     """
     seen: dict = {}
@@ -217,8 +247,8 @@ def _atom_key(atom: Atom):
 
 def _param_key(value, jaxpr_keys: dict):
     """A hashable stand-in for a parameter value: inner jaxprs by their text (and constants by
-    identity), arrays by their bytes, sequences element by element; anything else that cannot be
-    hashed (a function, an object) raises :class:`_Incomparable`."""
+    identity), arrays by their bytes, sequences element by element, anything else by its own hash
+    (functions by identity); what cannot be hashed raises :class:`_Incomparable`."""
     if isinstance(value, core.ClosedJaxpr):
         return ("closed", _param_key(value.jaxpr, jaxpr_keys), tuple(id(c) for c in value.consts))
     if isinstance(value, core.Jaxpr):
@@ -231,9 +261,7 @@ def _param_key(value, jaxpr_keys: dict):
         return ("array", value.dtype.str, value.shape, value.tobytes())
     if isinstance(value, tuple | list):
         return (type(value).__name__, *(_param_key(v, jaxpr_keys) for v in value))
-    if callable(value) and not isinstance(value, type):
-        raise _Incomparable
-    try:
+    try:  # functions and other objects compare by identity: only the same object matches
         hash(value)
     except TypeError:
         raise _Incomparable from None

@@ -82,13 +82,23 @@ def _scans(jaxpr):
     return found
 
 
-@pytest.mark.parametrize("name", ["pre_act_resnet", "post_relu_resnet"])
-def test_each_convolution_once_per_forward_step(name):
+@pytest.mark.parametrize(
+    ("name", "primitive", "per_layer", "stages"),
+    [
+        ("pre_act_resnet", "conv_general_dilated", 2, 2),
+        ("post_relu_resnet", "conv_general_dilated", 2, 2),
+        ("gpt", "dot_general", 6, 1),  # qkv, two attention einsums, projection, two MLP matmuls
+        ("post_ln", "dot_general", 6, 1),
+    ],
+)
+def test_each_layer_evaluated_once_per_forward_step(name, primitive, per_layer, stages):
     """The forward keeps each layer's linearization from its own evaluation, not from a second
-    copy of the block beside it: each stage's forward scan holds the block's two convolutions (the
-    backward holds no scan)."""
+    copy of the block beside it (which XLA does not always merge, and cannot where the copy
+    computes a jitted function's primal inside another call): each forward scan holds the layer's
+    convolutions or matmuls once, and the backward holds no scan."""
     model, x, y = MODELS[name]("unroll")
     graphdef, state = nnx.split(model)
     loss = lambda state, x, y: _cross_entropy(nnx.merge(graphdef, state), x, y)
-    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=0))(state, x.astype(np.float32), y).jaxpr
-    assert [_count(body, "conv_general_dilated") for body in _scans(jaxpr)] == [2, 2]
+    x = x.astype(np.float32) if x.dtype == np.float64 else x
+    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=0))(state, x, y).jaxpr
+    assert [_count(body, primitive) for body in _scans(jaxpr)] == [per_layer] * stages
