@@ -229,7 +229,7 @@ def _equation_key(eqn: core.JaxprEqn, invars: list, jaxpr_keys: dict):
         )
         key = (eqn.primitive, operands, params)
         hash(key)
-    except _Incomparable:
+    except (_Incomparable, TypeError):
         return None
     return key
 
