@@ -66,9 +66,9 @@ def configs(quick):
          lambda: models.PreActResNet(blocks_per_stage=16, rngs=nnx.Rngs(0)), ce, images),
         ("post-ReLU ResNet, 2 x 16 blocks, digits, batch 64", "compute", 16,
          lambda: models.PostReLUResNet(blocks_per_stage=16, rngs=nnx.Rngs(0)), ce, images),
-        ("GPT pre-LN, 8 layers (16 sublayers), dim 64, T=64, batch 16", "compute", 16,
+        ("GPT pre-LN, 8 layers, dim 64, T=64, batch 16", "compute", 8,
          lambda: models.GPT(V, dim=64, layers=8, max_len=64, rngs=nnx.Rngs(0)), ce, text(16, 64)),
-        ("post-LN Transformer, 8 layers, dim 64, T=64, batch 16", "compute", 16,
+        ("post-LN Transformer, 8 layers, dim 64, T=64, batch 16", "compute", 8,
          lambda: models.PostLNTransformer(V, dim=64, layers=8, max_len=64, rngs=nnx.Rngs(0)), ce, text(16, 64)),
     ]
 

@@ -136,10 +136,10 @@ def experiments(quick: bool):
             [M("exact"), M("k=0"), M("fpi:2")], s(300)),
         "gpt": lambda: char_experiment(
             lambda v, **kw: models.GPT(v, dim=64, layers=3, max_len=64, rngs=nnx.Rngs(0), **kw),
-            [M("exact"), M("k=1"), M("k=2"), M("k=4"), M("fpi:2")], s(200), seq_len=64, depth=6),
+            [M("exact"), M("k=0"), M("k=1"), M("k=2"), M("fpi:2")], s(200), seq_len=64, depth=3),
         "postln": lambda: char_experiment(
             lambda v, **kw: models.PostLNTransformer(v, dim=64, layers=3, max_len=64, rngs=nnx.Rngs(0), **kw),
-            [M("exact"), M("k=1"), M("k=2"), M("k=4"), M("fpi:2")], s(200), seq_len=64, lr=1e-3, depth=6),
+            [M("exact"), M("k=0"), M("k=1"), M("k=2"), M("fpi:2")], s(200), seq_len=64, lr=1e-3, depth=3),
         "adding": lambda: adding_experiment([M("exact"), M("k=0"), M("k=2"), M("k=10"), M("fpi:10"), M("tbptt:16")], s(400)),
     }
 
@@ -223,6 +223,7 @@ def main():
             "metric": spec["metric"], "higher_is_better": spec["higher_is_better"], "steps": spec["steps"],
             "depth": spec["depth"], "runs": {label: h.as_dict() for label, h in histories.items()},
             "fidelity": fid, "minutes": (time.perf_counter() - start) / 60,
+            "measured": common.env_line(stored["environment"]),
         }
         results_path.write_text(json.dumps(stored, indent=1, default=float))
         print(f"{name}: {stored[name]['minutes']:.1f} min")
@@ -231,12 +232,13 @@ def main():
 
 def write_reports(stored, suffix=""):
     env = stored["environment"]
-    lines = ["# Training fidelity", "", common.env_line(env), "",
+    # Each experiment says when it ran (``--only`` reruns some); the header says when the last did.
+    lines = ["# Training fidelity", "", common.env_line(env)[:-1] + " (the last run; each experiment below says when it ran).", "",
              "Every method trains the same model from the same initialisation on the same batches with Adam.",
              "Step time is the median of all steps after the first (compilation excluded). Speedup is",
              "against backprop in the same run. Plots: `training_<experiment>.png` (loss vs step, loss vs",
              "wall-clock, metric vs step).", ""]
-    fid_lines = ["# Gradient fidelity", "", common.env_line(env), "",
+    fid_lines = ["# Gradient fidelity", "", common.env_line(env)[:-1] + " (the last run; each experiment below says when it ran).", "",
                  "Cosine similarity (and relative error) of the Highway-BP and fixed-point-iteration (FPI,",
                  "gamma = 1) gradients to the exact gradient, per number of sweeps k, on a probe batch: at",
                  "initialisation and after training (the model trained with backprop).", ""]
@@ -252,7 +254,8 @@ def write_reports(stored, suffix=""):
             diff = "" if base is None else f"{final - base['evals'][-1][2][metric]:+.4f}"
             speed = "" if base is None else f"{base['step_seconds'] / h['step_seconds']:.2f}x"
             rows.append([label, f"{final:.4f}", diff, f"{1e3 * h['step_seconds']:.1f}", speed, f"{h['wall'][-1]:.0f}"])
-        lines += [f"## {name} ({entry['steps']} steps, depth {entry['depth']}, {entry['minutes']:.1f} min)", "",
+        measured = entry.get("measured", common.env_line(env))
+        lines += [f"## {name} ({entry['steps']} steps, depth {entry['depth']}, {entry['minutes']:.1f} min)", "", measured, "",
                   common.markdown_table(["method", f"final {metric}", "vs backprop", "ms/step", "speedup", "train s"], rows),
                   "", f"![{name}](training_{name}{suffix}.png)", ""]
         frows = []
@@ -264,7 +267,7 @@ def write_reports(stored, suffix=""):
                 frows.append([when, "Highway-BP" if kind == "highway" else "FPI"]
                              + [f"{cells[str(k)][0]:.3f} ({cells[str(k)][1]:.2f})" if str(k) in cells
                                 else f"{cells[k][0]:.3f} ({cells[k][1]:.2f})" for k in FIDELITY_K])
-        fid_lines += [f"## {name}", "", common.markdown_table(["when", "method"] + [f"k={k}" for k in FIDELITY_K], frows), ""]
+        fid_lines += [f"## {name}", "", measured, "", common.markdown_table(["when", "method"] + [f"k={k}" for k in FIDELITY_K], frows), ""]
     (common.RESULTS / f"training{suffix}.md").write_text("\n".join(lines) + "\n")
     (common.RESULTS / f"fidelity{suffix}.md").write_text("\n".join(fid_lines) + "\n")
 
