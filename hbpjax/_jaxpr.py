@@ -249,13 +249,13 @@ def _param_key(value, jaxpr_keys: dict):
     """A hashable stand-in for a parameter value: inner jaxprs by their text (and constants by
     identity), arrays by their bytes, sequences element by element, anything else by its own hash
     (functions by identity); what cannot be hashed raises :class:`_Incomparable`."""
-    if isinstance(value, core.ClosedJaxpr):
-        return ("closed", _param_key(value.jaxpr, jaxpr_keys), tuple(id(c) for c in value.consts))
-    if isinstance(value, core.Jaxpr):
-        if id(value) not in jaxpr_keys:
-            jaxpr_keys[id(value)] = (value, str(value))  # holds the jaxpr: its id stays its own
-        consts = getattr(value, "consts", None) or ()  # jax >= 0.12: a jaxpr can be its own closed form
-        return ("jaxpr", jaxpr_keys[id(value)][1], tuple(id(c) for c in consts))
+    if isinstance(value, core.ClosedJaxpr | core.Jaxpr):
+        # jax >= 0.12: a jaxpr can be its own closed form (``.jaxpr`` is itself, ``.consts`` its own)
+        jaxpr = getattr(value, "jaxpr", value)
+        consts = getattr(value, "consts", None) or ()
+        if id(jaxpr) not in jaxpr_keys:
+            jaxpr_keys[id(jaxpr)] = (jaxpr, str(jaxpr))  # holds the jaxpr: its id stays its own
+        return ("jaxpr", jaxpr_keys[id(jaxpr)][1], tuple(id(c) for c in consts))
     if isinstance(value, np.ndarray | jax.Array):
         value = np.asarray(value)
         return ("array", value.dtype.str, value.shape, value.tobytes())
