@@ -84,22 +84,28 @@ class Chain:
         h = init[0]
         saved, ys, values = [], [], []
         hoisted = lin.hoisted(consts) if lin is not None else []
-        for layer, eqns, inputs in zip(range(self.length), self.layers, xs):
 
-            def run(h, inputs, consts, layer=layer, eqns=eqns):
-                env = dict(zip(self.shared, consts))
-                env[self.init if layer == 0 else self.carries[layer - 1]] = h
-                env.update(zip(self.per_layer[layer], inputs))
-                for eqn in eqns:
-                    env.update(zip(eqn.outvars, eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
-                out = env[self.carries[layer]], [env[v] for v in self.outputs[layer]]
-                return out if lin is None else (*out, lin.step([h], (list(inputs), []), consts))
+        def run(h, inputs, consts, layer):
+            env = dict(zip(self.shared, consts))
+            env[self.init if layer == 0 else self.carries[layer - 1]] = h
+            env.update(zip(self.per_layer[layer], inputs))
+            for eqn in self.layers[layer]:
+                env.update(zip(eqn.outvars, eval_eqn(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
+            return env[self.carries[layer]], [env[v] for v in self.outputs[layer]]
 
+        if lin is not None:
+            # The linearization repeats the layer's equations: both traced once, the repeats
+            # removed, and that program run on every layer (the layers are the same program).
+            with_values = _jaxpr.traced_once(
+                lambda h, inputs, consts: (*run(h, inputs, consts, 0), lin.step([h], (inputs, []), consts)),
+                h, list(xs[0]), consts,
+            )
+        for layer, inputs in enumerate(xs):
             saved.append(h)
             if lin is None:
-                h, y = run(h, inputs, consts)
-            else:  # the linearization repeats the layer's equations: evaluated once, not twice
-                h, y, v = _jaxpr.once(run, h, list(inputs), consts)
+                h, y = run(h, inputs, consts, layer)
+            else:
+                h, y, v = with_values(h, list(inputs), consts)
                 values.append(v)
             ys.append(y)
         stack_columns = lambda rows: [jnp.stack(column) for column in zip(*rows)] if rows and rows[0] else []

@@ -143,37 +143,48 @@ def run(
 
 
 def once(fun: Callable, *args) -> Any:
-    """``fun(*args)``, evaluating each computation ``fun`` repeats only once.
+    """``fun(*args)``, evaluating each computation ``fun`` repeats only once (:func:`traced_once`)."""
+    return traced_once(fun, *args)(*args)
 
-    ``fun`` is traced, its equations that repeat an earlier one (same primitive, parameters and
-    operands) are dropped in favour of the earlier one's results (:func:`deduplicate`), and the rest
-    are evaluated in order, effects included. A stack's forward step computes the layer and then its
-    linearization, whose primal part repeats the layer's own equations: evaluated this way, the
-    forward runs each layer once instead of leaving XLA to find the repetition (its simplifier may
-    rewrite the two copies differently before its own CSE sees them).
+
+def traced_once(fun: Callable, *args) -> Callable:
+    """``fun`` traced at ``args``, as a function that evaluates it on arguments of the same shapes
+    with each computation it repeats evaluated once.
+
+    The trace has its plain calls inlined (:func:`_inlined`) and its equations that repeat an
+    earlier one (same primitive, parameters and operands) dropped in favour of the earlier one's
+    results (:func:`deduplicate`); the rest are evaluated in order, effects included. A stack's
+    forward step computes the layer and then its linearization, whose primal part repeats the
+    layer's own equations: evaluated this way, the forward runs each layer once instead of leaving
+    XLA to find the repetition (its simplifier may rewrite the two copies differently before its
+    own CSE sees them). Only for a forward that is not differentiated: ``custom_jvp`` functions are
+    evaluated by their bodies.
     """
     closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
     # Calls inlined first: the linearization computes a jitted function's primal inside another
     # call than the step's (partial evaluation adds the residuals to its outputs).
-    leaves = jax.tree.leaves(args)
-    flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed_env(closed, a), eval_eqn=_inlined))(*leaves)
-    out = run(deduplicate(flat.jaxpr), closed_env(flat, leaves))
-    return jax.tree.unflatten(jax.tree.structure(shape), out)
+    flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed_env(closed, a), eval_eqn=_inlined))(*jax.tree.leaves(args))
+    jaxpr, tree = deduplicate(flat.jaxpr), jax.tree.structure(shape)
+
+    def evaluate(*args):
+        return jax.tree.unflatten(tree, run(jaxpr, closed_env(flat, jax.tree.leaves(args))))
+
+    return evaluate
+
+
+#: Calls :func:`_inlined` evaluates by their contents.
+_INLINED = frozenset({"jit", "pjit", "custom_jvp_call"})
 
 
 def _inlined(eqn: core.JaxprEqn, invals: list) -> list:
     """Evaluates ``eqn``, by the equations of its inner jaxpr where it is a call that only groups
-    them: a ``jit`` without shardings or donations, a ``custom_jvp`` function (its rule says how to
-    differentiate it; what it computes is its body, and :func:`once` evaluates a forward that is
-    not differentiated)."""
+    them: a ``jit`` without shardings, layouts or donations, a ``custom_jvp`` function (its rule
+    says how to differentiate it; what it computes is its body)."""
     name = eqn.primitive.name
-    inner = None
-    if name == "custom_jvp_call":
-        inner = eqn.params["call_jaxpr"]
-    elif name in ("jit", "pjit") and _plain_jit(eqn):
-        inner = eqn.params["jaxpr"]
-    if inner is None or len(inner.jaxpr.invars) != len(invals):
+    plain = name in _INLINED and (name == "custom_jvp_call" or _plain_jit(eqn))
+    if not plain or _aligned_call(eqn) is None:
         return bind(eqn, invals)
+    inner = eqn.params[_CALL_JAXPRS[name]]
     return run(inner.jaxpr, closed_env(inner, invals), eval_eqn=_inlined)
 
 
