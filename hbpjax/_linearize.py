@@ -272,24 +272,29 @@ def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
         zs.append(z_j)
         vjps.append(vjp_j)
 
-    def stacked(trees):
-        def one(*a):
-            if getattr(a[0], "dtype", None) == jax.dtypes.float0:  # integer inputs: no cotangent
-                return np.zeros((len(a),) + a[0].shape, jax.dtypes.float0)
-            return jnp.stack(a)
-
-        return tmap(one, *trees)
-
-    def total(*a):
-        return a[0] if getattr(a[0], "dtype", None) == jax.dtypes.float0 else sum(a[1:], a[0])
-
     def vjp_all(ct_out):
         grads = [vjp_j(at(ct_out, j)) for j, vjp_j in enumerate(vjps)]
-        ct_h = stacked([g[0] for g in grads])
-        ct_xe = stacked([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
-        return ct_h, ct_xe, tmap(total, *[g[2] for g in grads])
+        ct_xe = _stacked([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
+        return _stacked([g[0] for g in grads]), ct_xe, _summed([g[2] for g in grads])
 
-    return stacked(zs), vjp_all
+    return _stacked(zs), vjp_all
+
+
+def _stacked(trees: list) -> PyTree:
+    """The layers' trees stacked leaf by leaf on a new leading axis (``float0`` stays ``float0``)."""
+
+    def one(*a):
+        if getattr(a[0], "dtype", None) == jax.dtypes.float0:  # integer inputs: no cotangent
+            return np.zeros((len(a),) + a[0].shape, jax.dtypes.float0)
+        return jnp.stack(a)
+
+    return tmap(one, *trees)
+
+
+def _summed(trees: list) -> PyTree:
+    """The layers' trees summed leaf by leaf (the shared inputs' cotangent; ``float0`` stays)."""
+    total = lambda *a: a[0] if getattr(a[0], "dtype", None) == jax.dtypes.float0 else sum(a[1:], a[0])
+    return tmap(total, *trees)
 
 
 # ------------------------------------------------------------------- linearized in the forward
@@ -499,8 +504,7 @@ def _transposed_layers(apply, per_layer, primals):
 
     def transposed(ct):
         grads = [t(at(ct, j)) for j, t in enumerate(layers)]
-        ct_h, ct_x = (tmap(lambda *a: jnp.stack(a), *[g[i] for g in grads]) for i in (0, 1))
-        return ct_h, ct_x, tmap(lambda *a: sum(a[1:], a[0]), *[g[2] for g in grads])
+        return _stacked([g[0] for g in grads]), _stacked([g[1] for g in grads]), _summed([g[2] for g in grads])
 
     return transposed
 
