@@ -83,6 +83,24 @@ def loops(closed_jaxpr):
     return found
 
 
+def equations(jaxpr):
+    """Every equation of a (closed) jaxpr, those of the jaxprs it holds included."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        yield eqn
+        for sub in jaxprs_in_params(eqn.params):
+            yield from equations(sub)
+
+
+def count(jaxpr, primitive: str) -> int:
+    """How many ``primitive`` equations a (closed) jaxpr holds, at any depth."""
+    return sum(eqn.primitive.name == primitive for eqn in equations(jaxpr))
+
+
+def scan_bodies(jaxpr) -> list:
+    """The body of every scan a (closed) jaxpr holds, at any depth."""
+    return [body for eqn in equations(jaxpr) if eqn.primitive.name == "scan" for body in jaxprs_in_params(eqn.params)]
+
+
 def scan_both_ways(block, init, xs=None, **kw):
     """Trace residual_scan both plainly and under highway_grad: both must raise the same error."""
     errors = []

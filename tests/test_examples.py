@@ -6,12 +6,11 @@ batched one."""
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_trees_close, model_grad, tree_rel_error
+from helpers import assert_trees_close, count, model_grad, scan_bodies, tree_rel_error
 
 import hbpjax
 from hbpjax.examples import models
@@ -61,27 +60,6 @@ def test_example_model_exact_at_k_equal_to_layers(name, linearize):
         assert tree_rel_error(model_grad(_cross_entropy, args, 0, module=True), exact) > 1e-6
 
 
-def _count(jaxpr, name):
-    return sum(
-        (eqn.primitive.name == name) + sum(_count(sub, name) for sub in map(_inner, jax.extend.core.jaxprs_in_params(eqn.params)))
-        for eqn in jaxpr.eqns
-    )
-
-
-def _inner(j):
-    return getattr(j, "jaxpr", j)
-
-
-def _scans(jaxpr):
-    """The bodies of every scan in ``jaxpr``, at any depth."""
-    found = []
-    for eqn in jaxpr.eqns:
-        for sub in map(_inner, jax.extend.core.jaxprs_in_params(eqn.params)):
-            found += [sub] if eqn.primitive.name == "scan" else []
-            found += _scans(sub)
-    return found
-
-
 @pytest.mark.parametrize(
     ("name", "primitive", "per_layer", "stages"),
     [
@@ -101,4 +79,4 @@ def test_each_layer_evaluated_once_per_forward_step(name, primitive, per_layer, 
     loss = lambda state, x, y: _cross_entropy(nnx.merge(graphdef, state), x, y)
     x = x.astype(np.float32) if x.dtype == np.float64 else x
     jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=0))(state, x, y).jaxpr
-    assert [_count(body, primitive) for body in _scans(jaxpr)] == [per_layer] * stages
+    assert [count(body, primitive) for body in scan_bodies(jaxpr)] == [per_layer] * stages

@@ -12,30 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import jaxprs_in_params
 
 import hbpjax
-from helpers import gru_stack, loops, lstm_stack, mlp_stack, two_stacks
+from helpers import count, equations, gru_stack, loops, lstm_stack, mlp_stack, two_stacks
 
 T = 11  # distinct from every other dimension and from the sweep counts used below
 
 
-def _eqns(closed_jaxpr):
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield eqn
-            for sub in jaxprs_in_params(eqn.params):
-                yield from walk(sub)
-
-    return list(walk(closed_jaxpr.jaxpr))
-
-
-def _count(closed_jaxpr, primitive):
-    return sum(eqn.primitive.name == primitive for eqn in _eqns(closed_jaxpr))
-
-
 def _shapes(closed_jaxpr):
-    return {tuple(getattr(v.aval, "shape", ())) for eqn in _eqns(closed_jaxpr) for v in eqn.outvars}
+    return {tuple(getattr(v.aval, "shape", ())) for eqn in equations(closed_jaxpr) for v in eqn.outvars}
 
 
 MODELS = {
@@ -105,8 +90,8 @@ def test_each_layer_linearized_once(iterations):
     the backward evaluates no cell again."""
     loss, args = MODELS["gru"]()
     jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=iterations))(*args)
-    assert _count(jaxpr, "tanh") == 1
-    assert _count(jaxpr, "logistic") == 1
+    assert count(jaxpr, "tanh") == 1
+    assert count(jaxpr, "logistic") == 1
 
 
 def test_shared_weights_never_stacked_per_step():
