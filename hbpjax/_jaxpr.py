@@ -160,16 +160,22 @@ def traced_once(fun: Callable, *args) -> Callable:
     own CSE sees them). Only for a forward that is not differentiated: ``custom_jvp`` functions are
     evaluated by their bodies.
     """
+    closed, tree = traced_once_jaxpr(fun, *args)
+
+    def evaluate(*args):
+        return jax.tree.unflatten(tree, run(closed.jaxpr, closed_env(closed, jax.tree.leaves(args))))
+
+    return evaluate
+
+
+def traced_once_jaxpr(fun: Callable, *args) -> tuple[core.ClosedJaxpr, Any]:
+    """What :func:`traced_once` evaluates: ``fun``'s trace at ``args`` (inputs: the leaves of
+    ``args``) with plain calls inlined and repeated equations removed, and its output structure."""
     closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
     # Calls inlined first: the linearization computes a jitted function's primal inside another
     # call than the step's (partial evaluation adds the residuals to its outputs).
     flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed_env(closed, a), eval_eqn=_inlined))(*jax.tree.leaves(args))
-    jaxpr, tree = deduplicate(flat.jaxpr), jax.tree.structure(shape)
-
-    def evaluate(*args):
-        return jax.tree.unflatten(tree, run(jaxpr, closed_env(flat, jax.tree.leaves(args))))
-
-    return evaluate
+    return core.ClosedJaxpr(deduplicate(flat.jaxpr), flat.consts), jax.tree.structure(shape)
 
 
 #: Calls :func:`_inlined` evaluates by their contents.

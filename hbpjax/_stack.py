@@ -32,13 +32,14 @@ import jax
 from jax import lax
 from jax.extend import core
 
-from . import _jaxpr, _marks, _split
+from . import _hoist, _jaxpr, _marks, _split
 from ._jaxpr import is_float
 from ._options import StackOptions
 
 _DEFAULT_OPTIONS = StackOptions()
 
 PyTree = Any
+tmap = jax.tree.map
 
 CARRY = "carry"  # y_route tag: the per-step output is a (differentiated) carry leaf
 BLOCK = "block"  # y_route tag: the per-step output is computed by the block
@@ -137,27 +138,35 @@ def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: i
     :class:`hbpjax._linearize.ForwardLinearization`) has every step also compute its layer's
     linearization: ``linearization`` is ``(its per-step values, stacked; its hoisted values)``, or
     ``None`` without ``lin``. ``length`` overrides ``stack.length`` (a chunk of a layer-parallel stack).
+
+    What the step computes from its per-step inputs alone (an RNN cell's input matmul) is computed
+    for all steps before the loop (:mod:`hbpjax._hoist`); with ``lin``, each computation the step
+    and its linearization share is evaluated once (:func:`hbpjax._jaxpr.traced_once`).
     """
     hoisted = lin.hoisted(consts) if lin is not None else []
 
     def step_and_values(carry, x, consts):
         new, ys = stack.step(carry, x, consts)
-        values = lin.step([carry[i] for i in stack.diff], (x, [carry[i] for i in stack.state]), consts)
+        values = [] if lin is None else lin.step([carry[i] for i in stack.diff], (x, [carry[i] for i in stack.state]), consts)
         return new, ys, values
 
-    def body(carry, x):
-        if lin is None:
-            new, ys = stack.step(carry, x, consts)
-            return new, (ys, carry, [])
-        # The linearization repeats the step's own equations: evaluated once, not twice.
-        new, ys, values = _jaxpr.once(step_and_values, carry, x, consts)
-        return new, (ys, carry, values)
+    one_x = tmap(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
+    split = _hoist.split_step(step_and_values, init, one_x, consts, once=lin is not None)
+    consts_leaves = jax.tree.leaves(consts)
+    pre = split.before(jax.tree.leaves(xs), consts_leaves)
+    n_carry = len(init)
 
-    final, (ys, saved, values) = lax.scan(
-        body, init, xs, length=stack.length if length is None else length, reverse=stack.reverse,
-        unroll=stack.unroll,
+    def body(carry, inputs):
+        x, pre_j = inputs
+        out = split.step(carry, x, pre_j, consts_leaves)
+        return out[:n_carry], (out[n_carry:], carry)
+
+    final, (outs, saved) = lax.scan(
+        body, init, (jax.tree.leaves(xs), pre), length=stack.length if length is None else length,
+        reverse=stack.reverse, unroll=stack.unroll,
     )
-    return final, ys, saved, None if lin is None else (values, hoisted)
+    _, ys, values = jax.tree.unflatten(split.tree, [*final, *split.outputs(outs, pre)])
+    return list(final), ys, saved, None if lin is None else (values, hoisted)
 
 
 scan_forward = scan_steps  # the forward of a single-device stack: (final, ys, saved, linearization)

@@ -322,6 +322,39 @@ def case_jit_inside_loss():
     return Case(make(False), (U, xs, h0), make(True), ("identity", "diagonal"), T)
 
 
+def _input_projection(reverse):
+    """Per-step inputs read through a matmul and a tanh that never meet the carry (the forward
+    computes them for all steps before the loop); that value is also a per-step output."""
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(8 + reverse), 4)
+    U = 0.5 * jax.random.normal(k1, (H, H), jnp.float64)
+    Wx = jax.random.normal(k2, (D_IN, H), jnp.float64)
+    xs = jax.random.normal(k3, (T, B, D_IN), jnp.float64)
+    h0 = jax.random.normal(k4, (B, H), jnp.float64)
+
+    def make(detach):
+        def loss(U, Wx, xs, h0):
+            def step(h, x):
+                read = sg(h) if detach else h
+                p = jnp.tanh(x @ Wx)
+                h = h + 0.5 * jnp.tanh(read @ U + p)
+                return h, (h, p)
+
+            _, (hs, ps) = jax.lax.scan(step, h0, xs, reverse=reverse)
+            return jnp.sum(jnp.sin(hs) * _weights()[:, :, None]) + jnp.sum(jnp.cos(ps) * _weights()[:, :, None])
+
+        return loss
+
+    return Case(make(False), (U, Wx, xs, h0), make(True), ("identity",), T)
+
+
+def case_input_projection():
+    return _input_projection(reverse=False)
+
+
+def case_input_projection_reverse():
+    return _input_projection(reverse=True)
+
+
 case = fixture_over_cases(globals())
 
 
@@ -542,3 +575,23 @@ def test_gradient_agreement_on_an_nnx_module():
         assert gamma.relative_error[0] == pytest.approx(
             tree_rel_error(hbpjax.nnx.grad(loss, iterations=1, gamma=0.5)(model, xs), exact), rel=1e-9
         )
+
+
+def test_input_path_that_cannot_be_vmapped_stays_in_the_loop():
+    """A pure_callback without vmap_method on the per-step inputs' path cannot be computed for all
+    steps at once: the forward leaves that path in the loop, and k >= L is still exact."""
+    with jax.enable_x64(True):
+        k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+        U = 0.5 * jax.random.normal(k1, (H, H), jnp.float64)
+        Wx = jax.random.normal(k2, (D_IN, H), jnp.float64)
+        xs = jax.random.normal(k3, (T, B, D_IN), jnp.float64)
+
+        def loss(U, Wx, h0):
+            def step(h, x):
+                q = jax.pure_callback(np.cos, jax.ShapeDtypeStruct(x.shape, x.dtype), sg(x))
+                return h + jnp.tanh(h @ U + jnp.tanh(q @ Wx)), h
+
+            return jnp.sum(jnp.sin(jax.lax.scan(step, h0, xs)[0]))
+
+        args = (U, Wx, jnp.ones((B, H), jnp.float64))
+        assert_trees_close(model_grad(loss, args, T), model_grad(loss, args))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import hbpjax
-from helpers import count, equations, gru_stack, loops, lstm_stack, mlp_stack, two_stacks
+from helpers import count, equations, gru_stack, loops, lstm_stack, mlp_stack, scan_bodies, two_stacks
 
 T = 11  # distinct from every other dimension and from the sweep counts used below
 
@@ -92,6 +92,18 @@ def test_each_layer_linearized_once(iterations):
     jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=iterations))(*args)
     assert count(jaxpr, "tanh") == 1
     assert count(jaxpr, "logistic") == 1
+
+
+@pytest.mark.parametrize("model, carry_matmuls, all_matmuls", [("gru", 2, 4), ("lstm", 1, 2)])
+def test_input_matmuls_run_before_the_forward_loop(model, carry_matmuls, all_matmuls):
+    """The cells' matmuls of the per-step input (``x @ W``, independent of the carry) run once over
+    all steps before the forward scan; its body holds only the carry's. Backprop's forward scan
+    holds them all (the control: the counter sees them)."""
+    loss, args = MODELS[model]()
+    exact = [count(body, "dot_general") for body in scan_bodies(jax.make_jaxpr(jax.grad(loss))(*args))]
+    assert all_matmuls in exact, exact
+    (forward,) = scan_bodies(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2))(*args))
+    assert count(forward, "dot_general") == carry_matmuls
 
 
 def test_shared_weights_never_stacked_per_step():
