@@ -49,7 +49,7 @@ class SplitStep:
       counts: how many of the inputs are carry, ``x`` and ``consts`` leaves.
       before_eqns: the equations evaluated for all steps at once (with the shared-only ones they read).
       frontier: their values the loop (or the outputs) read: stacked over the steps by :meth:`before`.
-      loop_eqns: the equations the loop evaluates, in order (effects included).
+      loop: the step's jaxpr with only the equations the loop evaluates, in order (effects included).
     """
 
     closed: core.ClosedJaxpr
@@ -57,7 +57,7 @@ class SplitStep:
     counts: tuple
     before_eqns: tuple
     frontier: tuple
-    loop_eqns: tuple
+    loop: core.Jaxpr
 
     def _env(self, carry, x, consts) -> dict:
         args = [*(carry if carry is not None else [None] * self.counts[0]), *x, *consts]
@@ -78,14 +78,11 @@ class SplitStep:
         is a frontier value itself (:meth:`outputs` fills it in from the stacked values)."""
         env = self._env(carry, x, consts)
         env.update(zip(self.frontier, pre))
-        for eqn in self.loop_eqns:
-            env.update(zip(eqn.outvars, _jaxpr.bind(eqn, [_jaxpr.read(env, a) for a in eqn.invars])))
-        n_carry = self.counts[0]
-        outs = self.closed.jaxpr.outvars
         direct = set(self.frontier)
+        outs = _jaxpr.run(self.loop, env)
         return [
-            None if i >= n_carry and isinstance(v, core.Var) and v in direct else _jaxpr.read(env, v)
-            for i, v in enumerate(outs)
+            None if i >= self.counts[0] and isinstance(v, core.Var) and v in direct else out
+            for i, (v, out) in enumerate(zip(self.loop.outvars, outs))
         ]
 
     def outputs(self, stacked: list, pre: list) -> list:
@@ -114,14 +111,14 @@ def split_step(fun: Callable, carry: list, x: Any, consts: tuple, *, once: bool)
         tree = jax.tree.structure(shape)
     counts = (len(carry), len(jax.tree.leaves(x)), len(jax.tree.leaves(args[2])))
     before, frontier, loop = _divide(closed.jaxpr, counts)
-    split = SplitStep(closed, tree, counts, tuple(before), tuple(frontier), tuple(loop))
+    split = SplitStep(closed, tree, counts, tuple(before), tuple(frontier), closed.jaxpr.replace(eqns=loop))
     if frontier:
         # A primitive without a batching rule (a pure_callback without vmap_method): all in the loop.
         xs = [jax.ShapeDtypeStruct((2, *a.shape), a.dtype) for a in jax.tree.leaves(x)]
         try:
             jax.eval_shape(lambda xs, c: split.before(xs, c), xs, list(args[2]))
         except NotImplementedError:
-            return SplitStep(closed, tree, counts, (), (), tuple(closed.jaxpr.eqns))
+            return SplitStep(closed, tree, counts, (), (), closed.jaxpr)
     return split
 
 

@@ -142,11 +142,6 @@ def run(
     return [read(env, a) for a in jaxpr.outvars]
 
 
-def once(fun: Callable, *args) -> Any:
-    """``fun(*args)``, evaluating each computation ``fun`` repeats only once (:func:`traced_once`)."""
-    return traced_once(fun, *args)(*args)
-
-
 def traced_once(fun: Callable, *args) -> Callable:
     """``fun`` traced at ``args``, as a function that evaluates it on arguments of the same shapes
     with each computation it repeats evaluated once.
