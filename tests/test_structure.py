@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import hbpjax
 from helpers import count, equations, gru_stack, loops, lstm_stack, mlp_stack, scan_bodies, two_stacks
@@ -104,6 +105,20 @@ def test_input_matmuls_run_before_the_forward_loop(model, carry_matmuls, all_mat
     assert all_matmuls in exact, exact
     (forward,) = scan_bodies(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2))(*args))
     assert count(forward, "dot_general") == carry_matmuls
+
+
+def test_flax_gru_input_matmul_runs_before_the_forward_loop():
+    """The same on Flax's own ``nnx.RNN(nnx.GRUCell)``, unchanged: ``dense_i(x)`` runs once over all
+    steps, the forward scan body keeps ``dense_h(h)`` alone (``nnx.grad``'s forward keeps both)."""
+    model = nnx.RNN(nnx.GRUCell(3, 5, rngs=nnx.Rngs(0)))
+    xs = jax.random.normal(jax.random.key(5), (2, T, 3))
+    loss = lambda m, xs: jnp.sum(m(xs, initial_carry=jnp.zeros((2, 5))) ** 2)
+    graphdef, state = nnx.split(model)
+    traced = lambda grad: jax.make_jaxpr(lambda state: grad(loss)(nnx.merge(graphdef, state), xs))(state)
+    exact = [count(body, "dot_general") for body in scan_bodies(traced(nnx.grad))]
+    assert 2 in exact, exact
+    (forward,) = scan_bodies(traced(lambda f: hbpjax.nnx.grad(f, iterations=2)))
+    assert count(forward, "dot_general") == 1
 
 
 def test_shared_weights_never_stacked_per_step():
