@@ -118,9 +118,14 @@ class Local:
         return lambda u: _solve(planned, u)
 
     def constant_k_solver(self, discount):
-        """A reverse cumulative sum (``discount = 1``) or, for ``gamma > 0``, its discounted form."""
+        """A reverse cumulative sum (``discount = 1``) or, for ``gamma > 0``, its discounted form.
+
+        The sum is an associative scan (``2 log2 L`` levels of adds), not ``lax.cumsum``: on a CPU
+        XLA lowers that to a reduce-window doing ``O(L^2)`` adds per element (3-5x slower at
+        L = 16 to 16384; 7 ms of an 80 ms pre-activation ResNet step at k = 0).
+        """
         if discount == 1.0:
-            return lambda u: tmap(lambda a: lax.cumsum(a, axis=0, reverse=True), u)
+            return lambda u: tmap(lambda a: lax.associative_scan(jnp.add, a, reverse=True, axis=0), u)
         return lambda u: _solve(_plan(tmap(lambda a: jnp.full_like(a, discount), u)), u)
 
     def reduce_first(self, x):

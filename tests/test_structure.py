@@ -57,6 +57,16 @@ def test_unrolled_linearization_has_no_loop_in_the_backward():
     assert highway == [("scan", T)]  # the forward; layers and sweeps are straight-line code
 
 
+@pytest.mark.parametrize("iterations", [0, 2])
+def test_additive_stack_scans_by_associative_scan(iterations):
+    """``h + z`` (K = 1): the prefix scan is a reverse cumulative sum, taken as an associative scan.
+    ``lax.cumsum`` lowers to a reduce-window with O(L^2) adds per element on a CPU."""
+    loss, args = mlp_stack(jax.random.key(0), dtype=jnp.float32, L=T, loss_on="all")
+    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=iterations))(*args)
+    assert count(jaxpr, "cumsum") == 0
+    assert loops(jaxpr) == [("scan", T)]
+
+
 def test_tol_mode_loops_over_sweeps_only(monkeypatch):
     monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 2)
     loss, args = MODELS["gru"]()
