@@ -10,7 +10,7 @@ in compute-bound ones every sweep costs a full backward's worth of work (a VJP o
 on 2 CPU cores that work is not free: expect k >= 1 to be slower there. Timings include the
 model's non-residual parts (embeddings, heads, losses), which both methods share.
 
-Run:  python benchmarks/models_speed.py [--repeats 7] [--quick] [--only GPT]
+Run:  python benchmarks/models_speed.py [--repeats 15] [--quick] [--only GPT]
 Writes results/models_speed.{md,json}.
 """
 
@@ -90,7 +90,7 @@ def readme_quote(out) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="run only the models whose name contains this text")
     args = parser.parse_args()
