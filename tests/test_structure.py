@@ -6,6 +6,8 @@
   and one parallel linearization), however many sweeps run.
 - Shared (closed-over) weights get one summed gradient: no ``(T, *W.shape)`` array of per-step
   weight gradients is ever materialised.
+- An RNN cell's matmuls of the per-step input run for all steps before the forward loop; the loop
+  keeps the carry's.
 - The prefix scan of ``h + z`` (K = 1) is an associative scan, never ``lax.cumsum`` (a
   reduce-window with O(L^2) adds per element on a CPU).
 """
