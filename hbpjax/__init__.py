@@ -8,21 +8,21 @@ gradient path through at most ``k`` blocks exactly; ``k >= L`` is exact backprop
 """
 
 from . import residual as residual
-from ._adaptive import AdaptiveIterations as AdaptiveIterations
-from ._adaptive import AdaptiveState as AdaptiveState
-from ._auto import NoStackWarning as NoStackWarning
-from ._auto import StackInfo as StackInfo
-from ._auto import find_stacks as find_stacks
-from ._context import exact as exact
-from ._diagnostics import GradientAgreement as GradientAgreement
-from ._diagnostics import gradient_agreement as gradient_agreement
-from ._filter import filter_grad as filter_grad
-from ._filter import filter_value_and_grad as filter_value_and_grad
-from ._linearize import UnbatchableWarning as UnbatchableWarning
-from ._report import SweepReport as SweepReport
-from ._scan import residual_scan as residual_scan
-from ._transform import highway_grad as highway_grad
-from ._transform import highway_value_and_grad as highway_value_and_grad
+from ._analysis.auto import NoStackWarning as NoStackWarning
+from ._analysis.auto import StackInfo as StackInfo
+from ._analysis.auto import find_stacks as find_stacks
+from ._backward.linearize import UnbatchableWarning as UnbatchableWarning
+from ._front.adaptive import AdaptiveIterations as AdaptiveIterations
+from ._front.adaptive import AdaptiveState as AdaptiveState
+from ._front.context import exact as exact
+from ._front.diagnostics import GradientAgreement as GradientAgreement
+from ._front.diagnostics import gradient_agreement as gradient_agreement
+from ._front.filter import filter_grad as filter_grad
+from ._front.filter import filter_value_and_grad as filter_value_and_grad
+from ._front.report import SweepReport as SweepReport
+from ._front.scan import residual_scan as residual_scan
+from ._front.transform import highway_grad as highway_grad
+from ._front.transform import highway_value_and_grad as highway_value_and_grad
 from ._version import __version__ as __version__
 
 

@@ -25,7 +25,7 @@ except ImportError as err:
         f"hbpjax.linen needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
     ) from err
 
-from . import _adapters
+from ._front import cells as _adapters
 from .residual import additive
 
 __all__ = ["GRUCell", "LSTMCell", "ResidualRNN", "ResidualStack"]

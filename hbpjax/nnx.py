@@ -27,9 +27,10 @@ except ImportError as err:
         f"hbpjax.nnx needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
     ) from err
 
-from . import _adapters, _auto
-from ._options import Options, describe
-from ._transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad, normalize_argnums
+from ._analysis import auto as _auto
+from ._front import cells as _adapters
+from ._front.options import Options, describe
+from ._front.transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad, normalize_argnums
 from .residual import additive
 
 __all__ = [

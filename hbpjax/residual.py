@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._options import describe
+from ._front.options import describe
 
 PyTree = Any
 

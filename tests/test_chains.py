@@ -305,7 +305,7 @@ def test_near_misses_stay_exact_and_say_why(name, most):
 
 
 def test_stacked_inputs_over_the_limit_are_left_to_backprop(monkeypatch):
-    monkeypatch.setattr("hbpjax._chains.STACK_LIMIT", 100)
+    monkeypatch.setattr("hbpjax._analysis.chains.STACK_LIMIT", 100)
     W, h0 = _normal(20, (4, D, D), 0.4, jnp.float32), _normal(21, (B, D), 1.0, jnp.float32)
 
     def loss(W, h):

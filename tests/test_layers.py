@@ -1,4 +1,4 @@
-"""Layer-parallel stacks (``layer_axis``, :mod:`hbpjax._layers`) on 8 simulated CPU devices.
+"""Layer-parallel stacks (``layer_axis``, :mod:`hbpjax._backward.layers`) on 8 simulated CPU devices.
 
 The L layers are split in contiguous chunks over a mesh axis; every result is compared with the same
 computation on one device, and the compiled HLO is checked for what crosses devices.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hbpjax._prefix import affine_scan, plan, solve
+from hbpjax._backward.prefix import affine_scan, plan, solve
 
 
 def _loop(k, u):

@@ -49,7 +49,7 @@ def test_backward_has_no_loop_over_layers(model, iterations):
 
 def test_many_sweeps_loop_over_sweeps_only(monkeypatch):
     """Past STRAIGHT_LINE_SWEEPS the sweeps are a loop of length k, and still none over layers."""
-    monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 2)
+    monkeypatch.setattr("hbpjax._backward.sweeps.STRAIGHT_LINE_SWEEPS", 2)
     loss, args = MODELS["gru"]()
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=3))(*args))
     assert sorted(highway) == [("scan", 3), ("scan", T)], highway
@@ -72,7 +72,7 @@ def test_additive_stack_scans_by_associative_scan(iterations):
 
 
 def test_tol_mode_loops_over_sweeps_only(monkeypatch):
-    monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 2)
+    monkeypatch.setattr("hbpjax._backward.sweeps.STRAIGHT_LINE_SWEEPS", 2)
     loss, args = MODELS["gru"]()
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))
     assert highway.count(("scan", T)) == 1
@@ -81,7 +81,7 @@ def test_tol_mode_loops_over_sweeps_only(monkeypatch):
     assert highway.count(("scan", 5)) == 1
     assert len(highway) == 2
     # Written out (5 sweeps are few): no loop but the forward.
-    monkeypatch.setattr("hbpjax._backward.STRAIGHT_LINE_SWEEPS", 16)
+    monkeypatch.setattr("hbpjax._backward.sweeps.STRAIGHT_LINE_SWEEPS", 16)
     highway = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=5, tol=1e-3))(*args))
     assert highway == [("scan", T)], highway
 
@@ -160,7 +160,7 @@ def test_save_linearization_false_loops_over_groups_of_layers_only():
 def test_linearization_read_by_several_vjps_stores_only_costly_values():
     """What the sweeps keep of a GRU cell's linearization: its gate values u and c (sigmoid, tanh),
     not also u (1 - u) and 1 - c**2, which each VJP recomputes from them (_lean's policy)."""
-    from hbpjax._linearize import _lean
+    from hbpjax._backward.linearize import _lean
 
     def cell(h, x, W):
         u = jax.nn.sigmoid(x @ W[0] + h @ W[1])
@@ -184,7 +184,7 @@ def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
     which newer XLA keeps as a second copy of the value. The sweeps' linearization drops the
     rounding where it changes nothing (float32, float64) and keeps it elsewhere (bfloat16), with
     the same VJP as jax.vjp's."""
-    from hbpjax._linearize import _lean, _vjp_unrounded
+    from hbpjax._backward.linearize import _lean, _vjp_unrounded
 
     def cell(h, x, W):
         u = jax.nn.sigmoid(x @ W[0] + h @ W[1])

@@ -388,7 +388,7 @@ def test_gradient_agreement_takes_every_gradient_from_the_same_state():
         (L, {}, None),
         # Recomputing the linearization vmaps the block: layer by layer instead, or exact.
         (L, dict(save_linearization=False), "one by one"),
-        (hbpjax._linearize.UNROLL_AT_MOST + 1, dict(save_linearization=False), "exact backprop"),
+        (hbpjax._backward.linearize.UNROLL_AT_MOST + 1, dict(save_linearization=False), "exact backprop"),
     ],
 )
 def test_unbatchable_block_falls_back_with_a_warning(length, options, fallback):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import jax
 
-from ._options import Options
+from .options import Options
 
 #: The scope name of :func:`exact` regions: the automatic conversion leaves what is traced in them alone.
 EXACT_SCOPE = "hbpjax.exact"

@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _context, _layers, _marks
-from . import residual as _residual
-from ._options import StackOptions, as_int, describe
-from .residual import additive
+from .. import residual as _residual
+from .._analysis import marks as _marks
+from .._backward import layers as _layers
+from ..residual import additive
+from . import context as _context
+from .options import StackOptions, as_int, describe
 
 PyTree = Any
 

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._options import as_int, as_real
-from ._transform import highway_value_and_grad, normalize_argnums
+from .options import as_int, as_real
+from .transform import highway_value_and_grad, normalize_argnums
 
 _NAME = "hbpjax.AdaptiveIterations"
 logger = logging.getLogger("hbpjax")
@@ -176,7 +176,7 @@ class AdaptiveIterations:
             nnx = sys.modules.get("flax.nnx")
             modules = nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args))
             if modules:
-                from . import nnx as hbpjax_nnx
+                from .. import nnx as hbpjax_nnx
 
                 assert nnx is not None
                 graphdef, snapshot = nnx.split((args, kwargs))  # the exact gradient sees the same state

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._options import Options
-from ._transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad
+from .options import Options
+from .transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad
 
 
 def _is_inexact_array(x) -> bool:

@@ -7,7 +7,7 @@ outside the sequential chain, and the loop reads its result as a per-step input.
 and XLA leave it in the loop: the value is not loop-invariant, only independent of the carry.
 
 :func:`split_step` traces a stack's forward step once and divides its equations: those that
-compute a costly value (:data:`COSTLY`) from the per-step inputs and the shared values alone, with
+compute a costly value (:func:`hbpjax._analysis.primitives.is_costly`) from the per-step inputs and the shared values alone, with
 what they need, are evaluated under ``jax.vmap`` over all steps (:meth:`SplitStep.before`); the
 loop evaluates the rest (:meth:`SplitStep.step`). A per-step output that is such a value is taken
 from the stacked result directly (:meth:`SplitStep.outputs`), not copied out of the loop. The
@@ -24,18 +24,8 @@ from typing import Any
 import jax
 from jax.extend import core
 
-from . import _jaxpr
-
-#: Primitives worth taking out of the loop: matmuls, convolutions, gathers, transcendentals,
-#: reductions, random bits. Elementwise arithmetic and layout changes stay in the loop, fused
-#: into the ops that read them (taken out, they would only add a stacked buffer).
-COSTLY = frozenset({
-    "dot_general", "conv_general_dilated", "gather", "exp", "exp2", "log", "log1p", "expm1", "tanh",
-    "logistic", "sin", "cos", "tan", "erf", "erfc", "erf_inv", "sqrt", "rsqrt", "cbrt", "pow",
-    "atan2", "lgamma", "digamma", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax",
-    "argmin", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "random_bits",
-    "threefry2x32", "fft",
-})
+from . import dedup, primitives
+from . import jaxprs as _jaxpr
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,12 +90,12 @@ def split_step(fun: Callable, carry: list, x: Any, consts: tuple, *, once: bool)
     Args:
       fun: the step; its outputs are ``(new carry leaves, ...)``, the new carry's first.
       carry, x, consts: example inputs (their shapes and dtypes are what counts).
-      once: evaluate each computation the step repeats once (:func:`hbpjax._jaxpr.traced_once`):
+      once: evaluate each computation the step repeats once (:func:`hbpjax._analysis.dedup.traced_once`):
         for a forward that is not differentiated (it inlines ``custom_jvp`` functions).
     """
     args = (list(carry), x, tuple(consts))
     if once:
-        closed, tree = _jaxpr.traced_once_jaxpr(fun, *args)
+        closed, tree = dedup.traced_once_jaxpr(fun, *args)
     else:
         closed, shape = jax.make_jaxpr(fun, return_shape=True)(*args)
         tree = jax.tree.structure(shape)
@@ -138,7 +128,7 @@ def _divide(jaxpr: core.Jaxpr, counts: tuple) -> tuple[list, list, list]:
         free.update(eqn.outvars)
         if any(a in per_step for a in reads):
             per_step.update(eqn.outvars)
-            if eqn.primitive.name in COSTLY:
+            if primitives.is_costly(eqn):
                 candidates.append(eqn)
     if not candidates:
         return [], [], list(jaxpr.eqns)

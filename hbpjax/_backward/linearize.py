@@ -12,7 +12,7 @@ carry-sized buffer in every sweep.
 How the linearization is kept between the sweeps that read it:
 
 * ``vmap`` (default): one ``jax.vjp`` of the vmapped block path. Read by more than one VJP, it
-  stores only what is costly to recompute (:data:`RECOMPUTED` lists what is not); read once it
+  stores only what is costly to recompute (:func:`hbpjax._analysis.primitives.is_recomputed` says what is not); read once it
   is kept whole (nothing to save, no work to redo); blocks that compute complex values are kept
   whole (``jax.checkpoint`` cannot store them).
 * ``unroll``: one transpose per layer (one ``jax.vjp`` per layer where the backward linearizes),
@@ -37,9 +37,10 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from . import _jaxpr
-from ._options import Options
-from ._stack import Stack
+from .._analysis import jaxprs as _jaxpr
+from .._analysis import primitives
+from .._analysis.stacks import Stack
+from .._front.options import Options
 
 PyTree = Any
 tmap = jax.tree.map
@@ -140,20 +141,10 @@ def recomputes(stack: Stack, options: Options) -> bool:
     return not options.save_linearization or stack.remat is not None
 
 
-#: Elementwise arithmetic and layout changes: cheap to redo from the values they read, fused into
-#: the ops that read them; the linearization does not store their outputs. ``one_minus_square``
-#: is the derivative of ``tanh``, a primitive of its own in newer JAX versions.
-RECOMPUTED = frozenset({
-    "abs", "add", "add_any", "broadcast_in_dim", "convert_element_type", "copy", "integer_pow",
-    "max", "min", "mul", "neg", "one_minus_square", "reshape", "select_n", "sign", "square",
-    "squeeze", "sub", "transpose",
-})
-
-
 def _saved(prim, *avals, **params) -> bool:
     """The ``jax.checkpoint`` policy of the layers' linearization: store what is costly to
     recompute (matmuls, transcendentals, reductions, comparisons, ...), not elementwise arithmetic."""
-    return prim.name not in RECOMPUTED
+    return not primitives.is_recomputed(prim)
 
 
 def _lean(block):
@@ -205,10 +196,8 @@ def _vjp_unrounded(fun, *args, has_aux=False):
 def _unrounded(eqn, invals) -> list:
     """Evaluates ``eqn``, passing the value through where it is a ``reduce_precision`` of float32 /
     float64 to their own precision."""
-    if eqn.primitive.name == "reduce_precision" and eqn.invars[0].aval.dtype in (jnp.float32, jnp.float64):
-        info = jnp.finfo(eqn.invars[0].aval.dtype)
-        if (eqn.params.get("exponent_bits"), eqn.params.get("mantissa_bits")) == (info.nexp, info.nmant):
-            return [invals[0]]
+    if primitives.rounds_to_own_precision(eqn):
+        return [invals[0]]
     return _jaxpr.bind(eqn, invals)
 
 
@@ -360,7 +349,7 @@ class ForwardLinearization:
 
         # A custom_vjp in the block (a nested stack, the user's rule) has no forward-mode rule: its
         # linearization can be transposed, not evaluated; such blocks are linearized in the backward.
-        if _jaxpr.holds(jax.make_jaxpr(stack.path)(h, xe, consts).jaxpr, "custom_vjp_call"):
+        if _jaxpr.holds(jax.make_jaxpr(stack.path)(h, xe, consts).jaxpr, primitives.is_custom_vjp):
             return None
         closed = jax.make_jaxpr(flat)(*h, *x, *s, *consts)
         jaxpr = closed.jaxpr
@@ -368,7 +357,7 @@ class ForwardLinearization:
         producer = {v: e for e in jaxpr.eqns for v in e.outvars}
 
         def root(v):  # the value itself, through roundings to its own precision and stop_gradients
-            while isinstance(v, core.Var) and v in producer and _no_op(producer[v]):
+            while isinstance(v, core.Var) and v in producer and primitives.passes_value(producer[v]):
                 v = producer[v].invars[0]
             return v
 
@@ -390,7 +379,7 @@ class ForwardLinearization:
         # 1 - u from its gate u): computed in the backward, fused where it is read, not stored.
         known = set(jaxpr.invars) | set(step_outs)
         k_eqns = _needed_from(jaxpr.eqns, k_outs, known)
-        cheap = all(e.primitive.name in RECOMPUTED or _no_op(e) for e in k_eqns)
+        cheap = all(primitives.is_recomputed(e.primitive) or primitives.passes_value(e) for e in k_eqns)
         return cls(
             closed, holder["tree"], sources, step_outs, hoisted_outs, k_outs, counts,
             k_eqns=tuple(k_eqns) if cheap else None, unroll=stack.options.linearize == "unroll",
@@ -507,20 +496,6 @@ def _transposed_layers(apply, per_layer, primals):
         return _stacked([g[0] for g in grads]), _stacked([g[1] for g in grads]), _summed([g[2] for g in grads])
 
     return transposed
-
-
-def _no_op(eqn) -> bool:
-    """Whether ``eqn`` passes its operand's value through (a stop_gradient, a copy, a rounding of
-    a float32 / float64 to its own precision, a conversion to its own dtype)."""
-    name = eqn.primitive.name
-    if name in ("stop_gradient", "copy", "copy_p"):
-        return True
-    if name == "convert_element_type":
-        return eqn.invars[0].aval.dtype == eqn.outvars[0].aval.dtype
-    if name == "reduce_precision" and eqn.invars[0].aval.dtype in (jnp.float32, jnp.float64):
-        info = jnp.finfo(eqn.invars[0].aval.dtype)
-        return (eqn.params.get("exponent_bits"), eqn.params.get("mantissa_bits")) == (info.nexp, info.nmant)
-    return False
 
 
 def _needed_from(eqns, targets, known) -> list:

@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _context, _report
-from ._options import Options, as_int, describe
+from .._analysis import auto as _auto
+from . import context as _context
+from . import report as _report
+from .options import Options, as_int, describe
 
 DEFAULT_ITERATIONS = 4
 

@@ -32,9 +32,13 @@ import jax
 from jax import lax
 from jax.extend import core
 
-from . import _hoist, _jaxpr, _marks, _split
-from ._jaxpr import is_float
-from ._options import StackOptions
+from .._front.options import StackOptions
+from . import hoist as _hoist
+from . import jaxprs as _jaxpr
+from . import marks as _marks
+from . import primitives
+from . import split as _split
+from .jaxprs import is_float
 
 _DEFAULT_OPTIONS = StackOptions()
 
@@ -141,7 +145,7 @@ def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: i
 
     What the step computes from its per-step inputs alone (an RNN cell's input matmul) is computed
     for all steps before the loop (:mod:`hbpjax._hoist`); with ``lin``, each computation the step
-    and its linearization share is evaluated once (:func:`hbpjax._jaxpr.traced_once`).
+    and its linearization share is evaluated once (:func:`hbpjax._analysis.dedup.traced_once`).
     """
     hoisted = lin.hoisted(consts) if lin is not None else []
 
@@ -302,4 +306,4 @@ def scan_stack(
 
 def _from_stop_gradient(jaxpr, var) -> bool:
     """Whether ``var`` is the output of a ``stop_gradient`` (its cotangent is zero anyway)."""
-    return any(var in eqn.outvars and eqn.primitive.name == "stop_gradient" for eqn in jaxpr.eqns)
+    return any(var in eqn.outvars and primitives.is_stop_gradient(eqn) for eqn in jaxpr.eqns)

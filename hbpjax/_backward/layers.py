@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from . import _marks
-from ._backward import DeviceChain, differentiate
-from ._prefix import sharding_spec
-from ._stack import scan_stack, scan_steps
+from .._analysis import marks as _marks
+from .._analysis.stacks import scan_stack, scan_steps
+from .prefix import sharding_spec
+from .sweeps import DeviceChain, differentiate
 
 
 def resolve(layer_axis, mesh, length: int | None, *, name: str, xs=()):

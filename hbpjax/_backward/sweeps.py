@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _prefix
-from ._linearize import ForwardLinearization, Linearization, Unbatchable, UnbatchableWarning, linearize, recomputes
-from ._options import Options
-from ._prefix import own_buffer
-from ._stack import BLOCK, CARRY, Stack
+from .._analysis.stacks import BLOCK, CARRY, Stack
+from .._front.options import Options
+from . import prefix as _prefix
+from .linearize import ForwardLinearization, Linearization, Unbatchable, UnbatchableWarning, linearize, recomputes
+from .prefix import own_buffer
 
 PyTree = Any
 

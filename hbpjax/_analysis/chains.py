@@ -34,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from . import _jaxpr, _split
-from ._jaxpr import is_float
-from ._stack import ScanStack
+from . import dedup, primitives
+from . import jaxprs as _jaxpr
+from . import split as _split
+from .jaxprs import is_float
+from .stacks import ScanStack
 
 #: The most that stacking a chain's per-layer inputs for the backward may take (bytes); a larger
 #: chain is left to backprop, and said so.
@@ -96,7 +98,7 @@ class Chain:
         if lin is not None:
             # The linearization repeats the layer's equations: both traced once, the repeats
             # removed, and that program run on every layer (the layers are the same program).
-            with_values = _jaxpr.traced_once(
+            with_values = dedup.traced_once(
                 lambda h, inputs, consts: (*run(h, inputs, consts, 0), lin.step([h], (inputs, []), consts)),
                 h, list(xs[0]), consts,
             )
@@ -217,7 +219,7 @@ def _difference(keys, segments) -> str:
 
 def _describe(eqn) -> str:
     shapes = ", ".join(str(v.aval) for v in eqn.outvars)
-    return f"{eqn.primitive.name} -> {shapes}"
+    return f"{primitives.name(eqn)} -> {shapes}"
 
 
 class _Graph:
@@ -243,7 +245,7 @@ class _Graph:
         self.kind, self.pred = {}, {}
         for eqn in jaxpr.eqns:
             self._link(eqn)
-        self._keys: dict = {}
+        self._jaxpr_texts: dict = {}
 
     def _add(self, var, deps):
         self.bit[var] = 1 << len(self.bit)
@@ -254,7 +256,7 @@ class _Graph:
 
     def _link(self, eqn):
         """Marks ``eqn``'s output a join (or an elementwise step) of the value it is diagonal in."""
-        if len(eqn.outvars) != 1 or not is_float(eqn.outvars[0].aval) or eqn.primitive.name in ("scan", "while", "cond"):
+        if len(eqn.outvars) != 1 or not is_float(eqn.outvars[0].aval) or primitives.is_loop_or_branch(eqn):
             return
         out = eqn.outvars[0]
         spine = [
@@ -322,7 +324,7 @@ class _Graph:
             refs: list[tuple] = []
             for a in eqn.invars:
                 if isinstance(a, core.Literal):
-                    refs.append(("lit", str(a.aval), _literal_key(a.val)))
+                    refs.append(primitives.literal_key(a))
                 elif a in local:
                     refs.append(local[a])
                 else:
@@ -331,7 +333,8 @@ class _Graph:
                     refs.append(("x", external.index(a), str(a.aval)))
             for j, v in enumerate(eqn.outvars):
                 local[v] = ("v", i, j)
-            program.append((eqn.primitive.name, _params_key(eqn.params), tuple(refs), tuple(str(v.aval) for v in eqn.outvars)))
+            params = primitives.params_key(eqn, self._jaxpr_texts)
+            program.append((eqn.primitive, params, tuple(refs), tuple(str(v.aval) for v in eqn.outvars)))
         return tuple(program), external
 
     def chain(self, boundaries, start, period, groups):
@@ -404,36 +407,3 @@ def _body(eqns, init, carry_out, shared, per_layer, outputs):
 
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=getattr(v.aval, "weak_type", False)) for v in (*shared, init, *per_layer)]
     return jax.make_jaxpr(step)(*avals)
-
-
-def _literal_key(val):
-    try:
-        return ("val", np.asarray(val).tobytes(), str(np.asarray(val).dtype))
-    except Exception:
-        return ("id", id(val))
-
-
-#: Parameters made afresh at every call of the same function (thunks and memoized wrappers of a
-#: custom rule): two equations are the same program without them. A custom_jvp's rule is then taken
-#: to be the same where its primal computation is; a custom_vjp's backward is compared by function.
-_PER_CALL = frozenset({"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "out_trees"})
-
-
-def _params_key(params) -> tuple:
-    return tuple(sorted((k, _value_key(v)) for k, v in params.items() if k not in _PER_CALL))
-
-
-def _value_key(v):
-    if hasattr(v, "eqns") or (hasattr(v, "jaxpr") and hasattr(v, "consts")):
-        return ("jaxpr", str(v))
-    if isinstance(v, (tuple, list)):
-        return (type(v).__name__, tuple(_value_key(x) for x in v))
-    if hasattr(v, "f") and callable(v.f):  # a wrapped function: the same when its function is
-        return ("fn", id(v.f))
-    if callable(v) and not isinstance(v, type):
-        return ("fn", id(v))
-    try:
-        hash(v)
-        return ("v", v)
-    except TypeError:
-        return ("id", id(v))

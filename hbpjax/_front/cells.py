@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._scan import residual_scan
-from .residual import gated
+from ..residual import gated
+from .scan import residual_scan
 
 PyTree = Any
 

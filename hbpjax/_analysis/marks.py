@@ -22,11 +22,9 @@ from collections.abc import Callable
 
 import jax
 
-from . import _jaxpr
-from ._options import StackOptions
-
-#: Names of the ``jax.checkpoint`` primitive across JAX versions.
-CHECKPOINTS = ("checkpoint", "remat", "remat2")
+from .._front.options import StackOptions
+from . import jaxprs as _jaxpr
+from . import primitives
 
 
 class _SaveAll:
@@ -65,7 +63,7 @@ def mark(fun: Callable, policy: _SaveAll) -> Callable:
 
 def policy(eqn):
     """The mark an equation carries (a :class:`StackMark` or :data:`BLOCK`), or ``None``."""
-    if eqn.primitive.name in CHECKPOINTS:
+    if primitives.is_checkpoint(eqn):
         found = eqn.params.get("policy")
         if isinstance(found, _SaveAll):
             return found

@@ -27,13 +27,18 @@ import jax
 import numpy as np
 from jax.extend import core
 
-from . import _chains, _context, _jaxpr, _layers, _marks
-from ._backward import Local, differentiate
-from ._context import EXACT_SCOPE
-from ._jaxpr import is_float
-from ._options import Options, StackOptions
-from ._split import NONE
-from ._stack import scan_forward, scan_stack
+from .._backward import layers as _layers
+from .._backward.sweeps import Local, differentiate
+from .._front import context as _context
+from .._front.context import EXACT_SCOPE
+from .._front.options import Options, StackOptions
+from . import chains as _chains
+from . import jaxprs as _jaxpr
+from . import marks as _marks
+from . import primitives
+from .jaxprs import is_float
+from .split import NONE
+from .stacks import scan_forward, scan_stack
 
 
 class NoStackWarning(UserWarning):
@@ -218,7 +223,7 @@ def _analyse(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.Jaxpr
     scan (its options apply, its block is a cut, and its source is the user's call)."""
     mark = _marks.stack_mark(marked_by) if marked_by is not None else None
     params = eqn.params
-    num_consts, num_carry, body = _jaxpr.scan_layout(eqn)
+    num_consts, num_carry, body = primitives.scan_layout(eqn)
     carry_avals = [v.aval for v in body.jaxpr.invars[num_consts : num_consts + num_carry]]
     carry = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in carry_avals)
     if mark is None:
@@ -310,8 +315,8 @@ def _linearize_for(options: StackOptions, body, per_layer, length: int) -> Stack
     XLA's CPU backend runs many times slower than the separate ones (layer by layer instead)."""
     if jax.default_backend() != "cpu" or length > UNROLL_CONVOLUTIONS:
         return options
-    convs = [e for e in body.eqns if e.primitive.name == "conv_general_dilated"]
-    if convs and _jaxpr.depends_on(body.eqns, per_layer, [e.invars[1] for e in convs]):
+    kernels = [k for k in map(primitives.convolution_kernel, body.eqns) if k is not None]
+    if kernels and _jaxpr.depends_on(body.eqns, per_layer, kernels):
         return dataclasses.replace(options, linearize="unroll")
     return options
 
@@ -338,7 +343,7 @@ def _choose(scans) -> Callable[[Any], bool]:
 
 
 _CALLS = ("jit", "pjit")
-_REMATS = _marks.CHECKPOINTS
+_REMATS = ("checkpoint", "remat", "remat2")
 _INLINE = {"closed_call": "call_jaxpr", "core_call": "call_jaxpr"}  # calls that only name their contents
 #: Equations whose contents the rewrite evaluates (converting the stacks inside); what any other
 #: equation holds (a custom_vjp's or custom_jvp's rule, a while loop, a shard_map) runs as traced.
@@ -427,7 +432,7 @@ class Rewriter:
         if mark is not None:
             return True  # evaluated by its contents, counted (converted already, or converted here)
         if name == "scan":
-            return self.converts(eqn) or self.rewrites(_jaxpr.scan_layout(eqn)[2].jaxpr)
+            return self.converts(eqn) or self.rewrites(primitives.scan_layout(eqn)[2].jaxpr)
         if name == "cond":
             return any(self.rewrites(j) for j, _ in _branches(eqn))
         if name in _CALLS or name in _REMATS or name in _INLINE:
@@ -575,7 +580,7 @@ class Rewriter:
         found = self.found(eqn, marked_by)
         self.trivial += found.marked and found.trivial
         if not self.converts(eqn, marked_by):
-            num_consts, num_carry, body = _jaxpr.scan_layout(eqn)
+            num_consts, num_carry, body = primitives.scan_layout(eqn)
             if not self.rewrites(body.jaxpr):
                 return _jaxpr.bind(eqn, invals)
             # The same scan, differentiated exactly by JAX, with the stacks inside its step converted.
@@ -607,7 +612,7 @@ class Rewriter:
         """``(init, xs, consts)`` of a scan equation; literal operands (a Python float as the
         initial carry) become arrays of their type."""
         invals = [jax.numpy.asarray(v, getattr(a.aval, "dtype", None)) if isinstance(a, core.Literal) else v for a, v in zip(eqn.invars, invals)]
-        num_consts, num_carry, _ = _jaxpr.scan_layout(eqn)
+        num_consts, num_carry, _ = primitives.scan_layout(eqn)
         return list(invals[num_consts : num_consts + num_carry]), list(invals[num_consts + num_carry :]), tuple(invals[:num_consts])
 
     def _layer_parallel(self, stack, init, xs, consts) -> list | None:
@@ -776,7 +781,7 @@ def _collect(rewriter: Rewriter, jaxpr, infos: list, *, kept: str | None, nested
                 info = dataclasses.replace(info, reason=f"{info.reason} (nested: converted within the {inner_nested})")
             infos.append(info)
             outer = "outer block" if info.converted else "outer loop, which stays exact"
-            _collect(rewriter, _jaxpr.scan_layout(eqn)[2].jaxpr, infos, kept=inner_kept, nested=outer)
+            _collect(rewriter, primitives.scan_layout(eqn)[2].jaxpr, infos, kept=inner_kept, nested=outer)
         else:
             for sub in _jaxpr.sub_jaxprs(eqn):
                 _collect(rewriter, sub, infos, kept=inner_kept, nested="cond branch" if name == "cond" else inner_nested)

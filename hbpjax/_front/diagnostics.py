@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _filter
-from ._options import check_iterations
-from ._transform import highway_grad, normalize_argnums
+from . import filter as _filter
+from .options import check_iterations
+from .transform import highway_grad, normalize_argnums
 
 _NAME = "hbpjax.gradient_agreement"
 
@@ -124,7 +124,7 @@ def gradient_agreement(
     nums = (nums,) if isinstance(nums, int) else nums
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args)):
-        from . import nnx as hbpjax_nnx
+        from .. import nnx as hbpjax_nnx
 
         # A snapshot: the reference and every k start from the same state (RNG counts, batch
         # statistics), each on modules of its own, and the user's modules are left as they were.

@@ -37,25 +37,11 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
-from ._jaxpr import Atom, bind, closed_env, computes_complex, evaluate, run
+from . import primitives
+from .bounds import k_bound
+from .jaxprs import Atom, bind, closed_env, evaluate, run
 
 IDENTITY, DIAGONAL, NONE = "identity", "diagonal", "none"
-
-#: Primitives that act elementwise (pointwise) on operands of one shape (scalars broadcast).
-ELEMENTWISE = frozenset(
-    ["abs", "acos", "acosh", "add", "add_any", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "clamp", "conj", "convert_element_type", "copy", "copy_p", "cos", "cosh", "digamma", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "imag", "integer_pow", "lgamma", "log", "log1p", "logistic", "max", "min", "mul", "neg", "nextafter", "pow", "real", "reduce_precision", "rem", "round", "rsqrt", "select_n", "sharding_constraint", "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh"]
-)
-#: Pointwise tests: inside an elementwise call they may read the carry (``jnp.where(h > 0, h, 0)``);
-#: their boolean outputs carry no derivative.
-_FLAGS = frozenset(["eq", "ne", "lt", "le", "gt", "ge", "is_finite", "not", "and", "or", "xor"])
-#: Call primitives that count as elementwise when their inner jaxpr is (``jax.nn.relu``, ...).
-CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
-#: Calls whose values the bounds on ``K`` read through: the above, and checkpoints (a value is the
-#: same whether or not it is rematerialized).
-_RANGE_CALLS = {**CALLS, "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr"}
-#: Steps of a residual path that keep ``K = 1`` (for the report: "identity" vs "diagonal").
-_IDENTITY_STEPS = frozenset({"add", "add_any", "copy", "copy_p", "sharding_constraint"})
-
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -156,17 +142,6 @@ def split(
     return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), bounds)
 
 
-#: Wrappers the split reads through when they compute the step's new carry: calls and checkpoints
-#: (whose derivative is that of their contents) and custom derivative rules (whose derivative is
-#: the user's: the stack then takes the whole step's derivative from the rule, see ``ScanStack``).
-WRAPPERS = {
-    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
-    "remat2": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-}
-_CHECKPOINTS = ("checkpoint", "remat", "remat2")
-RULES = ("custom_jvp_call", "custom_vjp_call")
-
-
 @dataclasses.dataclass(frozen=True)
 class Remat:
     """The ``jax.checkpoint`` a step was wrapped in (``nnx.remat``, ``nn.remat``): its policy
@@ -194,33 +169,27 @@ def read_through(body: core.ClosedJaxpr, carry: Sequence[int], *, keep: Callable
         jaxpr = body.jaxpr
         carry_out = {jaxpr.outvars[i] for i in carry if isinstance(jaxpr.outvars[i], core.Var)}
         wrapped = {
-            id(eqn) for eqn in jaxpr.eqns
-            if eqn.primitive.name in WRAPPERS and not keep(eqn) and carry_out.intersection(eqn.outvars)
-            and len(_contents(eqn).invars) == len(eqn.invars)
+            eqn for eqn in jaxpr.eqns
+            if primitives.call(eqn) is not None and not keep(eqn) and carry_out.intersection(eqn.outvars)
+            and len(primitives.inner(eqn)[0].invars) == len(eqn.invars)
         }
         if not wrapped:
             break
         for eqn in jaxpr.eqns:
-            if id(eqn) in wrapped and eqn.primitive.name in _CHECKPOINTS and remat is None:
+            if eqn in wrapped and primitives.is_checkpoint(eqn) and remat is None:
                 remat = Remat(eqn.params.get("policy"), bool(eqn.params.get("prevent_cse", True)))
-            rule = rule or (id(eqn) in wrapped and eqn.primitive.name in RULES)
+            rule = rule or (eqn in wrapped and primitives.is_rule(eqn))
 
         def inline(eqn, invals, wrapped=wrapped):
-            if id(eqn) not in wrapped:
+            if eqn not in wrapped:
                 return bind(eqn, invals)
-            inner = eqn.params[WRAPPERS[eqn.primitive.name]]
-            return run(_contents(eqn), {**dict(zip(_contents(eqn).constvars, getattr(inner, "consts", ()))),
-                                         **dict(zip(_contents(eqn).invars, invals))})
+            inner, consts = primitives.inner(eqn)
+            return run(inner, {**dict(zip(inner.constvars, consts)), **dict(zip(inner.invars, invals))})
 
         shaped: list[Any] = [v.aval for v in jaxpr.invars]
         avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in shaped]
         body = jax.make_jaxpr(lambda *a, body=body, inline=inline: run(body.jaxpr, closed_env(body, a), eval_eqn=inline))(*avals)
     return body, remat, rule
-
-
-def _contents(eqn):
-    inner = eqn.params[WRAPPERS[eqn.primitive.name]]
-    return getattr(inner, "jaxpr", inner)
 
 
 def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False) -> dict | None:
@@ -231,7 +200,7 @@ def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False) -> 
         leaf = None if opaque(eqn) else _diagonal_leaf(eqn, diag, h_avals)
         if leaf is not None:
             diag.update((v, leaf) for v in eqn.outvars)
-        elif strict and eqn.primitive.name not in _FLAGS and any(isinstance(a, core.Var) and a in diag for a in eqn.invars):
+        elif strict and not primitives.is_flag(eqn) and any(isinstance(a, core.Var) and a in diag for a in eqn.invars):
             return None
     return diag
 
@@ -247,16 +216,10 @@ def _diagonal_leaf(eqn, diag: dict, h_avals: dict) -> int | None:
         aval = v.aval
         if getattr(aval, "shape", None) != want.shape or not _is_float(aval):
             return None
-    name = eqn.primitive.name
-    if name in ELEMENTWISE:
-        if name == "convert_element_type" and not all(_is_float(a.aval) for a in eqn.invars if isinstance(a, core.Var)):
-            return None
+    if primitives.is_elementwise(eqn):
         return leaf
-    if name in CALLS:
-        inner = eqn.params.get(CALLS[name])
-        inner = getattr(inner, "jaxpr", inner)
-        if inner is None or len(inner.invars) != len(eqn.invars):
-            return None
+    inner = primitives.elementwise_body(eqn)
+    if inner is not None:
         inner_diag = {iv: 0 for iv, a in zip(inner.invars, eqn.invars) if isinstance(a, core.Var) and diag.get(a) == leaf}
         found = _classify(inner.eqns, inner_diag, {0: want}, lambda e: False, strict=True)
         if found is not None and all(isinstance(o, core.Var) and o in found for o in inner.outvars):
@@ -269,9 +232,8 @@ def _kind(out, h_var, leaf: int, diag: dict, producer: dict) -> str:
     var = out
     while var is not h_var:
         eqn = producer[var]
-        name = eqn.primitive.name
         on_path = [a for a in eqn.invars if isinstance(a, core.Var) and diag.get(a) == leaf]
-        if (name in _IDENTITY_STEPS and len(on_path) == 1) or (name == "sub" and len(on_path) == 1 and eqn.invars[0] is on_path[0]):
+        if len(on_path) == 1 and primitives.keeps_unit_slope(eqn, on_path[0]):
             var = on_path[0]
         else:
             return DIAGONAL
@@ -281,135 +243,3 @@ def _kind(out, h_var, leaf: int, diag: dict, producer: dict) -> str:
 def _is_float(aval) -> bool:
     dtype = getattr(aval, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
-# ----------------------------------------------------------------------- bounds on K (static)
-
-_INF = float("inf")
-_ALL = (-_INF, _INF)
-#: Values of these primitives stay in a known range whatever their input.
-_RANGES = {"logistic": (0.0, 1.0), "tanh": (-1.0, 1.0), "sin": (-1.0, 1.0), "cos": (-1.0, 1.0), "erf": (-1.0, 1.0)}
-#: ... and so do their derivatives: d out / d in lies in this range.
-_SLOPES = {"logistic": (0.0, 0.25), "tanh": (0.0, 1.0), "sin": (-1.0, 1.0), "cos": (-1.0, 1.0), "erf": (0.0, 1.13)}
-#: Elementwise ops that pass values (and derivatives) through unchanged.
-_PASS = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision", "stop_gradient"})
-#: custom_jvp functions whose rule is the derivative of their body (so the body can be analysed).
-_KNOWN_CUSTOM_JVP = frozenset({"relu", "relu6"})
-
-
-def _mul(a, b):
-    products = [x * y for x in a for y in b if not ((x == 0 and abs(y) == _INF) or (y == 0 and abs(x) == _INF))]
-    return (min(products, default=0.0), max(products, default=0.0))
-
-
-def _add(a, b):
-    return (a[0] + b[0], a[1] + b[1])
-
-
-def _union(*intervals):
-    return (min(i[0] for i in intervals), max(i[1] for i in intervals))
-
-
-def _literal(a) -> tuple:
-    """The interval of a literal: its value for a real scalar, unbounded otherwise."""
-    if jnp.ndim(a.val) == 0 and not jnp.iscomplexobj(a.val):
-        return (float(a.val), float(a.val))
-    return _ALL
-
-
-def _values(eqns, known: dict) -> dict:
-    """An interval containing every value of each variable (``known`` seeds some; others unbounded)."""
-    ranges = dict(known)
-    get = lambda a: _literal(a) if isinstance(a, core.Literal) else ranges.get(a, _ALL)
-    for eqn in eqns:
-        name, ins = eqn.primitive.name, [get(a) for a in eqn.invars]
-        out = _ALL
-        if name in _RANGES:
-            out = _RANGES[name]
-        elif name in _PASS and ins:
-            out = ins[0]
-        elif name == "neg":
-            out = (-ins[0][1], -ins[0][0])
-        elif name in ("add", "add_any"):
-            out = _add(ins[0], ins[1])
-        elif name == "sub":
-            out = _add(ins[0], (-ins[1][1], -ins[1][0]))
-        elif name == "mul":
-            out = _mul(ins[0], ins[1])
-        elif name == "max":
-            out = (max(ins[0][0], ins[1][0]), max(ins[0][1], ins[1][1]))
-        elif name == "min":
-            out = (min(ins[0][0], ins[1][0]), min(ins[0][1], ins[1][1]))
-        elif name == "select_n":
-            out = _union(*ins[1:])
-        elif name in ("abs", "square") or (name == "integer_pow" and eqn.params.get("y", 1) % 2 == 0):
-            out = (0.0, _INF)
-        elif name in _RANGE_CALLS and (name != "custom_jvp_call" or eqn.params.get("name") in _KNOWN_CUSTOM_JVP):
-            inner = getattr(eqn.params.get(_RANGE_CALLS[name]), "jaxpr", eqn.params.get(_RANGE_CALLS[name]))
-            if inner is not None and len(inner.invars) == len(ins):
-                inner_ranges = _values(inner.eqns, dict(zip(inner.invars, ins)))
-                outs = [inner_ranges.get(o, _ALL) if isinstance(o, core.Var) else _ALL for o in inner.outvars]
-                ranges.update(zip(eqn.outvars, outs))
-                continue
-        for v in eqn.outvars:
-            ranges[v] = out
-    return ranges
-
-
-def _slopes(eqns, h, values: dict) -> dict:
-    """An interval containing d v / d h (elementwise) for every value ``v`` on the path from ``h``."""
-    slope = {h: (1.0, 1.0)}
-    value = lambda a: _literal(a) if isinstance(a, core.Literal) else values.get(a, _ALL)
-    for eqn in eqns:
-        on = [a for a in eqn.invars if isinstance(a, core.Var) and a in slope]
-        if not on:
-            continue
-        name = eqn.primitive.name
-        d = lambda a: slope.get(a, (0.0, 0.0)) if isinstance(a, core.Var) else (0.0, 0.0)
-        out = _ALL
-        if name in _PASS:
-            out = (0.0, 0.0) if name == "stop_gradient" else d(eqn.invars[0])
-        elif name == "neg":
-            lo, hi = d(eqn.invars[0])
-            out = (-hi, -lo)
-        elif name in ("add", "add_any"):
-            out = _add(d(eqn.invars[0]), d(eqn.invars[1]))
-        elif name == "sub":
-            lo, hi = d(eqn.invars[1])
-            out = _add(d(eqn.invars[0]), (-hi, -lo))
-        elif name == "mul":
-            a, b = eqn.invars
-            out = _add(_mul(d(a), value(b)), _mul(d(b), value(a)))
-        elif name in ("max", "min"):
-            out = _union((0.0, 0.0), *(d(a) for a in eqn.invars))  # one operand's slope, or none
-        elif name == "select_n":
-            out = _union(*(d(a) for a in eqn.invars[1:]))
-        elif name in _SLOPES and len(eqn.invars) == 1:
-            out = _mul(_SLOPES[name], d(eqn.invars[0]))
-        elif name in CALLS and (name != "custom_jvp_call" or eqn.params.get("name") in _KNOWN_CUSTOM_JVP):
-            inner = getattr(eqn.params.get(CALLS[name]), "jaxpr", eqn.params.get(CALLS[name]))
-            on_inner = [iv for iv, a in zip(inner.invars, eqn.invars) if isinstance(a, core.Var) and a in slope]
-            if len(on_inner) == 1 and len(inner.outvars) == 1:
-                (start,) = on_inner
-                outer = next(a for a in eqn.invars if isinstance(a, core.Var) and a in slope)
-                inner_values = _values(inner.eqns, {iv: value(a) for iv, a in zip(inner.invars, eqn.invars)})
-                inner_slope = _slopes(inner.eqns, start, inner_values).get(inner.outvars[0], _ALL)
-                out = _mul(inner_slope, slope[outer])
-        for v in eqn.outvars:
-            slope[v] = out
-    return slope
-
-
-def k_bound(jaxpr, h, out, eqns) -> float | None:
-    """An upper bound on ``|K| = |d out / d h|`` for a leaf's residual, or ``None`` if unknown.
-
-    Interval arithmetic over the step: value ranges (a sigmoid is in [0, 1], a tanh in [-1, 1], ...)
-    and, along the residual's equations, ranges of the derivative. ``h + z`` gives 1, a GRU's
-    ``z h + (1 - z) n`` gives 1, ``relu(h + z)`` gives 1; a LayerNorm's ``gain / std`` is unknown.
-    """
-    if computes_complex(jaxpr):
-        return None  # the ranges are those of real values
-    values = _values(jaxpr.eqns, {})
-    lo, hi = _slopes(eqns, h, values).get(out, _ALL)
-    bound = max(abs(lo), abs(hi))
-    return None if bound == _INF else bound

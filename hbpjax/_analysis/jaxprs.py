@@ -1,0 +1,195 @@
+"""Reading and evaluating jaxprs with JAX's public ``jax.extend.core`` API.
+
+The automatic stacks (:mod:`hbpjax._auto`) and the residual split (:mod:`hbpjax._split`) evaluate
+parts of traced programs: the whole of a function, the step of a scan, only the equations a set of
+values needs. Every equation is evaluated by binding its primitive with its own parameters, so the
+values are those of the traced program, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core
+
+from . import primitives
+
+Atom = Any  # core.Var or core.Literal
+
+
+def is_float(x) -> bool:
+    """Whether a value (or aval) holds real or complex floating-point numbers (differentiable)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        dtype = jnp.result_type(x)
+    return dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def read(env: dict, atom: Atom):
+    """The value of a variable, or a literal's constant."""
+    return atom.val if isinstance(atom, core.Literal) else env[atom]
+
+
+def bind(eqn: core.JaxprEqn, invals: Sequence) -> list:
+    """Evaluates one equation on ``invals`` (values or tracers); always returns a list."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is not None:
+        # The equation's context, except its mesh: the equation may be evaluated again under
+        # another one (inside a shard_map over the layers, where that axis is Manual).
+        mesh = jax.sharding.get_abstract_mesh()
+        with manager, jax.sharding.use_abstract_mesh(mesh):
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def needed(eqns: Sequence[core.JaxprEqn], targets: Iterable[Atom]) -> list[core.JaxprEqn]:
+    """The equations, in order, that the ``targets`` depend on."""
+    want = {a for a in targets if isinstance(a, core.Var)}
+    keep = []
+    for eqn in reversed(eqns):
+        if any(v in want for v in eqn.outvars):
+            keep.append(eqn)
+            want.update(a for a in eqn.invars if isinstance(a, core.Var))
+    return keep[::-1]
+
+
+def depends_on(eqns: Sequence[core.JaxprEqn], sources: Iterable[core.Var], targets: Iterable[Atom]) -> bool:
+    """Whether any of ``targets`` is computed from any of ``sources``.
+
+    Calls whose inner jaxpr lines up with the equation (``jit``, checkpoints, ``custom_jvp`` calls)
+    are followed inside: an output depends on the inputs its inner computation reads, not on every
+    input of the call.
+    """
+    reached = _reached(eqns, set(sources))
+    return any(isinstance(a, core.Var) and a in reached for a in targets)
+
+
+def _reached(eqns: Sequence[core.JaxprEqn], reached: set) -> set:
+    reached = set(reached)
+    for eqn in eqns:
+        hit = [isinstance(a, core.Var) and a in reached for a in eqn.invars]
+        if not any(hit):
+            continue
+        inner = primitives.aligned_inner(eqn)
+        if inner is None:
+            reached.update(eqn.outvars)
+            continue
+        inside = _reached(inner.eqns, {v for v, h in zip(inner.invars, hit) if h})
+        reached.update(o for o, io in zip(eqn.outvars, inner.outvars) if isinstance(io, core.Var) and io in inside)
+    return reached
+
+
+def evaluate(
+    eqns: Sequence[core.JaxprEqn],
+    env: dict,
+    targets: Sequence[Atom],
+    *,
+    eval_eqn: Callable[[core.JaxprEqn, list], list] = bind,
+) -> list:
+    """The values of ``targets`` from the inputs in ``env``, evaluating only the equations needed.
+
+    Args:
+      eqns: equations of one jaxpr, in order.
+      env: values of the variables the needed equations read (inputs, consts); not modified.
+      targets: the atoms to compute.
+      eval_eqn: how to evaluate one equation (default :func:`bind`; the automatic stacks pass one
+        that rewrites nested scans).
+    """
+    env = dict(env)
+    for eqn in needed(eqns, targets):
+        for var, value in zip(eqn.outvars, eval_eqn(eqn, [read(env, a) for a in eqn.invars])):
+            env[var] = value
+    return [read(env, a) for a in targets]
+
+
+def run(
+    jaxpr: core.Jaxpr, env: dict, *, eval_eqn: Callable[[core.JaxprEqn, list], list] = bind
+) -> list:
+    """Every equation of ``jaxpr`` in order (effects included): its outputs, given its inputs in
+    ``env``. ``eval_eqn`` evaluates one equation, as in :func:`evaluate`."""
+    env = dict(env)
+    for eqn in jaxpr.eqns:
+        env.update(zip(eqn.outvars, eval_eqn(eqn, [read(env, a) for a in eqn.invars])))
+    return [read(env, a) for a in jaxpr.outvars]
+
+
+def closed_env(closed: core.ClosedJaxpr, args: Sequence) -> dict:
+    """The environment of a closed jaxpr: its constants and its inputs bound to ``args``."""
+    env = dict(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, args))
+    return env
+
+
+def sub_jaxprs(eqn: core.JaxprEqn) -> list[core.Jaxpr]:
+    """The jaxprs an equation holds in its parameters (bodies of scans, jits, conds, ...)."""
+    return [getattr(j, "jaxpr", j) for j in core.jaxprs_in_params(eqn.params)]
+
+
+def computes_complex(jaxpr: core.Jaxpr) -> bool:
+    """Whether any equation of ``jaxpr``, at any depth, computes a complex value."""
+    for eqn in jaxpr.eqns:
+        dtypes = (getattr(v.aval, "dtype", None) for v in eqn.outvars)
+        if any(d is not None and jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+            return True
+        if any(computes_complex(sub) for sub in sub_jaxprs(eqn)):
+            return True
+    return False
+
+
+def holds(jaxpr: core.Jaxpr, test: Callable[[core.JaxprEqn], bool]) -> bool:
+    """Whether any equation of ``jaxpr``, at any depth, passes ``test``."""
+    return any(test(eqn) or any(holds(sub, test) for sub in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+
+
+def scope(eqn: core.JaxprEqn) -> str:
+    """The equation's name stack as a string (``"outer/inner"``, transforms as ``"vmap(...)"``)."""
+    source = getattr(eqn, "source_info", None)
+    return str(getattr(source, "name_stack", "") or "")
+
+
+def in_scope(eqn: core.JaxprEqn, name: str) -> bool:
+    """Whether the equation was traced inside ``jax.named_scope(name)`` (at any depth)."""
+    return re.search(r"(^|[/(])" + re.escape(name) + r"($|[/)\[])", scope(eqn)) is not None
+
+
+#: The directory of the hbpjax package.
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    """Directories of the libraries between the user's code and a traced equation."""
+    dirs = [_PACKAGE]  # hbpjax/ itself (hbpjax/examples/ is user code: see below)
+    for module in ("jax", "jaxlib", "flax", "optax", "equinox"):
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(spec.origin))
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def user_source(eqn: core.JaxprEqn) -> str:
+    """``file:line`` of the innermost frame of the user's code that traced ``eqn``."""
+    traceback = getattr(getattr(eqn, "source_info", None), "traceback", None)
+    frames = list(getattr(traceback, "frames", None) or [])
+    examples = os.path.join(_PACKAGE, "examples", "")
+    for frame in frames:  # innermost first
+        name = frame.file_name
+        library = name.startswith(_library_dirs()) and not name.startswith(examples)
+        if not library and not name.startswith("<frozen "):
+            return f"{frame.file_name}:{frame.line_num}"
+    if frames:
+        return f"{frames[0].file_name}:{frames[0].line_num}"
+    return "<unknown>"
