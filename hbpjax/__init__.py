@@ -8,9 +8,9 @@ gradient path through at most ``k`` blocks exactly; ``k >= L`` is exact backprop
 """
 
 from . import residual as residual
-from ._analysis.auto import NoStackWarning as NoStackWarning
-from ._analysis.auto import StackInfo as StackInfo
-from ._analysis.auto import find_stacks as find_stacks
+from ._analysis.conversion import find_stacks as find_stacks
+from ._analysis.info import NoStackWarning as NoStackWarning
+from ._analysis.info import StackInfo as StackInfo
 from ._backward.linearize import UnbatchableWarning as UnbatchableWarning
 from ._front.adaptive import AdaptiveIterations as AdaptiveIterations
 from ._front.adaptive import AdaptiveState as AdaptiveState

@@ -27,7 +27,7 @@ except ImportError as err:
         f"hbpjax.nnx needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
     ) from err
 
-from ._analysis import auto as _auto
+from ._analysis import conversion as _conversion
 from ._front import cells as _adapters
 from ._front.options import Options, describe
 from ._front.transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad, normalize_argnums
@@ -330,7 +330,7 @@ class ResidualRNN(_nnx.Module):
 
 
 class _GraphConversion:
-    """:class:`hbpjax._auto.Conversion` for a function of NNX modules, which it may mutate.
+    """:class:`hbpjax._analysis.conversion.Conversion` for a function of NNX modules, which it may mutate.
 
     The modules are split into a graph definition and a state; the pure function of the state that
     merges them, calls ``f`` and returns the new state is traced once and evaluated with its stacks
@@ -342,7 +342,7 @@ class _GraphConversion:
         self.f, self.options = f, options
         self.graphdef, state = _nnx.split((args, kwargs))
         # Every leaf of the state is traced, as nnx.value_and_grad passes all of it through JAX.
-        self.conversion = _auto.Conversion(self._pure, options, (state,), {}, differentiated=(0,))
+        self.conversion = _conversion.Conversion(self._pure, options, (state,), {}, differentiated=(0,))
         self.stacks = self.conversion.stacks
 
     def _pure(self, state):
@@ -361,7 +361,7 @@ class _GraphConversion:
         return out
 
     def warn(self, stacklevel: int = 2) -> None:
-        """:meth:`hbpjax._auto.Conversion.warn` of the last evaluation."""
+        """:meth:`hbpjax._analysis.conversion.Conversion.warn` of the last evaluation."""
         getattr(self, "last", self.conversion).warn(stacklevel + 1)
 
 

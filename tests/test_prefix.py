@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hbpjax._backward.prefix import affine_scan, plan, solve
+from hbpjax._backward.prefix import affine_scan, prepare, solve
 
 
 def _loop(k, u):
@@ -27,13 +27,13 @@ def test_matches_loop(length, method):
         np.testing.assert_allclose(affine_scan(k, u, method=method), _loop(k, u), rtol=1e-12, atol=1e-12)
 
 
-def test_pytree_and_reuse_of_the_plan():
+def test_pytree_and_reuse_of_the_preparation():
     rng = np.random.default_rng(0)
     k = {"a": rng.uniform(size=(9, 2)), "b": rng.uniform(size=(9,))}
-    planned = plan(jax.tree.map(jnp.asarray, k))
-    for seed in range(3):  # one plan, several right-hand sides (one per sweep)
+    prepared = prepare(jax.tree.map(jnp.asarray, k))
+    for seed in range(3):  # one preparation, several right-hand sides (one per sweep)
         u = jax.tree.map(lambda a: np.random.default_rng(seed).normal(size=a.shape), k)
-        w = solve(planned, jax.tree.map(jnp.asarray, u))
+        w = solve(prepared, jax.tree.map(jnp.asarray, u))
         for name in k:
             np.testing.assert_allclose(w[name], _loop(k[name], u[name]), rtol=1e-5, atol=1e-6)
 

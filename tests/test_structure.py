@@ -159,8 +159,8 @@ def test_save_linearization_false_loops_over_groups_of_layers_only():
 
 def test_linearization_read_by_several_vjps_stores_only_costly_values():
     """What the sweeps keep of a GRU cell's linearization: its gate values u and c (sigmoid, tanh),
-    not also u (1 - u) and 1 - c**2, which each VJP recomputes from them (_lean's policy)."""
-    from hbpjax._backward.linearize import _lean
+    not also u (1 - u) and 1 - c**2, which each VJP recomputes from them (lean's policy)."""
+    from hbpjax._backward.linearize import lean
 
     def cell(h, x, W):
         u = jax.nn.sigmoid(x @ W[0] + h @ W[1])
@@ -175,7 +175,7 @@ def test_linearization_read_by_several_vjps_stores_only_costly_values():
         return sum(a.shape == h.shape for a in jax.tree.leaves(vjp)) - 1  # not h itself
 
     assert stored(cell) == 4  # control: JAX's own rules keep both derivatives too
-    assert stored(_lean(cell)) == 2
+    assert stored(lean(cell)) == 2
 
 
 @pytest.mark.parametrize("dtype, rounded", [(jnp.float32, False), (jnp.bfloat16, True)])
@@ -184,7 +184,7 @@ def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
     which newer XLA keeps as a second copy of the value. The sweeps' linearization drops the
     rounding where it changes nothing (float32, float64) and keeps it elsewhere (bfloat16), with
     the same VJP as jax.vjp's."""
-    from hbpjax._backward.linearize import _lean, _vjp_unrounded
+    from hbpjax._backward.linearize import lean, vjp_unrounded
 
     def cell(h, x, W):
         u = jax.nn.sigmoid(x @ W[0] + h @ W[1])
@@ -193,7 +193,7 @@ def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     h, x = jax.random.normal(keys[0], (T, 3, 4), dtype), jax.random.normal(keys[1], (T, 3, 2), dtype)
     W = [jax.random.normal(k, s, dtype) for k, s in zip(keys[2:], [(2, 4), (4, 4), (4, 4)])]
-    blocks = jax.vmap(_lean(cell), in_axes=(0, 0, None))
+    blocks = jax.vmap(lean(cell), in_axes=(0, 0, None))
     ct = ((jnp.ones_like(h), jnp.ones_like(h)), ())
 
     def grads(vjp):
@@ -201,8 +201,8 @@ def test_stored_values_are_not_rounded_to_their_own_precision(dtype, rounded):
         return out, fun(ct)
 
     assert "reduce_precision" in str(jax.make_jaxpr(lambda: grads(jax.vjp))())  # control
-    assert ("reduce_precision" in str(jax.make_jaxpr(lambda: grads(_vjp_unrounded))())) == rounded
-    for ours, theirs in zip(jax.tree.leaves(grads(_vjp_unrounded)), jax.tree.leaves(grads(jax.vjp))):
+    assert ("reduce_precision" in str(jax.make_jaxpr(lambda: grads(vjp_unrounded))())) == rounded
+    for ours, theirs in zip(jax.tree.leaves(grads(vjp_unrounded)), jax.tree.leaves(grads(jax.vjp))):
         np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
 
 

@@ -60,6 +60,7 @@ class Chain:
       outputs: per group, the values of its equations used outside the chain, in one order.
       body: the first group as a scan step ``(shared, h, per_layer) -> (h_next, outputs)``.
       period, length: ``p`` and ``L``.
+      layer_positions: per group, the positions of its equations in the jaxpr.
     """
 
     init: core.Var
@@ -71,10 +72,12 @@ class Chain:
     body: Any
     period: int
     length: int
+    layer_positions: list
 
     @property
-    def eqn_ids(self) -> set:
-        return {id(e) for layer in self.layers for e in layer}
+    def positions(self) -> list[int]:
+        """The positions of the chain's equations in the jaxpr it was found in."""
+        return [i for layer in self.layer_positions for i in layer]
 
     def stacked_bytes(self) -> int:
         """What stacking the per-layer inputs for the backward takes."""
@@ -137,15 +140,17 @@ class Miss:
     first: core.JaxprEqn
     joins: int
     reason: str
+    position: int  # of ``first`` in the jaxpr
 
 
 # ---------------------------------------------------------------------------------------- finding
 
 
-def find(jaxpr: core.Jaxpr) -> tuple[list[Chain], list[Miss]]:
+def find(jaxpr: core.Jaxpr, *, outputs: Sequence | None = None) -> tuple[list[Chain], list[Miss]]:
     """The chains of ``jaxpr`` (its own equations; what calls and loops hold is another jaxpr's)
-    and the spines of residual blocks that are not chains, with the reason."""
-    graph = _Graph(jaxpr)
+    and the spines of residual blocks that are not chains, with the reason. ``outputs`` are the
+    values read after ``jaxpr`` (default: its outputs): a chain returns those it computes."""
+    graph = _Graph(jaxpr, jaxpr.outvars if outputs is None else outputs)
     chains, misses = [], []
     for spine in graph.spines():
         joins = [n for n in spine[1:] if graph.kind[n] == "join"]
@@ -170,12 +175,12 @@ def find(jaxpr: core.Jaxpr) -> tuple[list[Chain], list[Miss]]:
         assert best is not None  # the spine holds the last join: one candidate at least
         _, found, (segments, keys, boundaries) = best
         if not found:
-            misses.append(Miss(segments[0][0], len(joins), _difference(keys, segments)))
+            misses.append(Miss(segments[0][0], len(joins), _difference(keys, segments), graph.order[segments[0][0]]))
             continue
         for start, period, groups in found:
             chain, reason = graph.chain(boundaries, start, period, groups)
             if chain is None:
-                misses.append(Miss(segments[start][0], len(joins), reason))
+                misses.append(Miss(segments[start][0], len(joins), reason, graph.order[segments[start][0]]))
             else:
                 chains.append(chain)
     return chains, misses
@@ -225,7 +230,7 @@ def _describe(eqn) -> str:
 class _Graph:
     """Who depends on whom in one jaxpr, and its residual links."""
 
-    def __init__(self, jaxpr):
+    def __init__(self, jaxpr, outputs):
         self.jaxpr = jaxpr
         self.bit: dict = {}
         self.anc: dict = {}  # var -> bitmask of the vars it is computed from (itself included)
@@ -240,8 +245,8 @@ class _Graph:
             for v in eqn.outvars:
                 self._add(v, deps)
                 self.producer[v] = eqn
-        self.order = {id(e): i for i, e in enumerate(jaxpr.eqns)}
-        self.used_outside = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+        self.order = {e: i for i, e in enumerate(jaxpr.eqns)}
+        self.used_outside = {v for v in outputs if isinstance(v, core.Var)}
         self.kind, self.pred = {}, {}
         for eqn in jaxpr.eqns:
             self._link(eqn)
@@ -279,7 +284,7 @@ class _Graph:
         for node, parent in self.pred.items():
             children.setdefault(parent, []).append(node)
         height: dict = {}
-        for node in sorted(self.pred, key=lambda v: -self.order.get(id(self.producer[v]), 0)):
+        for node in sorted(self.pred, key=lambda v: -self.order.get(self.producer[v], 0)):
             height[node] = 1 + max((height.get(c, 1) for c in children.get(node, ())), default=0)
         taken, out = set(), []
         roots = [v for v in children if v not in self.pred]
@@ -359,13 +364,13 @@ class _Graph:
                 return None, f"layer {reader + 1} reads a value another layer computed, not through the residual stream: left to backprop"
             if all(v is column[0] for v in column):
                 shared.append(column[0])
-            elif len({id(v) for v in column}) == len(column):
+            elif len(set(column)) == len(column):
                 per_layer.append(column)
             else:
                 first = next(i for i in range(len(column)) if any(column[j] is column[i] for j in range(i)))
                 return None, f"layer {first + 1} reads an input that another layer reads too, but not every layer does: left to backprop"
         per_layer = [[column[g] for column in per_layer] for g in range(groups)]
-        owned = {id(e) for eqns in layers for e in eqns}
+        owned = {self.order[e] for eqns in layers for e in eqns}
         final = carries[-1]  # the chain's final value, returned as such
         union = sorted({
             where for eqns in layers for where in _positions(eqns, [
@@ -375,7 +380,8 @@ class _Graph:
         })
         outputs = [[eqns[i].outvars[j] for i, j in union] for eqns in layers]
         body = _body(layers[0], init, carries[0], shared, per_layer[0], outputs[0])
-        return Chain(init, carries, layers, shared, per_layer, outputs, body, period, groups), None
+        positions = [[self.order[e] for e in eqns] for eqns in layers]
+        return Chain(init, carries, layers, shared, per_layer, outputs, body, period, groups, positions), None
 
     def _used_by_others(self, v, owned) -> bool:
         users: dict[Any, list] | None = getattr(self, "_users", None)
@@ -386,7 +392,7 @@ class _Graph:
                 for a in e.invars:
                     if isinstance(a, core.Var):
                         users.setdefault(a, []).append(e)
-        return any(id(e) not in owned for e in users.get(v, ()))
+        return any(self.order[e] not in owned for e in users.get(v, ()))
 
 
 def _positions(eqns, values) -> list:

@@ -132,10 +132,10 @@ def _divide(jaxpr: core.Jaxpr, counts: tuple) -> tuple[list, list, list]:
                 candidates.append(eqn)
     if not candidates:
         return [], [], list(jaxpr.eqns)
-    before = _jaxpr.needed(jaxpr.eqns, [v for e in candidates for v in e.outvars])
-    taken = {id(e) for e in before if any(v in per_step for v in e.outvars)}
-    loop = [e for e in jaxpr.eqns if id(e) not in taken]
+    positions = _jaxpr.needed_positions(jaxpr.eqns, [v for e in candidates for v in e.outvars])
+    taken = {i for i in positions if any(v in per_step for v in jaxpr.eqns[i].outvars)}
+    loop = [e for i, e in enumerate(jaxpr.eqns) if i not in taken]
     read_after = {a for e in loop for a in e.invars if isinstance(a, core.Var)}
     read_after |= {a for a in jaxpr.outvars if isinstance(a, core.Var)}
-    frontier = [v for e in before if id(e) in taken for v in e.outvars if v in read_after]
-    return before, frontier, loop
+    frontier = [v for i in positions if i in taken for v in jaxpr.eqns[i].outvars if v in read_after]
+    return [jaxpr.eqns[i] for i in positions], frontier, loop

@@ -8,6 +8,7 @@ values are those of the traced program, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core
+from jax.extend import core, source_info_util
 
 from . import primitives
 
@@ -38,31 +39,47 @@ def read(env: dict, atom: Atom):
 
 
 def bind(eqn: core.JaxprEqn, invals: Sequence) -> list:
-    """Evaluates one equation on ``invals`` (values or tracers); always returns a list."""
+    """Evaluates one equation on ``invals`` (values or tracers); always returns a list.
+
+    The equation traced anew keeps its own source: the user's line (what :func:`user_source` and
+    error messages show) and its name stack (its named scopes, :func:`hbpjax.exact` regions
+    included), under the current one.
+    """
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns = ()
     if isinstance(params, tuple):  # older JAX: (subfuns, params)
         subfuns, params = params
+    source = getattr(eqn, "source_info", None)
+    context: Any = contextlib.nullcontext()
+    if source is not None:
+        names = source_info_util.current_name_stack() + source.name_stack
+        context = source_info_util.user_context(source.traceback, name_stack=names)
     manager = getattr(getattr(eqn, "ctx", None), "manager", None)
-    if manager is not None:
-        # The equation's context, except its mesh: the equation may be evaluated again under
-        # another one (inside a shard_map over the layers, where that axis is Manual).
-        mesh = jax.sharding.get_abstract_mesh()
-        with manager, jax.sharding.use_abstract_mesh(mesh):
+    with context:
+        if manager is None:
             out = eqn.primitive.bind(*subfuns, *invals, **params)
-    else:
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
+        else:
+            # The equation's context, except its mesh: the equation may be evaluated again under
+            # another one (inside a shard_map over the layers, where that axis is Manual).
+            mesh = jax.sharding.get_abstract_mesh()
+            with manager, jax.sharding.use_abstract_mesh(mesh):
+                out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def needed(eqns: Sequence[core.JaxprEqn], targets: Iterable[Atom]) -> list[core.JaxprEqn]:
     """The equations, in order, that the ``targets`` depend on."""
+    return [eqns[i] for i in needed_positions(eqns, targets)]
+
+
+def needed_positions(eqns: Sequence[core.JaxprEqn], targets: Iterable[Atom]) -> list[int]:
+    """The positions, in order, of the equations that the ``targets`` depend on."""
     want = {a for a in targets if isinstance(a, core.Var)}
     keep = []
-    for eqn in reversed(eqns):
-        if any(v in want for v in eqn.outvars):
-            keep.append(eqn)
-            want.update(a for a in eqn.invars if isinstance(a, core.Var))
+    for i in reversed(range(len(eqns))):
+        if any(v in want for v in eqns[i].outvars):
+            keep.append(i)
+            want.update(a for a in eqns[i].invars if isinstance(a, core.Var))
     return keep[::-1]
 
 

@@ -54,6 +54,7 @@ class Split:
       z: the values the residual reads besides the carry, computed by the block.
       out_z: per carry leaf of kind ``"none"``, the position in ``z`` of its new value.
       eqns: per carry leaf, the elementwise equations of its residual, in program order.
+      positions: per carry leaf, the positions of those equations in the step's jaxpr.
       k_bounds: per carry leaf, an upper bound on ``|K|`` proved from the step (interval
         arithmetic), or ``None`` when none is known (0 for leaves of kind ``"none"``).
     """
@@ -64,6 +65,7 @@ class Split:
     z: tuple[Atom, ...]
     out_z: tuple[int | None, ...]
     eqns: tuple[tuple[core.JaxprEqn, ...], ...]
+    positions: tuple[tuple[int, ...], ...]
     k_bounds: tuple[float | None, ...] = ()
 
     @property
@@ -114,20 +116,23 @@ def split(
     kinds: list = []
     out_z: list = []
     eqns: list[tuple] = []
+    positions: list[tuple] = []
+    position = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
     for p, out in enumerate(outs):
         diag: dict = _classify(jaxpr.eqns, {h[p]: p}, {p: h[p].aval}, opaque)  # type: ignore[assignment]  # this leaf alone is the carry
         if not (isinstance(out, core.Var) and diag.get(out) == p):
             kinds.append(NONE)
             out_z.append(add_z(out))  # the new value is the block's (K = 0)
             eqns.append(())
+            positions.append(())
             continue
         chain: set[int] = set()
         todo = [out]
         while todo:
             var = todo.pop()
-            if var is h[p] or id(producer[var]) in chain:
+            if var is h[p] or position[var] in chain:
                 continue
-            chain.add(id(producer[var]))
+            chain.add(position[var])
             for a in producer[var].invars:
                 if isinstance(a, core.Var) and diag.get(a) == p:
                     todo.append(a)
@@ -135,11 +140,12 @@ def split(
                     add_z(a)
         kinds.append(_kind(out, h[p], p, diag, producer))
         out_z.append(None)
-        eqns.append(tuple(eqn for eqn in jaxpr.eqns if id(eqn) in chain))
+        eqns.append(tuple(jaxpr.eqns[i] for i in sorted(chain)))
+        positions.append(tuple(sorted(chain)))
     bounds = tuple(
         0.0 if zi is not None else k_bound(jaxpr, h[p], outs[p], eqns[p]) for p, zi in enumerate(out_z)
     )
-    return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), bounds)
+    return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), tuple(positions), bounds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,30 +1,8 @@
-"""The one description of a residual stack, and the one custom VJP built from it.
-
-A :class:`Stack` says everything the forward, the custom VJP and the Highway-BP backward need to
-know about a stack of ``L`` steps, whoever built it (:func:`hbpjax.residual_scan`, or the automatic
-conversion of a ``lax.scan`` found in a user's function):
-
-* the forward step on the *whole* carry, ``carry_i, y_i = step(carry_{i-1}, x_i, consts)``, whose
-  values the forward computes exactly as written;
-* the residual split on the *differentiated* carry leaves ``h`` (every floating-point leaf):
-  ``z_i, yb_i = block(h_{i-1}, (x_i, s_{i-1}), consts)`` and ``h_i = residual(h_{i-1}, z_i)``, with
-  ``residual`` elementwise in ``h``. ``s`` are the other carry leaves (integer counters, PRNG keys):
-  state the forward computes and the block reads as per-step inputs, never differentiated;
-* where the cotangent of each per-step output ``y_i`` goes: into a carry (``y_i`` *is* a new carry
-  leaf, like the carries :func:`hbpjax.residual_scan` returns), into the block (``y_i`` is any other
-  function of ``(h_{i-1}, x_i)``, computed by ``block`` as ``yb``), or nowhere (non-differentiable
-  outputs, aux state);
-* the options: length, direction, forward unrolling, and the stack's own
-  :class:`~hbpjax._options.StackOptions` (the backward-only ``gamma``, how the backward linearizes
-  the layers).
-
-:func:`hbpjax._backward.differentiate` turns a stack and a forward function into the
-``jax.custom_vjp`` whose backward is Highway-BP, on one device or over a chain of devices.
-"""
+"""The stack of a scan whose step is a jaxpr (a ``lax.scan`` found in a user's function, the step of
+a :func:`hbpjax.residual_scan`), and how it is built from the step's residual split."""
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from typing import Any
 
@@ -32,148 +10,16 @@ import jax
 from jax import lax
 from jax.extend import core
 
+from .._backward.stack import BLOCK, CARRY, Stack
 from .._front.options import StackOptions
-from . import hoist as _hoist
 from . import jaxprs as _jaxpr
 from . import marks as _marks
 from . import primitives
 from . import split as _split
+from .evaluate import Evaluator
 from .jaxprs import is_float
 
 _DEFAULT_OPTIONS = StackOptions()
-
-PyTree = Any
-tmap = jax.tree.map
-
-CARRY = "carry"  # y_route tag: the per-step output is a (differentiated) carry leaf
-BLOCK = "block"  # y_route tag: the per-step output is computed by the block
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Stack(abc.ABC):
-    """A residual stack as the forward and the backward see it (see the module docstring).
-
-    Attributes:
-      length: the number of steps ``L``.
-      num_carry: the number of carry leaves (flat).
-      diff: positions, in the flat list of carry leaves, of the differentiated leaves ``h``.
-      y_route: per per-step output leaf (flattened), ``(CARRY, p)`` (its cotangent joins that of
-        differentiated carry leaf ``p``), ``(BLOCK, m)`` (the block's ``m``-th extra output) or
-        ``None`` (no cotangent). Leaves past the end of the tuple have ``None``.
-      options: the stack's backward-only ``gamma`` and how it is linearized (checked already).
-      unroll: forward scan unrolling.
-      reverse: the forward runs from the last step to the first (``lax.scan(reverse=True)``).
-      block_reads_carry: whether ``block`` depends on ``h`` (``J != 0``). Only then does the
-        backward move any ``|K| > 1`` from the prefix scan into the sweeps; a block that ignores
-        the carry (a linear diagonal recurrence) keeps ``k = 0`` exact whatever ``K`` is.
-      k_within_one: whether ``|K| <= 1`` is known (from the split: ``h + z``, gates from a sigmoid,
-        ReLU masks), so the backward needs no clip, and stores no raw ``K``, for it.
-      k_is_one: whether ``K = 1`` exactly (every differentiated leaf's residual is ``h + ...``): the
-        prefix scan is then a reverse cumulative sum and ``K`` is never computed.
-      remat: the checkpoint the user wrapped each step in (``nnx.remat``, ``jax.checkpoint``),
-        kept around the block: the backward recomputes what its policy does not save, a group of
-        layers at a time (``None``: no checkpoint).
-    """
-
-    length: int
-    num_carry: int
-    diff: tuple[int, ...]
-    y_route: tuple[tuple[str, int] | None, ...] = ()
-    options: StackOptions = dataclasses.field(default_factory=StackOptions)
-    unroll: int | bool = 1
-    reverse: bool = False
-    block_reads_carry: bool = True
-    k_within_one: bool = False
-    k_is_one: bool = False
-    remat: _split.Remat | None = None
-
-    @property
-    def state(self) -> tuple[int, ...]:
-        """Positions of the carry leaves that are not differentiated."""
-        return tuple(i for i in range(self.num_carry) if i not in self.diff)
-
-    @property
-    def block_outputs(self) -> int:
-        """How many extra per-step outputs ``yb`` the block computes."""
-        return sum(1 for r in self.y_route if r is not None and r[0] == BLOCK)
-
-    @abc.abstractmethod
-    def step(self, carry: list, x: PyTree, consts: tuple) -> tuple[list, PyTree]:
-        """One forward step on the whole flat carry: ``(new carry leaves, per-step outputs)``."""
-
-    @abc.abstractmethod
-    def block(self, h: list, xe: tuple[PyTree, list], consts: tuple) -> tuple[PyTree, list]:
-        """``(z, yb)`` from the differentiated leaves ``h``, ``xe = (x, s)`` and the shared ``consts``."""
-
-    @abc.abstractmethod
-    def residual(self, h: list, z: PyTree) -> list:
-        """The new differentiated leaves, elementwise in ``h``."""
-
-    def step_inputs(self, init: list, xs: PyTree) -> tuple[list, tuple]:
-        """``(h, xe)`` of the first step, from the stack's initial carry and per-layer inputs."""
-        x = [a[0] for a in jax.tree.leaves(xs)]
-        return [init[i] for i in self.diff], (x, [init[i] for i in self.state])
-
-    def layer_inputs(self, xs: PyTree) -> PyTree:
-        """The per-layer inputs as the backward reads them, stacked on a leading layer axis (a
-        scan's ``xs`` are already)."""
-        return xs
-
-    def layer_cotangents(self, ct_xs: PyTree) -> PyTree:
-        """The cotangents of the per-layer inputs, laid out as :meth:`layer_inputs` received them."""
-        return ct_xs
-
-    def path(self, h: list, xe, consts: tuple):
-        """The block path of a layer: ``((new leaves, yb), z)`` whose Jacobian in ``h`` is ``J``.
-
-        The block, then the residual with its own ``h`` held fixed: one VJP of it takes the
-        cotangent of the layer's output to ``J^T`` of it (``K``, the residual's own dependence on
-        ``h``, is the prefix scan's). ``z`` is returned as an auxiliary value, for ``K``.
-        """
-        z, yb = self.block(h, xe, consts)
-        return (self.residual([lax.stop_gradient(a) for a in h], z), yb), z
-
-
-def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: int | None = None, lin=None):
-    """``(final carry, per-step outputs, saved, linearization)`` by ``lax.scan`` over ``stack.step``.
-
-    ``saved`` holds every carry leaf as it *entered* each step (``h_0 .. h_{L-1}``, stacked): what the
-    backward linearizes the layers at, with no shifted copy to make. ``lin`` (a
-    :class:`hbpjax._linearize.ForwardLinearization`) has every step also compute its layer's
-    linearization: ``linearization`` is ``(its per-step values, stacked; its hoisted values)``, or
-    ``None`` without ``lin``. ``length`` overrides ``stack.length`` (a chunk of a layer-parallel stack).
-
-    What the step computes from its per-step inputs alone (an RNN cell's input matmul) is computed
-    for all steps before the loop (:mod:`hbpjax._hoist`); with ``lin``, each computation the step
-    and its linearization share is evaluated once (:func:`hbpjax._analysis.dedup.traced_once`).
-    """
-    hoisted = lin.hoisted(consts) if lin is not None else []
-
-    def step_and_values(carry, x, consts):
-        new, ys = stack.step(carry, x, consts)
-        values = [] if lin is None else lin.step([carry[i] for i in stack.diff], (x, [carry[i] for i in stack.state]), consts)
-        return new, ys, values
-
-    one_x = tmap(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
-    split = _hoist.split_step(step_and_values, init, one_x, consts, once=lin is not None)
-    consts_leaves = jax.tree.leaves(consts)
-    pre = split.before(jax.tree.leaves(xs), consts_leaves)
-    n_carry = len(init)
-
-    def body(carry, inputs):
-        x, pre_j = inputs
-        out = split.step(carry, x, pre_j, consts_leaves)
-        return out[:n_carry], (out[n_carry:], carry)
-
-    final, (outs, saved) = lax.scan(
-        body, init, (jax.tree.leaves(xs), pre), length=stack.length if length is None else length,
-        reverse=stack.reverse, unroll=stack.unroll,
-    )
-    _, ys, values = jax.tree.unflatten(split.tree, [*final, *split.outputs(outs, pre)])
-    return list(final), ys, saved, None if lin is None else (values, hoisted)
-
-
-scan_forward = scan_steps  # the forward of a single-device stack: (final, ys, saved, linearization)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,8 +42,10 @@ class ScanStack(Stack):
       num_consts: how many of the body's inputs are shared values.
       split: the residual split of ``flat`` for the differentiated carry leaves.
       block_ys: the per-step outputs the block computes (``(BLOCK, m)`` routes), in order.
-      eval_eqn: how the block evaluates an equation (the automatic stacks rewrite nested scans);
-        marked checkpoints are evaluated by their contents either way.
+      block_program: the plan of the block (:meth:`hbpjax._analysis.planner.Planner.program`): the
+        values it computes, nested stacks converted; ``None`` evaluates ``flat`` as traced (marked
+        checkpoints by their contents).
+      transform: the options the block program's nested stacks run under.
     """
 
     body: Any
@@ -206,7 +54,8 @@ class ScanStack(Stack):
     split: Any
     rule: bool = False
     block_ys: tuple = ()
-    eval_eqn: Any = None
+    block_program: Any = None
+    transform: Any = None
 
     def step(self, carry, x, consts):
         env = _jaxpr.closed_env(self.body, [*consts, *carry, *x])
@@ -217,11 +66,12 @@ class ScanStack(Stack):
         x, s = xe
         carry = self._carry(h, s)
         targets = [*self.split.z, *self.block_ys]
-        eval_eqn = _marks.inline(self.eval_eqn or _jaxpr.bind)
 
         def evaluate(args):
+            if self.block_program is not None:
+                return Evaluator(self.transform).run(self.block_program, args)
             env = _jaxpr.closed_env(self.flat, args)
-            return _jaxpr.evaluate(self.flat.jaxpr.eqns, env, targets, eval_eqn=eval_eqn)
+            return _jaxpr.evaluate(self.flat.jaxpr.eqns, env, targets, eval_eqn=_marks.inline())
 
         if self.remat is not None:  # what the user's policy does not save is recomputed here too
             evaluate = jax.checkpoint(evaluate, policy=self.remat.policy, prevent_cse=self.remat.prevent_cse)
@@ -262,7 +112,6 @@ def scan_stack(
     unroll: int | bool = 1,
     options: StackOptions = _DEFAULT_OPTIONS,
     opaque=lambda eqn: False,
-    eval_eqn=None,
     kind: type | None = None,
 ) -> tuple[Any, ScanStack]:
     """``(split, stack)`` for a scan with step ``body``.
@@ -299,7 +148,6 @@ def scan_stack(
         k_within_one=all(b is not None and b <= 1.0 for b in found.k_bounds),
         k_is_one=bool(found.kinds) and all(kind == _split.IDENTITY for kind in found.kinds), body=body,
         flat=flat, remat=remat, rule=rule, num_consts=num_consts, split=found, block_ys=tuple(block_ys),
-        eval_eqn=eval_eqn,
     )
     return found, stack
 

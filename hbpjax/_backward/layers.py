@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from .._analysis import marks as _marks
-from .._analysis.stacks import scan_stack, scan_steps
+from .._analysis.forward import scan_steps
+from .differentiate import differentiate
+from .placements import OnMeshAxis
 from .prefix import sharding_spec
-from .sweeps import DeviceChain, differentiate
 
 
 def resolve(layer_axis, mesh, length: int | None, *, name: str, xs=()):
@@ -74,51 +74,7 @@ def check_length(layer_axis, size: int, length: int, *, name: str) -> None:
         )
 
 
-def layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, size, length, unroll):
-    """``(final carry, per-step outputs)`` of ``lax.scan(step, init, xs)`` split over ``axis``.
-
-    Args:
-      step: the step of a :func:`hbpjax.residual_scan`, ``step(h, x) -> (h_new, ys)``, its block
-        marked (:mod:`hbpjax._marks`) when ``options`` is given.
-      init, xs: the initial carry and the per-step inputs (pytrees).
-      options: the active transform's :class:`~hbpjax._options.Options`, or ``None`` for exact
-        backprop (JAX differentiates the chain: D sequential hops back).
-      stack_options: the stack's own options (``gamma``, ``linearize``).
-      axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
-      length, unroll: the number of layers and the forward's unrolling.
-    """
-    # The values the step closes over enter the shard_map as explicit (replicated) arguments: a
-    # closed-over array would keep the outer mesh in its type inside the manual region.
-    example = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
-    outer_consts = tuple(jax.closure_convert(step, init, example)[1])
-    carry_tree, x_tree = jax.tree.structure(init), jax.tree.structure(xs)
-
-    # A traced number of sweeps enters the manual region as a (replicated) argument.
-    k = options.iterations if options is not None and options.traced else None
-
-    def local(init, xs, const_args, k):
-        run_options = options if k is None else dataclasses.replace(options, iterations=k)
-        # Traced again here, inside the shard_map, so the step's jaxpr has this device's types; the
-        # closed-over values it finds are the same objects as outside: swap in the arguments.
-        x0 = jax.tree.unflatten(x_tree, [a[0] for a in xs])
-        converted, inner = jax.closure_convert(step, jax.tree.unflatten(carry_tree, init), x0)
-        by_id = {id(c): a for c, a in zip(outer_consts, const_args)}
-        consts = tuple(by_id.get(id(c), c) for c in inner)
-        stack, ys_tree = _step_stack(
-            converted, consts, init, x0, carry_tree, length=length, unroll=unroll, options=stack_options
-        )
-        forward = functools.partial(_pipeline, stack, axis=axis, size=size)
-        if options is None or not stack.split.has_residual_path:
-            final, ys, _, _ = forward(init, xs, consts)
-        else:
-            chain = lambda: DeviceChain(axis, size)
-            final, ys = differentiate(stack, init, xs, consts, options=run_options, forward=forward, chain=chain)
-        return jax.tree.unflatten(carry_tree, final), jax.tree.unflatten(ys_tree, ys)
-
-    return _over_devices(local, jax.tree.leaves(init), jax.tree.leaves(xs), outer_consts, k, mesh=mesh, axis=axis)
-
-
-def _over_devices(local, init, xs, consts, k, *, mesh, axis):
+def over_devices(local, init, xs, consts, k, *, mesh, axis):
     """``local(init, xs, consts, k)`` with ``xs`` (and the per-step outputs) split over ``axis``."""
     if _is_explicit(mesh, axis):
         # Explicit axes do not reshard implicitly: put each leaf's layer axis on the mesh axis,
@@ -164,34 +120,17 @@ def found_stack(stack, init, xs, consts, *, options, axis, mesh, size):
 
     def local(init, xs, consts, k):
         run_options = options if k is None else dataclasses.replace(options, iterations=k)
-        forward = functools.partial(_pipeline, stack, axis=axis, size=size)
+        forward = functools.partial(pipeline, stack, axis=axis, size=size)
         if not options.highway or not stack.split.has_residual_path:  # JAX differentiates the pipeline
             final, ys, _, _ = forward(init, xs, consts)
             return final, ys
-        chain = lambda: DeviceChain(axis, size)
-        return differentiate(stack, init, xs, consts, options=run_options, forward=forward, chain=chain)
+        placement = lambda: OnMeshAxis(axis, size)
+        return differentiate(stack, init, xs, consts, options=run_options, forward=forward, placement=placement)
 
-    return _over_devices(local, list(init), list(xs), tuple(consts), k, mesh=mesh, axis=axis)
-
-
-def _step_stack(converted, consts, init, x0, carry_tree, **options):
-    """The :class:`hbpjax._stack.ScanStack` of ``converted(h, x, *consts)`` and its outputs' tree."""
-    x_leaves, x_tree = jax.tree.flatten(x0)
-    nc, nh = len(consts), len(init)
-    found = {}
-
-    def flat_step(*args):
-        h = jax.tree.unflatten(carry_tree, args[nc : nc + nh])
-        new, ys = converted(h, jax.tree.unflatten(x_tree, args[nc + nh :]), *args[:nc])
-        y_leaves, found["ys"] = jax.tree.flatten(ys)
-        return [*jax.tree.leaves(new), *y_leaves]
-
-    body = jax.make_jaxpr(flat_step)(*consts, *init, *x_leaves)
-    _, stack = scan_stack(body, num_consts=nc, num_carry=nh, opaque=_marks.is_block, **options)
-    return stack, found["ys"]
+    return over_devices(local, list(init), list(xs), tuple(consts), k, mesh=mesh, axis=axis)
 
 
-def _pipeline(stack, init, xs, consts, *, axis, size, lin=None):
+def pipeline(stack, init, xs, consts, *, axis, size, lin=None):
     """The forward on this device's chunk: wait for the carry, run the chunk, pass it on.
 
     Returns ``(final, ys, saved, linearization)`` as :func:`hbpjax._stack.scan_forward` does, for

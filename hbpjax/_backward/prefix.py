@@ -10,7 +10,7 @@ composing those maps is associative, so the recurrence is a parallel scan with `
 sequential depth instead of ``L`` dependent steps.
 
 Within one backward the coefficients ``k`` stay fixed while ``u`` changes from sweep to sweep, so the
-scan is split in two: :func:`plan` does the ``k``-only work once (the products of neighbouring
+scan comes in two parts: :func:`prepare` does the ``k``-only work once (the products of neighbouring
 coefficients at every level of the recursion), :func:`solve` does the ``u`` work per sweep. The
 module is self-contained so the method can be swapped without touching the sweeps.
 """
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 PyTree = Any
 
-__all__ = ["METHODS", "affine_scan", "plan", "solve"]
+__all__ = ["METHODS", "affine_scan", "prepare", "solve"]
 
 METHODS = ("parallel", "sequential")
 
@@ -66,7 +66,7 @@ def _pairs(a):
     return _reshape_leading(a, (-1, 2) + a.shape[1:])
 
 
-def _plan_leaf(k):
+def _prepare_leaf(k):
     """The coefficients at every level of the recursive doubling, for one leaf.
 
     Level ``l`` pairs elements ``(2i, 2i+1)``; a pair acts as one affine map with coefficient
@@ -110,7 +110,7 @@ def _solve_leaf(levels, u):
     u_pairs = _pairs(u)
     u_even, u_odd = u_pairs[:, 0], u_pairs[:, 1]
     # The reduced problem: w at the even positions (its right-hand side in a buffer of its own:
-    # see _plan_leaf).
+    # see _prepare_leaf).
     w_even = _solve_leaf(rest, own_buffer(u_even + k_pairs[:, 0] * u_odd))
     # Odd positions follow from the next even one: w[2i+1] = u[2i+1] + k[2i+1] * w[2i+2].
     w_next = jnp.concatenate([w_even[1:], jnp.zeros_like(w_even[:1])])
@@ -118,21 +118,21 @@ def _solve_leaf(levels, u):
     return _reshape_leading(jnp.stack([w_even, w_odd], axis=1), (-1,) + u.shape[1:])[:n]
 
 
-def plan(k: PyTree, *, method: str = "parallel") -> PyTree:
+def prepare(k: PyTree, *, method: str = "parallel") -> PyTree:
     """Precomputes the ``k``-only part of the scan; pass the result to :func:`solve`."""
     if method == "parallel":
-        return jax.tree.map(_plan_leaf, k)
+        return jax.tree.map(_prepare_leaf, k)
     if method == "sequential":
         return k
     raise ValueError(f"hbpjax: unknown prefix scan method {method!r}; use one of {METHODS}.")
 
 
-def solve(planned: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
-    """Solves ``w[j] = u[j] + k[j] * w[j + 1]`` along the leading axis, given ``plan(k)``."""
+def solve(prepared: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
+    """Solves ``w[j] = u[j] + k[j] * w[j + 1]`` along the leading axis, given ``prepare(k)``."""
     if method == "parallel":
         leaves = jax.tree.leaves(u)
         treedef: Any = jax.tree.structure(u)
-        levels = treedef.flatten_up_to(planned)
+        levels = treedef.flatten_up_to(prepared)
         return treedef.unflatten([_solve_leaf(lv, leaf) for lv, leaf in zip(levels, leaves)])
     if method == "sequential":
 
@@ -142,7 +142,7 @@ def solve(planned: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
             return w, w
 
         zero = jax.tree.map(lambda a: jnp.zeros_like(a[0]), u)
-        return lax.scan(step, zero, (planned, u), reverse=True)[1]
+        return lax.scan(step, zero, (prepared, u), reverse=True)[1]
     raise ValueError(f"hbpjax: unknown prefix scan method {method!r}; use one of {METHODS}.")
 
 
@@ -165,4 +165,10 @@ def affine_scan(k: PyTree, u: PyTree, *, method: str = "parallel") -> PyTree:
       >>> affine_scan(jnp.array([2.0, 3.0, 5.0]), jnp.array([1.0, 1.0, 1.0])).tolist()
       [9.0, 4.0, 1.0]
     """
-    return solve(plan(k, method=method), u, method=method)
+    return solve(prepare(k, method=method), u, method=method)
+
+
+# Jitted so that eager (un-jitted) gradients compile the O(log L) levels once per shape instead of
+# dispatching them op by op; under an outer jit they are simply inlined.
+prepare_jitted = jax.jit(prepare)
+solve_jitted = jax.jit(solve)

@@ -5,294 +5,41 @@ four steps, each a function here (or in :mod:`hbpjax._linearize`):
 
 1. :func:`hbpjax._linearize.linearize`: every layer's block path linearized once, all at once;
 2. :func:`residual_path`: the diagonal ``K`` of the residual's carry Jacobian, and the prefix
-   scan along it planned once (:mod:`hbpjax._prefix`);
+   scan along it prepared once (:mod:`hbpjax._prefix`);
 3. :func:`sweep`: the residual-path-only recurrence solved with one prefix scan, then ``k`` sweeps
    of "all layers' VJPs at once, then one prefix scan";
 4. :func:`read_cotangents`: parameter, input and initial-carry cotangents off one last VJP at the
    final estimate.
 
-Everything that crosses the boundary of the stack's chunk goes through a :class:`Chain`:
-:class:`Local` for a whole stack on one device, or :class:`DeviceChain` for a stack whose layers are
-split in contiguous chunks over a mesh axis (inside ``shard_map``). The chain's neighbours exchange
-one carry-sized value per sweep and join the prefix scan with one gather of per-device summaries, so
-the backward holds no loop over layers or devices.
-
-:func:`differentiate` is the one ``jax.custom_vjp`` built on it, used by single-device and
-layer-parallel stacks alike.
+Everything that crosses the boundary of the layers this device holds goes through a
+:class:`~hbpjax._backward.placements.Placement`; :func:`hbpjax._backward.differentiate.differentiate`
+is the one ``jax.custom_vjp`` built on it, used by single-device and layer-parallel stacks alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._analysis.stacks import BLOCK, CARRY, Stack
 from .._front.options import Options
-from . import prefix as _prefix
-from .linearize import ForwardLinearization, Linearization, Unbatchable, UnbatchableWarning, linearize, recomputes
+from .linearize import Linearization, linearize, recomputes
+from .placements import Placement
 from .prefix import own_buffer
+from .prefix import prepare_jitted as _prepare
+from .stack import BLOCK, CARRY, Stack
 
 PyTree = Any
-
-# Jitted so that eager (un-jitted) gradients compile the O(log L) levels once per shape instead of
-# dispatching them op by op; under an outer jit they are simply inlined.
-_plan = jax.jit(_prefix.plan)
-_solve = jax.jit(_prefix.solve)
 
 tmap = jax.tree.map
 
 
-class Chain(Protocol):
-    """Where this stack (or this chunk of it) sits: what comes before and after it.
-
-    The extension point of the backward: a new way of splitting a stack (over devices, over hosts,
-    in pipeline stages) is a new chain. Per-layer quantities are pytrees of arrays with a leading
-    axis over this chunk's layers.
-    """
-
-    def total_length(self, local_length: int) -> int:
-        """The number of layers of the whole stack, given this chunk's."""
-
-    def from_next(self, first: PyTree) -> PyTree:
-        """The next chunk's value of a per-layer quantity at its first layer (zeros past the end)."""
-
-    def from_previous(self, last: PyTree) -> PyTree:
-        """The previous chunk's value of a per-layer quantity at its last layer (zeros before the
-        first chunk)."""
-
-    def on_last(self, x: PyTree) -> PyTree:
-        """``x`` where this chunk ends the stack, zeros elsewhere, for ``x`` the cotangent of a
-        replicated value (the final carry's)."""
-
-    def only_last(self, x: PyTree) -> PyTree:
-        """This chunk's own ``x`` where it ends the stack, zeros elsewhere."""
-
-    def solver(self, planned: PyTree, k: PyTree) -> Callable[[PyTree], PyTree]:
-        """``solve(u) -> y`` for ``y[j] = u[j] + k[j] * y[j + 1]`` over the whole stack (``y`` past
-        this chunk's end is the next chunk's ``y[0]``), given this chunk's ``k`` and its plan
-        ``_prefix.plan(k)``."""
-
-    def constant_k_solver(self, discount: float) -> Callable[[PyTree], PyTree] | None:
-        """``solve(u)`` for a constant ``k = discount`` (the residual path ``h + z``, ``K = 1``, with
-        ``discount = 1 - gamma``) if this chain has one that needs no plan, else ``None``."""
-
-    def reduce_first(self, x: PyTree) -> PyTree:
-        """The cotangent of the initial carry from this chunk's (only the first chunk's counts)."""
-
-    def reduce_shared(self, x: PyTree) -> PyTree:
-        """This chunk's contribution to the cotangent of a value shared by all layers."""
-
-    def total(self, x: jax.Array) -> jax.Array:
-        """A scalar summed over all chunks (norms)."""
-
-
-class Local:
-    """The whole stack is here: nothing before it but ``init``, nothing after it."""
-
-    def total_length(self, local_length: int) -> int:
-        return local_length
-
-    def from_next(self, first):
-        """The next chunk's first value of a per-layer quantity (zero past the end)."""
-        return tmap(jnp.zeros_like, first)
-
-    def from_previous(self, last):
-        """The previous chunk's last value of a per-layer quantity (zero before the start)."""
-        return tmap(jnp.zeros_like, last)
-
-    def on_last(self, x):
-        """``x`` where this chunk ends the stack, zero elsewhere."""
-        return x
-
-    def only_last(self, x):
-        """This chunk's ``x`` where it ends the stack, zero elsewhere."""
-        return x
-
-    def solver(self, planned, k):
-        return lambda u: _solve(planned, u)
-
-    def constant_k_solver(self, discount):
-        """A reverse cumulative sum (``discount = 1``) or, for ``gamma > 0``, its discounted form.
-
-        The sum is an associative scan (``2 log2 L`` levels of adds), not ``lax.cumsum``: on a CPU
-        XLA lowers that to a reduce-window doing ``O(L^2)`` adds per element (3-5x slower at
-        L = 16 to 16384; 7 ms of an 80 ms pre-activation ResNet step at k = 0).
-        """
-        if discount == 1.0:
-            return lambda u: tmap(lambda a: lax.associative_scan(jnp.add, a, reverse=True, axis=0), u)
-        return lambda u: _solve(_plan(tmap(lambda a: jnp.full_like(a, discount), u)), u)
-
-    def reduce_first(self, x):
-        """The cotangent of ``init``: only the chunk holding layer 1 contributes."""
-        return x
-
-    def reduce_shared(self, x):
-        """This chunk's contribution to the cotangent of a shared (replicated) value."""
-        return x
-
-    def total(self, x):
-        """A sum over all chunks (norms)."""
-        return x
-
-
-class DeviceChain:
-    """This chunk is one of ``size`` contiguous chunks along the manual mesh axis ``axis``."""
-
-    def __init__(self, axis: str, size: int):
-        self.axis, self.size = axis, size
-        self.index = lax.axis_index(axis)
-
-    def total_length(self, local_length):
-        return local_length * self.size
-
-    def _shift(self, x, step):
-        pairs = [(i, i + step) for i in range(self.size) if 0 <= i + step < self.size]
-        return tmap(lambda a: lax.ppermute(a, self.axis, perm=pairs), x)
-
-    def from_next(self, first):
-        return self._shift(first, -1)  # the last chunk receives zeros
-
-    def from_previous(self, last):
-        return self._shift(last, +1)  # the first chunk receives zeros
-
-    def on_last(self, x):
-        # The cotangent of a replicated output reaches the devices in parts (shard_map splits it);
-        # their sum is the whole cotangent, which belongs to the chunk that computed the output.
-        return self.only_last(tmap(lambda a: lax.psum(a, self.axis), x))
-
-    def only_last(self, x):
-        return tmap(lambda a: jnp.where(self.index == self.size - 1, a, jnp.zeros_like(a)), x)
-
-    def solver(self, planned, k):
-        # Within the chunk w = w_local + P * W_next, where W_next is w at the first layer of the next
-        # chunk and P[j] = prod_{m >= j} k[m] (k only: computed once per backward).
-        last_only = tmap(lambda a: jnp.zeros_like(a).at[-1].set(a[-1]), k)
-        P = _solve(planned, last_only)
-        A_all = self._gather(tmap(lambda p: p[0], P))  # each chunk's transfer coefficient
-        A_plan = _plan(A_all)
-
-        def solve(u):
-            w_local = _solve(planned, u)
-            b_all = self._gather(tmap(lambda w: w[0], w_local))
-            # The scan over the chunks' summaries: w_first[c] = b[c] + A[c] * w_first[c + 1].
-            w_first = _solve(A_plan, b_all)
-            w_next = tmap(
-                lambda wf: lax.dynamic_index_in_dim(
-                    jnp.concatenate([wf[1:], jnp.zeros_like(wf[:1])]), self.index, keepdims=False
-                ),
-                w_first,
-            )
-            return tmap(lambda wl, p, wn: wl + p * wn[None], w_local, P, w_next)
-
-        return solve
-
-    def constant_k_solver(self, discount):
-        return None  # the chunks' transfer coefficients are per device: the general solver
-
-    def _gather(self, x):
-        """Every chunk's ``x`` stacked on a new leading axis, on every device (one collective).
-
-        A psum of one-hot rows rather than ``all_gather``, whose result can carry an explicit data
-        sharding on the new axis under a partially manual shard_map.
-        """
-
-        def one(a):
-            mine = (jnp.arange(self.size) == self.index).reshape((self.size,) + (1,) * a.ndim)
-            return lax.psum(jnp.where(mine, a[None], jnp.zeros_like(a)[None]), self.axis)
-
-        return tmap(one, x)
-
-    # Inside shard_map(check_vma=False) the cotangent of a replicated input is summed over the
-    # devices by shard_map itself: each chunk returns its own contribution.
-    def reduce_first(self, x):
-        return tmap(lambda a: jnp.where(self.index == 0, a, jnp.zeros_like(a)), x)
-
-    def reduce_shared(self, x):
-        return x
-
-    def total(self, x):
-        return lax.psum(x, self.axis)
-
-
-def differentiate(
-    stack: Stack,
-    init: list,
-    xs: PyTree,
-    consts: tuple,
-    *,
-    options: Options,
-    forward: Callable,
-    chain: Callable[[], Chain],
-    slot: jax.Array | None = None,
-):
-    """``(final carry, per-step outputs)`` of ``forward``, with Highway-BP as its backward.
-
-    The one ``jax.custom_vjp`` of hbpjax: single-device stacks pass
-    :func:`hbpjax._stack.scan_forward` and :class:`Local`, layer-parallel ones their pipelined
-    forward and a :class:`DeviceChain`.
-
-    Args:
-      stack: the stack's description.
-      init, xs, consts: the flat carry leaves, the per-step inputs and the shared values.
-      options: the transform's options (iterations, tol, save_linearization).
-      forward: ``forward(init, xs, consts, lin=None) -> (final, ys, saved, linearization)``
-        (``lin``: a :class:`hbpjax._linearize.ForwardLinearization` the forward steps evaluate).
-      chain: ``chain() -> Chain``, called inside the backward (a device chain reads its position on
-        the mesh axis there).
-      slot: optional ``float32[2]`` input that the stack ignores; its cotangent is the sweep report
-        ``[sweeps run, final relative change]`` (how ``return_report=True`` gets it out).
-    """
-
-    # A traced number of sweeps is an input of the custom_vjp (its backward may not close over it).
-    k = options.iterations if options.traced else None
-    # The forward computes each layer's linearization; what it is made of is known once traced.
-    plans: list = []
-
-    def primal(init, xs, consts, k, slot):
-        final, ys, _, _ = forward(init, xs, consts)
-        return final, ys
-
-    def fwd(init, xs, consts, k, slot):
-        read_once = not options.traced and min(options.iterations, stack.length - 1) == 0 and not stack.block_outputs
-        plan = ForwardLinearization.build(stack, options, *stack.step_inputs(init, xs), consts, read_once=read_once)
-        plans.append(plan)
-        final, ys, saved, lin = forward(init, xs, consts, lin=plan)
-        return (final, ys), (init, saved, xs, consts, lin, k)
-
-    def bwd(residuals, cotangents):
-        init, saved, xs, consts, lin, k = residuals
-        run_options = options if k is None else dataclasses.replace(options, iterations=k)
-        try:
-            cts, report = highway_backward(
-                stack, run_options, chain(), (init, saved, xs, consts), cotangents, report=slot is not None,
-                forward_linearization=None if lin is None else (plans[-1], lin),
-            )
-        except Unbatchable as err:
-            warnings.warn(
-                f"hbpjax: a block of {stack.length} layers holds an operation that cannot be vmapped "
-                f"({str(err).splitlines()[0]}); this stack runs exact backprop.",
-                UnbatchableWarning,
-                stacklevel=2,
-            )
-            cts = jax.vjp(lambda i, x, c: forward(i, x, c)[:2], init, xs, consts)[1](cotangents)
-            report = jnp.array([0.0, jnp.nan], jnp.float32)
-        return (*cts, None, None if slot is None else report.astype(slot_dtype))
-
-    slot_dtype = None if slot is None else slot.dtype
-
-    run = jax.custom_vjp(primal)
-    run.defvjp(fwd, bwd)
-    return run(init, xs, consts, k, slot)
-
-
 def highway_backward(
-    stack: Stack, options: Options, chain: Chain, residuals, cotangents, *, report: bool = False, forward_linearization=None
+    stack: Stack, options: Options, placement: Placement, residuals, cotangents, *, report: bool = False, forward_linearization=None
 ):
     """Cotangents of ``(init, xs, consts)`` by Highway-BP with ``options.iterations`` sweeps.
 
@@ -303,7 +50,7 @@ def highway_backward(
     Args:
       stack: the stack's description.
       options: iterations, tol, save_linearization.
-      chain: where this chunk of the stack sits.
+      placement: where this chunk of the stack sits.
       residuals: ``(init, saved, xs, consts)`` as saved by the forward of :func:`differentiate`.
       cotangents: ``(ct_final, ct_ys)``: of the final carry leaves and of the per-step outputs.
       report: also track the sweeps run and the final relative change of ``y``.
@@ -316,8 +63,8 @@ def highway_backward(
     """
     init, saved, xs, consts = residuals
     plan, values = forward_linearization or (None, None)
-    at = incoming(stack, chain, saved, xs, cotangents, values)
-    exact_after = max(chain.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
+    at = incoming(stack, placement, saved, xs, cotangents, values)
+    exact_after = max(placement.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
     sweeps: Any
     if options.traced:  # known at run time only: a loop with a run-time trip count
         sweeps = jnp.clip(options.iterations, 0, exact_after)
@@ -328,9 +75,9 @@ def highway_backward(
     else:
         read_once = not options.traced and sweeps == 0 and not at.ct_block
         lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
-    path = residual_path(stack, chain, at.h_prev, lin)
-    after, done = sweep(stack, options, chain, at, lin, path, sweeps, report=report)
-    return read_cotangents(stack, chain, init, after, at, lin, path), done
+    path = residual_path(stack, placement, at.h_prev, lin)
+    after, done = sweep(stack, options, placement, at, lin, path, sweeps, report=report)
+    return read_cotangents(stack, placement, init, after, at, lin, path), done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +102,7 @@ class Incoming:
     linearization: Any = None
 
 
-def incoming(stack: Stack, chain: Chain, saved, xs, cotangents, linearization=None) -> Incoming:
+def incoming(stack: Stack, placement: Placement, saved, xs, cotangents, linearization=None) -> Incoming:
     """The layers' inputs and the cotangents from outside, in the order the forward ran."""
     ct_final, ct_ys = cotangents
     xs = stack.layer_inputs(xs)
@@ -372,8 +119,8 @@ def incoming(stack: Stack, chain: Chain, saved, xs, cotangents, linearization=No
             ct_block[route[1]] = ct
     # The carry past this chunk's last layer is in no chunk's y: its cotangent is the final carry's
     # and, on the chunk that ends the stack, the last step's output's.
-    last = chain.on_last([ct_final[i] for i in stack.diff])
-    tail = [lj if ej is None else lj + chain.only_last(_last(ej)) for ej, lj in zip(e, last)]
+    last = placement.on_last([ct_final[i] for i in stack.diff])
+    tail = [lj if ej is None else lj + placement.only_last(_last(ej)) for ej, lj in zip(e, last)]
     h_prev = [saved[i] for i in stack.diff]
     return Incoming(h_prev, (xs, [saved[i] for i in stack.state]), e, ct_block, tail, linearization)
 
@@ -415,9 +162,9 @@ class ResidualPath:
         return tmap(lambda ks, a: ratio * (ks * a), self.k_scan, after)
 
 
-def residual_path(stack: Stack, chain: Chain, h_prev: list, lin: Linearization) -> ResidualPath:
+def residual_path(stack: Stack, placement: Placement, h_prev: list, lin: Linearization) -> ResidualPath:
     """Step 2: ``K`` of every layer (as the forward computed it, or one ``jvp`` with ones) and the
-    prefix scan along ``K'``, planned once for all sweeps.
+    prefix scan along ``K'``, prepared once for all sweeps.
 
     ``K'`` is clipped to ``[-1, 1]``: with ``|K| > 1`` the sweeps would add up terms of size
     ``|K|^L`` that cancel (garbage, then NaN, where backprop is finite). The clip is skipped where
@@ -426,7 +173,7 @@ def residual_path(stack: Stack, chain: Chain, h_prev: list, lin: Linearization) 
     """
     gamma = stack.options.gamma
     clamp = stack.block_reads_carry and not stack.k_within_one
-    solve = chain.constant_k_solver(1.0 - gamma) if stack.k_is_one else None
+    solve = placement.constant_k_solver(1.0 - gamma) if stack.k_is_one else None
     if solve is not None:  # h + z: K = 1, so K' = 1 - gamma is a constant
         ones = [jnp.ones((), h.dtype) for h in h_prev]
         return ResidualPath(ones, [1 - gamma for _ in ones], solve, None, None, gamma, clamp=False)
@@ -442,14 +189,14 @@ def residual_path(stack: Stack, chain: Chain, h_prev: list, lin: Linearization) 
     else:
         scanned = lambda k: (1.0 - gamma) * k if gamma else k
     k_scan = tmap(scanned, k_diag)
-    planned = _plan(k_scan)  # the k-only half of the prefix scan, shared by every sweep
+    prepared = _prepare(k_scan)  # the k-only half of the prefix scan, shared by every sweep
     return ResidualPath(
-        tmap(_first, k_diag), [_last(k) for k in k_scan], chain.solver(planned, k_scan), k_diag, k_scan,
+        tmap(_first, k_diag), [_last(k) for k in k_scan], placement.solver(prepared, k_scan), k_diag, k_scan,
         gamma, clamp,
     )
 
 
-def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linearization, path: ResidualPath,
+def sweep(stack: Stack, options: Options, placement: Placement, at: Incoming, lin: Linearization, path: ResidualPath,
           sweeps, *, report: bool):
     """Step 3: the first estimate (the residual path alone), then ``sweeps`` sweeps.
 
@@ -464,13 +211,13 @@ def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linea
     """
     b = []
     for h, ej, kl, t in zip(at.h_prev, at.e, path.k_last, at.tail):
-        bj = jnp.zeros_like(h) if ej is None else _shift_down(ej, chain.from_previous(ej[-1]))
+        bj = jnp.zeros_like(h) if ej is None else _shift_down(ej, placement.from_previous(ej[-1]))
         b.append(_add_at_last(bj, kl * t))
 
     def outputs(y):
         """The cotangent of every layer's output: ``y[j + 1]``, and past the chunk's end the next
         chunk's ``y[0]`` plus what comes from outside."""
-        nxt = chain.from_next(tmap(lambda a: a[0], y))
+        nxt = placement.from_next(tmap(lambda a: a[0], y))
         return tmap(lambda a, n, t: _shift_up(a, n + t), y, nxt, at.tail)
 
     def one_sweep(after):
@@ -493,7 +240,7 @@ def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linea
     straight_line = not options.traced and (
         stack.options.linearize == "unroll" or ((not recomputes(stack, options) or stack.remat is not None) and sweeps <= STRAIGHT_LINE_SWEEPS)
     )
-    return _run_sweeps(one_sweep, after, sweeps, tol=options.tol, chain=chain, report=report, straight_line=straight_line)
+    return _run_sweeps(one_sweep, after, sweeps, tol=options.tol, placement=placement, report=report, straight_line=straight_line)
 
 
 # Up to this many sweeps (a number known at trace time) run as straight-line code rather than a
@@ -505,7 +252,7 @@ def sweep(stack: Stack, options: Options, chain: Chain, at: Incoming, lin: Linea
 STRAIGHT_LINE_SWEEPS = 16
 
 
-def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
+def _run_sweeps(sweep, w, sweeps, *, tol, placement, report, straight_line):
     """``sweeps`` sweeps from ``w`` (stopping once the relative change is ``<= tol``, if given).
 
     Returns ``(w, report)``, ``report = float32[2] [sweeps run, last relative change]`` when asked
@@ -524,7 +271,7 @@ def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
         return w, None
 
     def sq_norm(tree):
-        return chain.total(sum(jnp.sum(jnp.square(jnp.abs(leaf))) for leaf in jax.tree.leaves(tree)))
+        return placement.total(sum(jnp.sum(jnp.square(jnp.abs(leaf))) for leaf in jax.tree.leaves(tree)))
 
     def measured(w_old, change, count):
         w_new = sweep(w_old)
@@ -547,20 +294,20 @@ def _run_sweeps(sweep, w, sweeps, *, tol, chain, report, straight_line):
     return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
-def read_cotangents(stack: Stack, chain: Chain, init, after, at: Incoming, lin: Linearization, path: ResidualPath):
+def read_cotangents(stack: Stack, placement: Placement, init, after, at: Incoming, lin: Linearization, path: ResidualPath):
     """Step 4: ``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's
     output, through one last VJP of every layer."""
     first = [_first(a) for a in after]  # read before the VJP, which may write over `after` in place
     ct_h, (ct_xs, _), ct_consts = lin.vjp(after, at.ct_block)
     # The initial carry gets the full Jacobian of the first layer: (K_0 + J_0)^T after[0].
-    ct_h0 = chain.reduce_first(tmap(lambda k, a, g: k * a + g[0], path.k_first, first, ct_h))
+    ct_h0 = placement.reduce_first(tmap(lambda k, a, g: k * a + g[0], path.k_first, first, ct_h))
     ct_init = [None] * len(init)
     for i, g in zip(stack.diff, ct_h0):
         ct_init[i] = g
     ct_xs = tmap(_none_if_float0, ct_xs)
     if stack.reverse:
         ct_xs = tmap(lambda a: None if a is None else jnp.flip(a, 0), ct_xs)
-    ct_consts = tuple(None if _none_if_float0(c) is None else chain.reduce_shared(c) for c in ct_consts)
+    ct_consts = tuple(None if _none_if_float0(c) is None else placement.reduce_shared(c) for c in ct_consts)
     return ct_init, stack.layer_cotangents(ct_xs), ct_consts
 
 

@@ -77,7 +77,7 @@ def value_and_grad(transform, conversion, argnums, args: tuple, kwargs: dict, *,
     Args:
       transform: ``transform(f, argnums) -> value_and_grad_f`` (``jax.value_and_grad`` or
         ``nnx.value_and_grad`` with the caller's other options).
-      conversion: the traced function (:class:`hbpjax._auto.Conversion` or a Flax adapter's), with
+      conversion: the traced function (:class:`hbpjax._analysis.conversion.Conversion` or a Flax adapter's), with
         ``options``, ``stacks`` and ``evaluate(slots, *args, **kwargs)``.
       argnums: as given to the transform (ints, or ``nnx.DiffState``).
       args, kwargs: the call's arguments.

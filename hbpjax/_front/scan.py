@@ -18,6 +18,8 @@ the active transform.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +29,10 @@ from jax import lax
 
 from .. import residual as _residual
 from .._analysis import marks as _marks
-from .._backward import layers as _layers
+from .._analysis.stacks import scan_stack
+from .._backward import layers
+from .._backward.differentiate import differentiate
+from .._backward.placements import OnMeshAxis
 from ..residual import additive
 from . import context as _context
 from .options import StackOptions, as_int, describe
@@ -133,9 +138,9 @@ def residual_scan(
             scan = _marks.mark(scan, _marks.StackMark(options))
         final, (carries, aux) = scan(init, xs)
     else:
-        mesh, size = _layers.resolve(layer_axis, mesh, length, name=_NAME, xs=xs)
+        mesh, size = layers.resolve(layer_axis, mesh, length, name=_NAME, xs=xs)
         converted = highway is not None and length > 0
-        run = lambda init, xs: _layers.layer_parallel_scan(
+        run = lambda init, xs: _layer_parallel_scan(
             step, init, xs, options=highway if converted else None, stack_options=options, axis=layer_axis,
             mesh=mesh, size=size, length=length, unroll=unroll,
         )
@@ -200,3 +205,66 @@ def _scan_length(xs, length) -> int:
             f"{_NAME}: `length={length}` disagrees with the leading axis of `xs` ({found})."
         )
     return found
+
+
+# ----------------------------------------------------------------------- layer parallelism
+
+
+def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, size, length, unroll):
+    """``(final carry, per-step outputs)`` of ``lax.scan(step, init, xs)`` split over ``axis``.
+
+    Args:
+      step: the step of a :func:`hbpjax.residual_scan`, ``step(h, x) -> (h_new, ys)``, its block
+        marked (:mod:`hbpjax._marks`) when ``options`` is given.
+      init, xs: the initial carry and the per-step inputs (pytrees).
+      options: the active transform's :class:`~hbpjax._options.Options`, or ``None`` for exact
+        backprop (JAX differentiates the chain: D sequential hops back).
+      stack_options: the stack's own options (``gamma``, ``linearize``).
+      axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
+      length, unroll: the number of layers and the forward's unrolling.
+    """
+    # The values the step closes over enter the shard_map as explicit (replicated) arguments: a
+    # closed-over array would keep the outer mesh in its type inside the manual region.
+    example = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
+    outer_consts = tuple(jax.closure_convert(step, init, example)[1])
+    carry_tree, x_tree = jax.tree.structure(init), jax.tree.structure(xs)
+
+    # A traced number of sweeps enters the manual region as a (replicated) argument.
+    k = options.iterations if options is not None and options.traced else None
+
+    def local(init, xs, const_args, k):
+        run_options = options if k is None else dataclasses.replace(options, iterations=k)
+        # Traced again here, inside the shard_map, so the step's jaxpr has this device's types; the
+        # closed-over values it finds are the same objects as outside: swap in the arguments.
+        x0 = jax.tree.unflatten(x_tree, [a[0] for a in xs])
+        converted, inner = jax.closure_convert(step, jax.tree.unflatten(carry_tree, init), x0)
+        consts = tuple(next((a for o, a in zip(outer_consts, const_args) if o is c), c) for c in inner)
+        stack, ys_tree = _step_stack(
+            converted, consts, init, x0, carry_tree, length=length, unroll=unroll, options=stack_options
+        )
+        forward = functools.partial(layers.pipeline, stack, axis=axis, size=size)
+        if options is None or not stack.split.has_residual_path:
+            final, ys, _, _ = forward(init, xs, consts)
+        else:
+            placement = lambda: OnMeshAxis(axis, size)
+            final, ys = differentiate(stack, init, xs, consts, options=run_options, forward=forward, placement=placement)
+        return jax.tree.unflatten(carry_tree, final), jax.tree.unflatten(ys_tree, ys)
+
+    return layers.over_devices(local, jax.tree.leaves(init), jax.tree.leaves(xs), outer_consts, k, mesh=mesh, axis=axis)
+
+
+def _step_stack(converted, consts, init, x0, carry_tree, **options):
+    """The :class:`hbpjax._stack.ScanStack` of ``converted(h, x, *consts)`` and its outputs' tree."""
+    x_leaves, x_tree = jax.tree.flatten(x0)
+    nc, nh = len(consts), len(init)
+    found = {}
+
+    def flat_step(*args):
+        h = jax.tree.unflatten(carry_tree, args[nc : nc + nh])
+        new, ys = converted(h, jax.tree.unflatten(x_tree, args[nc + nh :]), *args[:nc])
+        y_leaves, found["ys"] = jax.tree.flatten(ys)
+        return [*jax.tree.leaves(new), *y_leaves]
+
+    body = jax.make_jaxpr(flat_step)(*consts, *init, *x_leaves)
+    _, stack = scan_stack(body, num_consts=nc, num_carry=nh, opaque=_marks.is_block, **options)
+    return stack, found["ys"]

@@ -2,7 +2,7 @@
 
 The function is traced once; its residual stacks (``lax.scan``s with a residual path, and every
 :func:`hbpjax.residual_scan`) are found in the jaxpr and run with a Highway-BP backward
-(:mod:`hbpjax._auto`); everything else is differentiated by ``jax.value_and_grad`` as usual.
+(:mod:`hbpjax._analysis.conversion`); everything else is differentiated by ``jax.value_and_grad`` as usual.
 ``highway_grad`` is built on ``highway_value_and_grad``, as ``jax.grad`` is.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._analysis import auto as _auto
+from .._analysis import conversion as _conversion
 from . import context as _context
 from . import report as _report
 from .options import Options, as_int, describe
@@ -205,7 +205,7 @@ class ValueAndGrad:
 
     def _conversion(self, args, kwargs):
         nums = (self.argnums,) if isinstance(self.argnums, int) else self.argnums
-        return _auto.Conversion(self.checked, self.options, args, kwargs, differentiated=nums)
+        return _conversion.Conversion(self.checked, self.options, args, kwargs, differentiated=nums)
 
     def __call__(self, *args, **kwargs):
         self._check(args)

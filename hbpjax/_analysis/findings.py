@@ -1,0 +1,143 @@
+"""What a scan or a chain is, as a stack: its :class:`~hbpjax._analysis.stacks.ScanStack` (where it
+has a residual path) and the :class:`~hbpjax.StackInfo` row that says so.
+
+The planner (:mod:`hbpjax._analysis.planner`) calls these once per scan equation and per chain it
+meets; the rows say what the stack is, whatever the planner then decides (chosen or not, kept exact
+or not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.extend import core
+
+from .._front.options import StackOptions
+from . import chains as _chains
+from . import marks, primitives
+from .info import StackInfo
+from .jaxprs import depends_on, is_float, sub_jaxprs, user_source
+from .split import NONE
+from .stacks import scan_stack
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """A scan or a chain, analysed.
+
+    Attributes:
+      info: its row (``converted`` says whether it has a residual path worth converting).
+      stack: its stack where ``info.converted``, else ``None``.
+      marked: it is a ``residual_scan``'s scan (``scans="marked"`` takes it).
+      trivial: a ``residual_scan`` of length 0 or 1 (Highway-BP would be exact backprop).
+    """
+
+    info: StackInfo
+    stack: Any
+    marked: bool = False
+    trivial: bool = False
+
+
+def scan(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.JaxprEqn | None) -> Found:
+    """A scan equation analysed; ``marked_by`` is the mark of a ``residual_scan``'s scan (its options
+    apply, its block is a cut, and its source is the user's call)."""
+    mark = marks.stack_mark(marked_by) if marked_by is not None else None
+    length = eqn.params["length"]
+    num_consts, num_carry, body = primitives.scan_layout(eqn)
+    carry_avals = [v.aval for v in body.jaxpr.invars[num_consts : num_consts + num_carry]]
+    if mark is None:
+        options = _linearize_for(options, body.jaxpr, body.jaxpr.invars[num_consts + num_carry :], length)
+    split, stack = scan_stack(
+        body, num_consts=num_consts, num_carry=num_carry, length=length, reverse=eqn.params["reverse"],
+        unroll=eqn.params["unroll"], options=mark.options if mark else options,
+        opaque=marks.is_block if mark else (lambda e: False),
+    )
+    kinds = iter(split.kinds)
+    residual = tuple(next(kinds) if is_float(a) else NONE for a in carry_avals)
+    converted = split.has_residual_path and length >= 2
+    if not split.has_residual_path:
+        reason = _no_path_reason(stack)
+    elif length < 2:
+        reason = f"length {length}: nothing to parallelise (exact)"
+    else:
+        reason = "residual_scan" if mark else "residual path found"
+        if stack.remat is not None:
+            reason += " inside the step's jax.checkpoint (recomputed as its policy asks, a group of layers at a time)"
+        if stack.rule:
+            reason += " inside the step's custom derivative rule (whose Jacobian the backward keeps)"
+    info = StackInfo(
+        source=user_source(marked_by if mark and marked_by is not None else eqn),
+        kind="residual_scan" if mark else "scan", length=length,
+        carry=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in carry_avals),
+        residual=residual, converted=converted, reason=reason,
+    )
+    return Found(info, stack if converted else None, marked=mark is not None, trivial=mark is not None and length < 2)
+
+
+def chain(chain: _chains.Chain, *, options: StackOptions) -> Found:
+    """A chain analysed: converted where it has a residual path and its stacked inputs fit."""
+    first, last = chain.layers[0][0], chain.layers[-1][0]
+    body = chain.body.jaxpr
+    split, stack = scan_stack(
+        chain.body, num_consts=len(chain.shared), num_carry=1, length=chain.length,
+        options=_linearize_for(options, body, body.invars[len(chain.shared) + 1 :], chain.length),
+        kind=_chains.ChainStack,
+    )
+    aval: Any = chain.init.aval
+    layers = f"{chain.length} layers" if chain.period == 1 else f"{chain.length} groups of {chain.period} blocks"
+    reason = f"{layers} written one after the other, {user_source(first)} to {user_source(last)}"
+    converted = split.has_residual_path
+    if not converted:
+        reason += ": " + _no_path_reason(stack)
+    elif chain.stacked_bytes() > _chains.STACK_LIMIT:
+        converted = False
+        reason += (
+            f": its per-layer inputs take {chain.stacked_bytes() / 2**20:.0f} MiB stacked, over the "
+            f"{_chains.STACK_LIMIT / 2**20:.0f} MiB limit (hbpjax._analysis.chains.STACK_LIMIT): left to backprop"
+        )
+    info = StackInfo(
+        source=user_source(first), kind="chain", length=chain.length,
+        carry=(jax.ShapeDtypeStruct(aval.shape, aval.dtype),), residual=split.kinds, converted=converted,
+        reason=reason, period=chain.period, last_source=user_source(last),
+    )
+    return Found(info, stack if converted else None)
+
+
+def miss(miss: _chains.Miss) -> StackInfo:
+    """The row of residual blocks that do not make a chain."""
+    return StackInfo(
+        source=user_source(miss.first), kind="chain", length=miss.joins, carry=(), residual=(), converted=False,
+        reason=miss.reason,
+    )
+
+
+#: Automatic stacks of this many layers or fewer that convolve with a kernel per layer are
+#: linearized layer by layer on a CPU.
+UNROLL_CONVOLUTIONS = 64
+
+
+def _linearize_for(options: StackOptions, body, per_layer, length: int) -> StackOptions:
+    """The options of an automatic stack: vmapped linearization, except for short stacks that
+    convolve with a kernel per layer on a CPU, where vmapping makes grouped convolutions, which
+    XLA's CPU backend runs many times slower than the separate ones (layer by layer instead)."""
+    if jax.default_backend() != "cpu" or length > UNROLL_CONVOLUTIONS:
+        return options
+    kernels = [k for k in map(primitives.convolution_kernel, body.eqns) if k is not None]
+    if kernels and depends_on(body.eqns, per_layer, kernels):
+        return dataclasses.replace(options, linearize="unroll")
+    return options
+
+
+def _no_path_reason(stack) -> str:
+    """Why a step has no residual path, naming what computes its new carry when that is a wrapper
+    the split cannot read."""
+    jaxpr = stack.flat.jaxpr
+    outs = {jaxpr.outvars[i] for i in stack.diff if isinstance(jaxpr.outvars[i], core.Var)}
+    opaque = sorted({primitives.name(e) for e in jaxpr.eqns if outs.intersection(e.outvars) and sub_jaxprs(e)})
+    if opaque:
+        return f"the step's new carry comes out of {', '.join(opaque)}, which the split cannot read through: exact backprop"
+    if not stack.diff:
+        return "no floating-point carry: nothing to differentiate along the scan (exact)"
+    return "no carry leaf has a residual path (h_new is not h plus or times something): exact backprop"
