@@ -19,6 +19,7 @@ from ._front.diagnostics import GradientAgreement as GradientAgreement
 from ._front.diagnostics import gradient_agreement as gradient_agreement
 from ._front.filter import filter_grad as filter_grad
 from ._front.filter import filter_value_and_grad as filter_value_and_grad
+from ._front.options import Options as Options
 from ._front.report import SweepReport as SweepReport
 from ._front.scan import residual_scan as residual_scan
 from ._front.transform import highway_grad as highway_grad
@@ -40,6 +41,7 @@ __all__ = [
     "AdaptiveState",
     "GradientAgreement",
     "NoStackWarning",
+    "Options",
     "StackInfo",
     "SweepReport",
     "UnbatchableWarning",

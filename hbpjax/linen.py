@@ -25,7 +25,7 @@ except ImportError as err:
         f"hbpjax.linen needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
     ) from err
 
-from ._front import cells as _adapters
+from ._front import cells as _cells
 from .residual import additive
 
 __all__ = ["GRUCell", "LSTMCell", "ResidualRNN", "ResidualStack"]
@@ -123,7 +123,7 @@ class ResidualStack(nn.Module):
                 return template.apply(layer_vars, h, *args, rngs=rngs, mutable=mutable, **kwargs)
             return template.apply(layer_vars, h, *args, rngs=rngs, **kwargs), {}
 
-        h, _, updates = _adapters.stack(
+        h, _, updates = _cells.stack(
             name, block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma,
             unroll=self.unroll, has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
         )
@@ -133,7 +133,7 @@ class ResidualStack(nn.Module):
         return h
 
 
-class GRUCell(_adapters.SplitCell, nn.GRUCell):
+class GRUCell(_cells.SplitCell, nn.GRUCell):
     """``flax.linen.GRUCell`` with its update written as a residual split (same parameters).
 
     ``block(h, x) = (z, (1 - z) * n)`` with :func:`hbpjax.residual.gated`: ``h' = z * h + (1-z) n``.
@@ -165,11 +165,11 @@ class GRUCell(_adapters.SplitCell, nn.GRUCell):
         )
         x_proj = (dense_i(name="ir")(inputs), dense_i(name="iz")(inputs), dense_i(name="in")(inputs))
         h_proj = (dense_h(name="hr")(h), dense_h(name="hz")(h), dense_h(name="hn", use_bias=True)(h))
-        return _adapters.gru_split(x_proj, h_proj, self.gate_fn, self.activation_fn)
+        return _cells.gru_split(x_proj, h_proj, self.gate_fn, self.activation_fn)
 
 
 
-class LSTMCell(_adapters.SplitCell, nn.LSTMCell):
+class LSTMCell(_cells.SplitCell, nn.LSTMCell):
     """``flax.linen.LSTMCell`` with its update written as a residual split (same parameters).
 
     On the carry ``(c, h)``: :func:`hbpjax.residual.gated` with ``a = (f, 0)``, ``b = (i g, h')``.
@@ -199,7 +199,7 @@ class LSTMCell(_adapters.SplitCell, nn.LSTMCell):
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
         gates = tuple(dense_i(name=f"i{g}")(inputs) + dense_h(name=f"h{g}")(h) for g in "ifgo")
-        return _adapters.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
+        return _cells.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
 
     def output(self, carry):
         return carry[1]
@@ -242,8 +242,8 @@ class ResidualRNN(nn.Module):
     def __call__(self, inputs, initial_carry=None):
         name = "hbpjax.linen.ResidualRNN"
         template = self.cell(parent=None)
-        _adapters.check_split_cell(name, template, "Use hbpjax.linen.GRUCell or LSTMCell, or add them.")
-        xs, time_axis = _adapters.to_time_major(inputs, self.time_major)
+        _cells.check_split_cell(name, template, "Use hbpjax.linen.GRUCell or LSTMCell, or add them.")
+        xs, time_axis = _cells.to_time_major(inputs, self.time_major)
         if initial_carry is None:
             initial_carry = template.initialize_carry(jax.random.key(0), xs.shape[1:])
         params = self.param("cell", lambda rng: template.init(rng, initial_carry, xs[0], method="block")["params"])
@@ -251,8 +251,8 @@ class ResidualRNN(nn.Module):
         def block(carry, x):
             return template.apply({"params": params}, carry, x, method="block")
 
-        carry, carries = _adapters.stack(
+        carry, carries = _cells.stack(
             name, block, initial_carry, xs, residual=template.residual, gamma=self.gamma, unroll=self.unroll
         )
-        outputs = _adapters.from_time_major(template.output(carries), time_axis)
+        outputs = _cells.from_time_major(template.output(carries), time_axis)
         return (carry, outputs) if self.return_carry else outputs

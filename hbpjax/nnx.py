@@ -15,7 +15,7 @@ layers, ``nnx.RNN`` over a cell) whose step has a residual path, found automatic
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,10 @@ except ImportError as err:
     ) from err
 
 from ._analysis import conversion as _conversion
-from ._front import cells as _adapters
-from ._front.options import Options, describe
-from ._front.transform import DEFAULT_ITERATIONS, ValueAndGrad, grad_from_value_and_grad, normalize_argnums
+from ._front import adapters as _adapters
+from ._front import cells as _cells
+from ._front.options import OptionKeywords, Options, describe
+from ._front.transform import ValueAndGrad, grad_from_value_and_grad
 from .residual import additive
 
 __all__ = [
@@ -140,7 +141,7 @@ class ResidualStack(_nnx.Module):
             _, _, new_state = _nnx.split(module, _nnx.Param, ...)
             return z, new_state
 
-        h, _, new_state = _adapters.stack(
+        h, _, new_state = _cells.stack(
             "hbpjax.nnx.ResidualStack", block, h, (params, state), residual=self.residual, gamma=self.gamma,
             unroll=self.unroll, has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
         )
@@ -151,7 +152,7 @@ class ResidualStack(_nnx.Module):
 # ------------------------------------------------------------------------------------- cells
 
 
-class GRUCell(_adapters.SplitCell, _nnx.GRUCell):
+class GRUCell(_cells.SplitCell, _nnx.GRUCell):
     """``nnx.GRUCell`` with its update written as a residual split (same parameters, same values).
 
     ``h' = z * h + (1 - z) * n`` is :func:`hbpjax.residual.gated` with ``block(h, x) = (z, (1-z) n)``,
@@ -178,11 +179,11 @@ class GRUCell(_adapters.SplitCell, _nnx.GRUCell):
         """The block of the residual split: ``(a, b)`` with ``h' = a * h + b``."""
         inputs = jnp.split(self.dense_i(inputs), 3, axis=-1)
         hidden = jnp.split(self.dense_h(carry), 3, axis=-1)
-        return _adapters.gru_split(inputs, hidden, self.gate_fn, self.activation_fn)
+        return _cells.gru_split(inputs, hidden, self.gate_fn, self.activation_fn)
 
 
 
-class LSTMCell(_adapters.SplitCell, _nnx.OptimizedLSTMCell):
+class LSTMCell(_cells.SplitCell, _nnx.OptimizedLSTMCell):
     """``nnx.OptimizedLSTMCell`` with its update written as a residual split (same parameters).
 
     On the carry ``(c, h)``: ``c' = f * c + i * g`` and ``h' = o * tanh(c')`` is
@@ -207,14 +208,14 @@ class LSTMCell(_adapters.SplitCell, _nnx.OptimizedLSTMCell):
 
     def block(self, carry, inputs):
         gates = jnp.split(self.dense_i(inputs) + self.dense_h(carry[1]), 4, axis=-1)
-        return _adapters.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
+        return _cells.lstm_split(carry, gates, self.gate_fn, self.activation_fn)
 
     def output(self, carry):
         return carry[1]
 
 
 
-class MinGRUCell(_adapters.SplitCell, _nnx.Module):
+class MinGRUCell(_cells.SplitCell, _nnx.Module):
     """A minimal linear diagonal recurrence (minGRU): ``h' = (1 - z) * h + z * h~``.
 
     ``z = sigmoid(W_z x + b_z)`` and ``h~ = W_h x + b_h`` read only the input, so the block does not
@@ -243,7 +244,7 @@ class MinGRUCell(_adapters.SplitCell, _nnx.Module):
         self.dense_h = _nnx.Linear(in_features, hidden_features, param_dtype=param_dtype, rngs=rngs)
 
     def block(self, carry, inputs):
-        return _adapters.min_gru_split(self.dense_z(inputs), self.dense_h(inputs))
+        return _cells.min_gru_split(self.dense_z(inputs), self.dense_h(inputs))
 
 
     def initialize_carry(self, input_shape, rngs=None):
@@ -297,7 +298,7 @@ class ResidualRNN(_nnx.Module):
         unroll: int | bool = 1,
         gamma: float = 0.0,
     ):
-        _adapters.check_split_cell(
+        _cells.check_split_cell(
             "hbpjax.nnx.ResidualRNN", cell, "Use hbpjax.nnx.GRUCell, LSTMCell or MinGRUCell, or add them."
         )
         self.cell, self.time_major, self.return_carry = cell, time_major, return_carry
@@ -308,21 +309,21 @@ class ResidualRNN(_nnx.Module):
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
-        xs, time_axis = _adapters.to_time_major(inputs, time_major)
+        xs, time_axis = _cells.to_time_major(inputs, time_major)
         if reverse:
             xs = jnp.flip(xs, 0)
         if initial_carry is None:
             # The built-in cells start from zeros; the key only matters for random carry inits.
             initial_carry = self.cell.initialize_carry(xs.shape[1:], _nnx.Rngs(carry=0))
         output = getattr(self.cell, "output", lambda carry: carry)
-        carry, carries = _adapters.stack(
+        carry, carries = _cells.stack(
             "hbpjax.nnx.ResidualRNN", self.cell.block, initial_carry, xs, residual=self.cell.residual,
             gamma=self.gamma, unroll=self.unroll,
         )
         outputs = output(carries)
         if reverse and keep_order:
             outputs = jnp.flip(outputs, 0)
-        outputs = _adapters.from_time_major(outputs, time_axis)
+        outputs = _cells.from_time_major(outputs, time_axis)
         return (carry, outputs) if return_carry else outputs
 
 
@@ -365,41 +366,49 @@ class _GraphConversion:
         getattr(self, "last", self.conversion).warn(stacklevel + 1)
 
 
-class _ValueAndGrad(ValueAndGrad):
-    """:class:`hbpjax._transform.ValueAndGrad` for ``nnx.value_and_grad``: modules in, ``nnx.State``
-    gradients out, graph updates written back."""
+class Adapter(_adapters.Adapter):
+    """How :func:`value_and_grad` reaches NNX modules (the adapter protocol of
+    :mod:`hbpjax._front.adapters`): ``argnums`` may be ``nnx.DiffState``s, the differentiated
+    arguments are modules or states, ``nnx.value_and_grad`` differentiates (``graph`` and
+    ``graph_updates`` as given), and the modules split into a graph definition and a state."""
 
-    def __init__(self, f, argnums, has_aux, holomorphic, allow_int, *, options, graph, graph_updates):
+    def __init__(self, graph: bool | None = None, graph_updates: bool | None = None):
         self.graph, self.graph_updates = graph, graph_updates
-        super().__init__(f, argnums, has_aux, holomorphic, allow_int, options=options)
 
-    def _normalize(self, argnums):
+    def normalize(self, name, argnums):
         plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
-        normalize_argnums(self.options.name, tuple(plain))
+        _adapters.normalize_argnums(name, tuple(plain))
         return argnums
 
-    def _check(self, args) -> None:
-        for a in _diff_argnums(self.argnums):
+    def check(self, name, argnums, args, *, allow_int, holomorphic) -> None:
+        for a in _diff_argnums(argnums):
             if not -len(args) <= a < len(args):
                 raise TypeError(
-                    f"{self.options.name}: differentiating with respect to argnums={a} requires at least "
+                    f"{name}: differentiating with respect to argnums={a} requires at least "
                     f"{max(a + 1, -a)} positional arguments, but got only {len(args)}."
                 )
             if not isinstance(args[a], (_nnx.Module, _nnx.State)):
                 raise TypeError(
-                    f"{self.options.name}: argument {a} must be an nnx.Module or an nnx.State (the model whose "
+                    f"{name}: argument {a} must be an nnx.Module or an nnx.State (the model whose "
                     f"nnx.Param gradients you want); got {describe(args[a])}. For plain pytrees of "
                     "arrays use hbpjax.highway_value_and_grad."
                 )
 
-    def _transform(self, fun, argnums):
+    def jax_transform(self, fun, argnums, *, has_aux, holomorphic, allow_int):
         return _nnx.value_and_grad(
-            fun, argnums=argnums, has_aux=self.has_aux, holomorphic=self.holomorphic, allow_int=self.allow_int,
+            fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
             graph=self.graph, graph_updates=self.graph_updates,
         )
 
-    def _conversion(self, args, kwargs):
-        return _GraphConversion(self.checked, self.options, args, kwargs)
+    def conversion(self, fun, options, args, kwargs, argnums):
+        return _GraphConversion(fun, options, args, kwargs)
+
+    def split(self, args, kwargs):
+        graphdef, state = _nnx.split((args, kwargs))
+        return state, lambda state: _nnx.merge(graphdef, state)
+
+    def value_and_grad(self, fun, argnums, has_aux, *, options):
+        return ValueAndGrad(fun, argnums, has_aux, options=options, adapter=self)
 
 
 def _diff_argnums(argnums) -> tuple[int, ...]:
@@ -410,17 +419,17 @@ def _diff_argnums(argnums) -> tuple[int, ...]:
 def value_and_grad(
     f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
-    iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None, gamma: float = 0.0,
-    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True, layer_axis: str | None = None, mesh: Any = None) -> Callable:
+    options: Options | None = None, **keywords: Unpack[OptionKeywords],
+) -> Callable:
     """``nnx.value_and_grad`` with Highway-BP inside every residual stack of ``f``.
 
     Same arguments and results as ``nnx.value_and_grad``: ``nnx.Param`` of the Module arguments are
     differentiated by default (``nnx.DiffState`` selects others), gradients come back as an
     ``nnx.State`` that ``nnx.Optimizer.update`` accepts, and non-parameter state (BatchNorm
-    statistics, RNG counters) is written back to the model. ``iterations``, ``tol``, ``gamma``,
-    ``scans``, ``return_report`` and ``save_linearization`` are as in :func:`hbpjax.highway_value_and_grad`: the model's residual scans
-    (``nnx.scan`` over layers, ``nnx.RNN``) are found and converted without changing the model.
-    Usable as a decorator, inside ``nnx.jit``, in graph and tree mode.
+    statistics, RNG counters) is written back to the model. The model's residual stacks
+    (``nnx.scan`` over layers, ``nnx.RNN``, Python loops of residual blocks) are found and converted
+    without changing the model, as :func:`hbpjax.highway_value_and_grad` converts them. Usable as a
+    decorator, inside ``nnx.jit``, in graph and tree mode.
 
     Args:
       f: the function, ``f(*args)`` returning a real scalar (or ``(scalar, aux)`` with ``has_aux``);
@@ -432,15 +441,8 @@ def value_and_grad(
       allow_int: as in ``nnx.grad``.
       graph: as in ``nnx.grad``: graph mode (``True``) or tree mode; ``None`` is Flax's default.
       graph_updates: as in ``nnx.grad``: write state changes of the modules back.
-      iterations: the number of sweeps ``k``; ``k >= L`` is exact; ``None`` is exact backprop.
-      tol: optional; stop sweeping a stack once its cotangents change by at most ``tol`` (relative).
-      gamma: backward-only split ``K' = (1 - gamma) K`` for the stacks found automatically.
-      scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
-      return_report: also return a :class:`hbpjax.SweepReport`.
-      save_linearization: keep every layer's linearization between sweeps (default).
-      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
-        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
-      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
+      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
+      **keywords: any field of :class:`hbpjax.Options`, replacing that of ``options``.
 
     Returns:
       A function with ``f``'s signature returning ``(value, grads)`` (``((value, aux), grads)`` with
@@ -448,8 +450,8 @@ def value_and_grad(
       several ``argnums``); with ``return_report``, ``(that, report)``.
 
     Raises:
-      TypeError: ``f`` is not callable, an option has the wrong type, or (at call time) a
-        differentiated argument is not an ``nnx.Module`` or ``nnx.State``.
+      TypeError: ``f`` is not callable, an option is unknown or has the wrong type, or (at call
+        time) a differentiated argument is not an ``nnx.Module`` or ``nnx.State``.
       ValueError: an option has a bad value.
 
     Examples:
@@ -461,18 +463,17 @@ def value_and_grad(
       >>> grads["cell"]["dense_h"]["kernel"].shape
       (4, 12)
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.nnx.value_and_grad")
-    make = lambda f: _ValueAndGrad(
-        f, argnums, has_aux, holomorphic, allow_int, options=options, graph=graph, graph_updates=graph_updates
-    )
+    options = Options.given("hbpjax.nnx.value_and_grad", options, keywords)
+    adapter = Adapter(graph, graph_updates)
+    make = lambda f: ValueAndGrad(f, argnums, has_aux, holomorphic, allow_int, options=options, adapter=adapter)
     return make if f is None else make(f)
 
 
 def grad(
     f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
-    iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None, gamma: float = 0.0,
-    scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True, layer_axis: str | None = None, mesh: Any = None) -> Callable:
+    options: Options | None = None, **keywords: Unpack[OptionKeywords],
+) -> Callable:
     """``nnx.grad`` with Highway-BP inside every residual stack of ``f``.
 
     See :func:`value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
@@ -480,30 +481,23 @@ def grad(
     Args:
       f: the function, ``f(*args)`` returning a real scalar (or ``(scalar, aux)`` with ``has_aux``);
         omitted, a decorator is returned.
-      argnums: which positional arguments to differentiate: an int, an ``nnx.DiffState`` (an
-        argument and a filter of its Variables) or a sequence of them (as ``nnx.grad``).
+      argnums: which positional arguments to differentiate: an int, an ``nnx.DiffState`` or a
+        sequence of them (as ``nnx.grad``).
       has_aux: whether ``f`` returns ``(value, aux)``.
       holomorphic: as in ``nnx.grad``.
       allow_int: as in ``nnx.grad``.
       graph: as in ``nnx.grad``: graph mode (``True``) or tree mode; ``None`` is Flax's default.
       graph_updates: as in ``nnx.grad``: write state changes of the modules back.
-      iterations: the number of sweeps ``k``; ``k >= L`` is exact; ``None`` is exact backprop.
-      tol: optional; stop sweeping a stack once its cotangents change by at most ``tol`` (relative).
-      gamma: backward-only split ``K' = (1 - gamma) K`` for the stacks found automatically.
-      scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
-      return_report: also return a :class:`hbpjax.SweepReport`.
-      save_linearization: keep every layer's linearization between sweeps (default).
-      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
-        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
-      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
+      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
+      **keywords: any field of :class:`hbpjax.Options`, replacing that of ``options``.
 
     Returns:
       A function with ``f``'s signature returning ``grads`` (``(grads, aux)`` with ``has_aux``), an
       ``nnx.State`` that ``nnx.Optimizer.update`` accepts; with ``return_report``, ``(that, report)``.
 
     Raises:
-      TypeError: ``f`` is not callable, an option has the wrong type, or (at call time) a
-        differentiated argument is not an ``nnx.Module`` or ``nnx.State``.
+      TypeError: ``f`` is not callable, an option is unknown or has the wrong type, or (at call
+        time) a differentiated argument is not an ``nnx.Module`` or ``nnx.State``.
       ValueError: an option has a bad value.
 
     Examples:
@@ -514,8 +508,9 @@ def grad(
       >>> grads = hbpjax.nnx.grad(lambda m, x: jnp.mean(m(x) ** 2), iterations=2)(model, jnp.ones((3, 10, 2)))
       >>> _ = optimizer.update(model, grads)   # a standard optax step
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.nnx.grad")
+    options = Options.given("hbpjax.nnx.grad", options, keywords)
+    adapter = Adapter(graph, graph_updates)
     make = lambda f: grad_from_value_and_grad(
-        f, _ValueAndGrad(f, argnums, has_aux, holomorphic, allow_int, options=options, graph=graph, graph_updates=graph_updates)
+        f, ValueAndGrad(f, argnums, has_aux, holomorphic, allow_int, options=options, adapter=adapter)
     )
     return make if f is None else make(f)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -19,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .options import as_int, as_real
-from .transform import highway_value_and_grad, normalize_argnums
+from . import adapters
+from .adapters import normalize_argnums
+from .options import Options, as_int, as_real
 
 _NAME = "hbpjax.AdaptiveIterations"
 logger = logging.getLogger("hbpjax")
@@ -160,10 +160,12 @@ class AdaptiveIterations:
 
         Args:
           fun: the loss, as for :func:`hbpjax.highway_value_and_grad` (or, when the differentiated
-            arguments are NNX modules, :func:`hbpjax.nnx.value_and_grad`).
+            arguments are NNX modules, :func:`hbpjax.nnx.value_and_grad`; when they hold leaves
+            that are not floating-point arrays, :func:`hbpjax.filter_value_and_grad`).
           argnums: which positional arguments to differentiate, as for ``jax.value_and_grad``.
           has_aux: whether ``fun`` returns ``(value, aux)``.
-          **options: other keyword options of the transform (``gamma``, ``scans``, ``tol``).
+          **options: other fields of :class:`hbpjax.Options` (``gamma``, ``scans``, ``tol``), or
+            ``options=hbpjax.Options(...)``; ``iterations`` is the controller's.
 
         Returns:
           ``step(state, *args, **kwargs) -> ((value, grads), new_state)``, jit-friendly: the exact
@@ -173,44 +175,26 @@ class AdaptiveIterations:
         nums = (nums,) if isinstance(nums, int) else nums
 
         def step(state: AdaptiveState, *args, **kwargs):
-            nnx = sys.modules.get("flax.nnx")
-            modules = nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args))
-            if modules:
-                from .. import nnx as hbpjax_nnx
-
-                assert nnx is not None
-                graphdef, snapshot = nnx.split((args, kwargs))  # the exact gradient sees the same state
-                highway = hbpjax_nnx.value_and_grad(fun, argnums=argnums, has_aux=has_aux, iterations=state.k, **options)
-                exact_fn = nnx.grad(fun, argnums=argnums, has_aux=has_aux)
-
-                def exact(snapshot):
-                    a, kw = nnx.merge(graphdef, snapshot)
-                    g = exact_fn(*a, **kw)
-                    return g[0] if has_aux else g
-
-                operand = snapshot
-            else:
-                highway = highway_value_and_grad(fun, argnums, has_aux, iterations=state.k, **options)
-                exact_fn = jax.grad(fun, argnums, has_aux=has_aux)
-
-                def exact(operand):
-                    a, kw = operand
-                    g = exact_fn(*a, **kw)
-                    return g[0] if has_aux else g
-
-                operand = (args, kwargs)
-            out = highway(*args, **kwargs)
+            # The same adapter as the transform for these arguments (plain, filtered, NNX); the exact
+            # gradient is taken on a snapshot of their arrays, so it sees the state the step saw.
+            adapter = adapters.for_arguments(args, nums)
+            snapshot, rebuild = adapter.split(args, kwargs)
+            given = dict(options)
+            run = Options.given(_NAME, given.pop("options", None), {**given, "iterations": state.k})
+            out = adapter.value_and_grad(fun, argnums, has_aux, options=run)(*args, **kwargs)
             grads = out[1]
+            exact_fn = adapter.value_and_grad(fun, argnums, has_aux, options=dataclasses.replace(run, iterations=None, tol=None))
 
-            def measure(operand):
-                cosine = _cosine(grads, exact(operand))
+            def measure(snapshot):
+                a, kw = rebuild(snapshot)
+                cosine = _cosine(grads, exact_fn(*a, **kw)[1])
                 new = self.decide(state, cosine)
                 if self.log:
                     jax.debug.callback(_log, new.step, cosine, state.k, new.k)
                 return new
 
             due = state.step % self.every == 0
-            new = lax.cond(due, measure, lambda _: state, operand)
+            new = lax.cond(due, measure, lambda _: state, snapshot)
             return out, dataclasses.replace(new, step=state.step + 1)
 
         return step

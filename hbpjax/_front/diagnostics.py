@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import filter as _filter
-from .options import check_iterations
-from .transform import highway_grad, normalize_argnums
+from . import adapters
+from .adapters import normalize_argnums
+from .options import Options, check_iterations
 
 _NAME = "hbpjax.gradient_agreement"
 
@@ -66,8 +65,9 @@ def gradient_agreement(
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
     jit: bool = True,
-    gamma: float = 0.0,
-    scans: str | Callable = "auto",
+    gamma: float | None = None,
+    scans: str | Callable | None = None,
+    options: Options | None = None,
 ) -> GradientAgreement:
     """Compares :func:`hbpjax.highway_grad` with exact ``jax.grad`` for several numbers of sweeps.
 
@@ -77,12 +77,13 @@ def gradient_agreement(
     (0.99 and above usually trains like exact backprop). Every ``k`` is traced and compiled
     separately.
 
-    Works on a Flax NNX model directly: when the differentiated arguments are ``nnx.Module``s, the
-    gradients are those of :func:`hbpjax.nnx.grad` (``nnx.Param`` only), the exact reference and
-    every ``k`` each computed on a fresh copy of the arguments, so the state a forward reads and
-    changes (Dropout's RNG counts, BatchNorm statistics) is the same for all of them and your model
-    is left exactly as it was. On a pytree with leaves that are not arrays (an Equinox Module) the
-    floating-point arrays are compared, as :func:`hbpjax.filter_grad` differentiates them.
+    It differentiates as the transform for these arguments does: on a Flax NNX model, the
+    ``nnx.Param``s as :func:`hbpjax.nnx.grad` does; on a pytree with leaves that are not
+    floating-point arrays (an Equinox Module with an activation function, an ``int`` or a ``bool``
+    field), its floating-point arrays as :func:`hbpjax.filter_grad` does; else as
+    :func:`hbpjax.highway_grad`. The exact reference and every ``k`` are each computed on a fresh
+    copy of the arguments, so the state a forward reads and changes (Dropout's RNG counts,
+    BatchNorm statistics) is the same for all of them and your model is left exactly as it was.
 
     Args:
       fun: the loss, as you would pass it to ``jax.grad`` (or ``nnx.grad``).
@@ -90,10 +91,12 @@ def gradient_agreement(
       iterations: the numbers of sweeps to compare.
       argnums: which positional arguments to differentiate, as in ``jax.grad``.
       has_aux: whether ``fun`` returns ``(loss, aux)``.
-      jit: compile each gradient with ``jax.jit`` (``nnx.jit`` for modules; all ``args`` must then be
-        arrays, pytrees of arrays or modules); ``False`` runs them eagerly.
-      gamma: as in :func:`hbpjax.highway_grad`.
-      scans: as in :func:`hbpjax.highway_grad`.
+      jit: compile each gradient with ``jax.jit`` (over the arrays of the arguments, modules'
+        state included); ``False`` runs them eagerly.
+      gamma: as in :class:`hbpjax.Options` (default: that of ``options``).
+      scans: as in :class:`hbpjax.Options` (default: that of ``options``).
+      options: the :class:`hbpjax.Options` to compare with (``tol``, ``save_linearization``, ...);
+        its ``iterations`` are replaced by each of ``iterations`` in turn.
 
     Returns:
       A :class:`GradientAgreement`; ``print`` it for a table.
@@ -121,43 +124,22 @@ def gradient_agreement(
             raise ValueError(f"{_NAME}: `iterations` lists sweep counts; None (exact) is the reference.")
         ks.append(int(checked))
     nums = normalize_argnums(_NAME, argnums)
-    nums = (nums,) if isinstance(nums, int) else nums
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args)):
-        from .. import nnx as hbpjax_nnx
+    chosen = {key: value for key, value in (("gamma", gamma), ("scans", scans)) if value is not None}
+    base = Options.given(_NAME, options, chosen)
+    # The same adapter as the transform for these arguments (plain, filtered, NNX); every gradient
+    # is taken on a fresh copy of the arguments' arrays, so the state a forward reads and changes
+    # (Dropout's RNG counts, BatchNorm statistics) is the same for all of them.
+    adapter = adapters.for_arguments(args, nums)
 
-        # A snapshot: the reference and every k start from the same state (RNG counts, batch
-        # statistics), each on modules of its own, and the user's modules are left as they were.
-        graphdef, state = nnx.split(args)
-        state = jax.tree.map(lambda a: a, state)
-
-        def grads(k):
-            grad_fn = hbpjax_nnx.grad(fun, argnums=argnums, has_aux=has_aux, iterations=k, gamma=gamma, scans=scans)
-            g = (nnx.jit(grad_fn) if jit else grad_fn)(*nnx.merge(graphdef, jax.tree.map(lambda a: a, state)))
-            return _flat(g[0] if has_aux else g)
-
-    elif any(not _filter.is_array_like(leaf) for a in nums for leaf in jax.tree.leaves(args[a])):
-        # Pytrees with static leaves (an Equinox Module): the floating-point arrays are
-        # differentiated, as hbpjax.filter_grad does; the rest is closed over.
-        parts = [_filter.partition(args[a]) for a in nums]
-
-        def of_arrays(diffs):
-            full = list(args)
-            for a, d, (_, tree) in zip(nums, diffs, parts):
-                full[a] = _filter.combine(d, tree)
-            return fun(*full)
-
-        def grads(k):
-            grad_fn = highway_grad(of_arrays, 0, has_aux, iterations=k, gamma=gamma, scans=scans)
-            g = (jax.jit(grad_fn) if jit else grad_fn)(tuple(d for d, _ in parts))
-            return _flat(g[0] if has_aux else g)
-
-    else:
-
-        def grads(k):
-            grad_fn = highway_grad(fun, argnums, has_aux, iterations=k, gamma=gamma, scans=scans)
-            g = (jax.jit(grad_fn) if jit else grad_fn)(*args)
-            return _flat(g[0] if has_aux else g)
+    def grads(k):
+        run = dataclasses.replace(base, iterations=k, tol=None if k is None else base.tol, return_report=False)
+        grad_fn = adapter.value_and_grad(fun, argnums, has_aux, options=run)
+        if jit:
+            _, g = adapters.run_jitted(grad_fn, adapter, args, {})
+        else:
+            arrays, rebuild = adapter.split(args, {})
+            _, g = grad_fn(*rebuild(jax.tree.map(lambda a: a, arrays))[0])
+        return _flat(g)
 
     exact = grads(None)
     exact_norm = float(np.linalg.norm(exact))

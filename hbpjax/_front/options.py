@@ -1,7 +1,7 @@
 """The options of hbpjax's transforms and stacks, each checked once, where it is created.
 
-:class:`Options` is what a ``highway_grad`` call (any of the four transforms) asks for; it travels
-whole from the transform to every stack's backward. :class:`StackOptions` is what one
+:class:`Options` (public as ``hbpjax.Options``) is what a transform call asks for; it travels whole
+from the transform to every stack's backward. :class:`StackOptions` is what one
 :func:`hbpjax.residual_scan` asks for its own stack. Both are frozen dataclasses that check their
 fields on creation (as lineax's solvers do), so code that holds one never checks again. The errors
 name the public function the options were given to, the value received and the fix.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -160,29 +160,70 @@ def check_scans(name: str, scans):
     )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+class OptionKeywords(TypedDict, total=False):
+    """The fields of :class:`Options`, as keywords of the transforms."""
+
+    iterations: int | jax.Array | None
+    tol: float | None
+    gamma: float
+    scans: str | Callable
+    save_linearization: bool
+    return_report: bool
+    layer_axis: str | None
+    mesh: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Options:
-    """The options of one highway transform, checked on creation.
+    """What a highway transform does with the residual stacks it finds; checked when made.
+
+    Every transform (:func:`hbpjax.highway_grad`, :func:`hbpjax.highway_value_and_grad`,
+    :func:`hbpjax.filter_grad`, :func:`hbpjax.filter_value_and_grad`, :func:`hbpjax.nnx.grad`,
+    :func:`hbpjax.nnx.value_and_grad`) takes these fields as keywords, or one ``options=Options(...)``
+    value; keywords given beside it replace its fields. Make one to share a configuration between a
+    training step, an evaluation and :func:`hbpjax.gradient_agreement`.
 
     Attributes:
-      iterations: the number of sweeps ``k``: a Python int, or an integer scalar traced under
-        ``jax.jit`` (a schedule: one compilation for every ``k``); ``None`` is exact backprop.
-      tol: stop sweeping once the relative change of the carry cotangents is ``<= tol`` (at most
-        ``iterations`` sweeps); ``None`` always runs ``iterations`` sweeps.
-      gamma: the backward-only split of the stacks found automatically (a ``residual_scan`` keeps
-        its own).
-      scans: which scans to convert: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``.
-      save_linearization: keep every layer's linearization between sweeps, or recompute it in each
-        sweep, in groups of layers, to save memory.
-      report: also return a :class:`hbpjax.SweepReport`.
-      layer_axis: a mesh axis name: converted stacks whose per-layer inputs are sharded along their
-        layer axis over it run layer-parallel (see :func:`hbpjax.highway_grad`); ``None``: none.
+      iterations: the number of sweeps ``k`` (an int >= 0). Paths through at most ``k`` blocks are
+        counted exactly; ``k >= L`` equals backprop for a stack of ``L`` layers; ``k = 0`` is the
+        residual path alone. An integer scalar traced under ``jax.jit`` works too (a schedule: one
+        compilation for every ``k``). ``None`` runs exact backprop through the same code. Use
+        :func:`hbpjax.gradient_agreement` to choose ``k`` for your model.
+      tol: stop sweeping a stack once the relative change of its carry cotangents is ``<= tol``,
+        after at most ``iterations`` sweeps; ``None`` always runs ``iterations`` sweeps.
+      gamma: backward-only split ``K' = (1 - gamma) K`` of the stacks found automatically (about 0.2
+        for pre-LN Transformers scanned over layers; 1.0 is fixed-point iteration); a
+        :func:`hbpjax.residual_scan` or hbpjax module keeps the ``gamma`` it was given.
+      scans: which stacks to convert: ``"auto"`` (every scan and chain with a residual path),
+        ``"marked"`` (only :func:`hbpjax.residual_scan` and hbpjax's Flax modules) or a callable
+        ``StackInfo -> bool`` choosing per stack.
+      save_linearization: keep every layer's linearization between sweeps (default; what is costly
+        to recompute, such as matmul and transcendental outputs, is stored). With ``False`` each
+        sweep recomputes it, a group of layers at a time (8 groups): the backward's memory drops to
+        about backprop's, for one more forward of every layer per sweep.
+      return_report: also return a :class:`hbpjax.SweepReport`: per converted stack, the sweeps its
+        backward ran and the relative change of the last one.
+      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
+        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
       mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
-      name: the public function the options were given to (for error messages; not compared).
+      name: the public function the options were given to, named in error messages (the
+        transforms set it; not compared).
 
-    Options are part of JAX's tracing cache key while a transform is active (see
-    :mod:`hbpjax._context`): a traced ``iterations`` compares by identity, so a trace made under
-    it never serves another.
+    Raises:
+      TypeError: a field has the wrong type (a float ``iterations``, a traced ``gamma``).
+      ValueError: a field has a bad value (a negative ``iterations``, a ``gamma`` outside ``[0, 1]``,
+        ``tol`` without ``iterations``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, hbpjax
+      >>> options = hbpjax.Options(iterations=2, gamma=0.2)
+      >>> def loss(W, x):
+      ...     return jnp.sum(jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, W)[0])
+      >>> W, x = 0.3 * jnp.ones((8, 3, 3)), jnp.ones(3)
+      >>> g = hbpjax.highway_grad(loss, options=options)(W, x)
+      >>> g_exact = hbpjax.highway_grad(loss, options=options, iterations=8)(W, x)   # a field replaced
+      >>> bool(jnp.allclose(g_exact, jax.grad(loss)(W, x), rtol=1e-5))
+      True
     """
 
     iterations: int | jax.Array | None = 4
@@ -190,10 +231,10 @@ class Options:
     gamma: float = 0.0
     scans: str | Callable = "auto"
     save_linearization: bool = True
-    report: bool = False
+    return_report: bool = False
     layer_axis: str | None = None
     mesh: Any = None
-    name: str = "hbpjax"
+    name: str = dataclasses.field(default="hbpjax.Options", repr=False)
 
     def __post_init__(self):
         set_ = lambda field, value: object.__setattr__(self, field, value)
@@ -206,13 +247,29 @@ class Options:
                 f"{self.name}: `save_linearization` must be True (keep each layer's linearization between sweeps) "
                 f"or False (recompute it, to save memory); got {self.save_linearization!r}."
             )
-        set_("report", bool(self.report))
+        set_("return_report", bool(self.return_report))
         if self.layer_axis is not None and not isinstance(self.layer_axis, str):
             raise TypeError(f"{self.name}: `layer_axis` must be a mesh axis name (str) or None; got {self.layer_axis!r}.")
         if self.mesh is not None and not isinstance(self.mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
             raise TypeError(f"{self.name}: `mesh` must be a jax.sharding.Mesh (jax.make_mesh(...)) or None; got {describe(self.mesh)}.")
         if self.mesh is not None and self.layer_axis is None:
             raise ValueError(f"{self.name}: `mesh` is the mesh for `layer_axis`; pass layer_axis='<axis name>' with it.")
+
+    @classmethod
+    def given(cls, name: str, options: Options | None, keywords: Mapping[str, Any]) -> Options:
+        """The options a transform named ``name`` was given: ``options`` (default ones if
+        ``None``) with the ``keywords`` given beside it replacing its fields."""
+        unknown = sorted(set(keywords) - set(OptionKeywords.__annotations__))
+        if unknown:
+            raise TypeError(
+                f"{name}: unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; the options are "
+                f"{', '.join(OptionKeywords.__annotations__)} (see hbpjax.Options)."
+            )
+        if options is None:
+            return cls(name=name, **keywords)
+        if not isinstance(options, Options):
+            raise TypeError(f"{name}: `options` must be an hbpjax.Options(...) or None; got {describe(options)}.")
+        return dataclasses.replace(options, name=name, **keywords)
 
     @property
     def highway(self) -> bool:
@@ -225,8 +282,9 @@ class Options:
         return is_traced(self.iterations)
 
     def _key(self):
+        # A traced number of sweeps compares by identity: a trace made under it serves no other.
         k = id(self.iterations) if self.traced else self.iterations
-        return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.report, self.layer_axis, id(self.mesh))
+        return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.return_report, self.layer_axis, self.mesh)
 
     def __eq__(self, other):
         return isinstance(other, Options) and self._key() == other._key()

@@ -86,7 +86,7 @@ def value_and_grad(transform, conversion, argnums, args: tuple, kwargs: dict, *,
     Returns:
       ``(value, grads)``, or ``((value, grads), SweepReport)`` when the options ask for a report.
     """
-    if not conversion.options.report:
+    if not conversion.options.return_report:
         return transform(lambda *a, **kw: conversion.evaluate(None, *a, **kw), argnums)(*args, **kwargs)
     stacks = conversion.stacks
     slots = jnp.zeros((len(stacks), 2), jnp.complex64 if holomorphic else jnp.float32)

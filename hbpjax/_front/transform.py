@@ -1,33 +1,31 @@
 """``highway_grad`` and ``highway_value_and_grad``: ``jax.grad`` with Highway-BP inside residual stacks.
 
-The function is traced once; its residual stacks (``lax.scan``s with a residual path, and every
-:func:`hbpjax.residual_scan`) are found in the jaxpr and run with a Highway-BP backward
-(:mod:`hbpjax._analysis.conversion`); everything else is differentiated by ``jax.value_and_grad`` as usual.
-``highway_grad`` is built on ``highway_value_and_grad``, as ``jax.grad`` is.
+The function is traced and planned once per call (once under ``jax.jit``); its residual stacks
+(``lax.scan``s and Python-loop chains with a residual path, and every :func:`hbpjax.residual_scan`)
+run with a Highway-BP backward (:mod:`hbpjax._analysis.conversion`); everything else is
+differentiated by JAX as usual. How the arguments are differentiated (plain pytrees, Equinox-style
+filtering, NNX modules) is an :class:`~hbpjax._front.adapters.Adapter`'s business; what is done
+with the stacks is the :class:`hbpjax.Options`'. ``highway_grad`` is built on
+``highway_value_and_grad``, as ``jax.grad`` is.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Unpack
 
-import jax
 import jax.numpy as jnp
 
-from .._analysis import conversion as _conversion
 from . import context as _context
 from . import report as _report
-from .options import Options, as_int, describe
-
-DEFAULT_ITERATIONS = 4
+from .adapters import Adapter
+from .options import OptionKeywords, Options, describe
 
 
 def highway_value_and_grad(
     fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, holomorphic: bool = False,
-    allow_int: bool = False, *, iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None,
-    gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True,
-    layer_axis: str | None = None, mesh: Any = None,
+    allow_int: bool = False, *, options: Options | None = None, **keywords: Unpack[OptionKeywords],
 ) -> Callable[..., tuple[Any, Any]]:
     """Like ``jax.value_and_grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -35,10 +33,10 @@ def highway_value_and_grad(
     instead of one sequential pass over its layers: the ``lax.scan``s whose step has a residual path
     (``h + f(h)``, a gate ``a * h + b``, ``relu(h + f(h))``; made by ``lax.scan``,
     ``lax.fori_loop``, ``nnx.scan``, ``nnx.RNN``, ``nn.scan``, ``nn.RNN``, under ``jax.jit`` too),
-    found in ``fun``'s jaxpr without any change to the model, and every :func:`hbpjax.residual_scan`.
-    Values are those of ``fun``; everything outside the stacks is differentiated by JAX as usual.
-    :func:`hbpjax.find_stacks` shows what is converted and why; a :class:`hbpjax.NoStackWarning`
-    says when nothing is.
+    Python loops of residual blocks, found in ``fun``'s jaxpr without any change to the model, and
+    every :func:`hbpjax.residual_scan`. Values are those of ``fun``; everything outside the stacks
+    is differentiated by JAX as usual. :func:`hbpjax.find_stacks` shows what is converted and why;
+    a :class:`hbpjax.NoStackWarning` says when nothing is.
 
     Args:
       fun: function to differentiate, returning a real scalar (or ``(scalar, aux)`` with
@@ -47,28 +45,10 @@ def highway_value_and_grad(
       has_aux: whether ``fun`` returns ``(value, aux)``; ``aux`` is returned, not differentiated.
       holomorphic: as in ``jax.value_and_grad``.
       allow_int: as in ``jax.value_and_grad``: integer inputs get ``float0`` zero gradients.
-      iterations: the number of sweeps ``k`` (an int >= 0). Paths through at most ``k`` blocks are
-        counted exactly; ``k >= L`` equals backprop for a stack of length ``L``; ``k = 0`` is the
-        residual path alone. ``None`` runs exact backprop (plain ``lax.scan``) through the same code.
-        Use :func:`hbpjax.gradient_agreement` to choose ``k`` for your model.
-      tol: optional; stop sweeping a stack once the relative change of its carry cotangents is
-        ``<= tol``, after at most ``iterations`` sweeps.
-      gamma: backward-only split ``K' = (1 - gamma) K`` of the stacks found automatically (about 0.2
-        for pre-LN Transformers scanned over layers, 1.0 is fixed-point iteration); a
-        ``residual_scan`` or hbpjax module keeps the ``gamma`` it was given.
-      scans: which scans to convert: ``"auto"`` (every scan with a residual path), ``"marked"`` (only
-        :func:`hbpjax.residual_scan` and hbpjax's Flax modules) or a callable
-        ``StackInfo -> bool`` choosing per scan.
-      return_report: also return a :class:`hbpjax.SweepReport`: per converted stack, the sweeps
-        its backward ran and the relative change of the last one.
-      save_linearization: keep every layer's linearization between sweeps (default; usually fastest;
-        what is costly to recompute, such as matmul and transcendental outputs, is stored, and each
-        sweep redoes the elementwise arithmetic). With ``False`` each sweep recomputes it, a group of
-        layers at a time (8 groups): the backward's memory drops to about backprop's, for one more
-        forward of every layer per sweep.
-      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
-        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
-      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
+      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
+      **keywords: any field of :class:`hbpjax.Options` (``iterations``, ``tol``, ``gamma``,
+        ``scans``, ``save_linearization``, ``return_report``, ``layer_axis``, ``mesh``), replacing
+        that of ``options``.
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or
@@ -76,8 +56,8 @@ def highway_value_and_grad(
       ``return_report``, ``(that, report)``.
 
     Raises:
-      TypeError: ``fun`` is not callable, an option has the wrong type, or (at call time) a
-        differentiated argument holds an integer or non-array leaf (use
+      TypeError: ``fun`` is not callable, an option is unknown or has the wrong type, or (at call
+        time) a differentiated argument holds an integer or non-array leaf (use
         :func:`hbpjax.filter_value_and_grad` for a pytree with static leaves).
       ValueError: an option has a bad value (a negative ``iterations``, a ``gamma`` outside
         ``[0, 1]``, an unknown ``scans`` string).
@@ -95,18 +75,13 @@ def highway_value_and_grad(
       2 0.88
       32 1.00
     """
-    options = Options(
-        iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh,
-        name="hbpjax.highway_value_and_grad",
-    )
+    options = Options.given("hbpjax.highway_value_and_grad", options, keywords)
     return ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options)
 
 
 def highway_grad(
     fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, holomorphic: bool = False,
-    allow_int: bool = False, *, iterations: int | jax.Array | None = DEFAULT_ITERATIONS, tol: float | None = None,
-    gamma: float = 0.0, scans: str | Callable = "auto", return_report: bool = False, save_linearization: bool = True,
-    layer_axis: str | None = None, mesh: Any = None,
+    allow_int: bool = False, *, options: Options | None = None, **keywords: Unpack[OptionKeywords],
 ) -> Callable:
     """Like ``jax.grad``, with Highway-BP in every residual stack of ``fun``.
 
@@ -121,17 +96,8 @@ def highway_grad(
       has_aux: whether ``fun`` returns ``(value, aux)``; ``aux`` is returned, not differentiated.
       holomorphic: as in ``jax.grad``.
       allow_int: as in ``jax.grad``: integer inputs get ``float0`` zero gradients.
-      iterations: the number of sweeps ``k`` (an int >= 0, or an integer traced under ``jax.jit``).
-        ``k >= L`` equals backprop for a stack of ``L`` layers; ``None`` is exact backprop.
-      tol: optional; stop sweeping a stack once its cotangents change by at most ``tol`` (relative).
-      gamma: backward-only split ``K' = (1 - gamma) K`` for the stacks found automatically.
-      scans: ``"auto"``, ``"marked"`` or a callable ``StackInfo -> bool``: which stacks to convert.
-      return_report: also return a :class:`hbpjax.SweepReport`.
-      save_linearization: keep every layer's linearization between sweeps (default); ``False``
-        recomputes it per sweep, a group of layers at a time, for backprop's memory.
-      layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
-        their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
-      mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
+      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
+      **keywords: any field of :class:`hbpjax.Options`, replacing that of ``options``.
 
     Returns:
       A function with ``fun``'s positional signature returning ``grad`` (or ``(grad, aux)`` with
@@ -139,11 +105,10 @@ def highway_grad(
       ``return_report``, ``(that, report)``.
 
     Raises:
-      TypeError: ``fun`` is not callable, an option has the wrong type, or (at call time) a
-        differentiated argument holds an integer or non-array leaf (use :func:`hbpjax.filter_grad`
-        for a pytree with static leaves, such as an Equinox Module).
-      ValueError: an option has a bad value (a negative ``iterations``, a ``gamma`` outside
-        ``[0, 1]``, an unknown ``scans`` string).
+      TypeError: ``fun`` is not callable, an option is unknown or has the wrong type, or (at call
+        time) a differentiated argument holds an integer or non-array leaf (use
+        :func:`hbpjax.filter_grad` for a pytree with static leaves, such as an Equinox Module).
+      ValueError: an option has a bad value.
 
     Examples:
       >>> import jax, jax.numpy as jnp, hbpjax
@@ -155,14 +120,14 @@ def highway_grad(
       >>> bool(jnp.allclose(g, jax.grad(loss)(W), rtol=1e-4))
       True
     """
-    options = Options(iterations, tol, gamma, scans, save_linearization, return_report, layer_axis=layer_axis, mesh=mesh, name="hbpjax.highway_grad")
+    options = Options.given("hbpjax.highway_grad", options, keywords)
     return grad_from_value_and_grad(fun, ValueAndGrad(fun, argnums, has_aux, holomorphic, allow_int, options=options))
 
 
 def grad_from_value_and_grad(fun: Callable, value_and_grad: ValueAndGrad) -> Callable:
     """``grad`` from a ``value_and_grad`` built by one of hbpjax's transforms, as ``jax.grad`` is
     built: the gradient (and ``aux``), and the report when it returns one."""
-    has_aux, report = value_and_grad.has_aux, value_and_grad.options.report
+    has_aux, report = value_and_grad.has_aux, value_and_grad.options.return_report
 
     @functools.wraps(fun)
     def grad_fun(*args, **kwargs):
@@ -175,98 +140,42 @@ def grad_from_value_and_grad(fun: Callable, value_and_grad: ValueAndGrad) -> Cal
 
 
 class ValueAndGrad:
-    """What :func:`highway_value_and_grad` returns: ``fun``'s value and gradient, with the residual
-    stacks of ``fun`` converted while it is traced (once per call, or once under ``jax.jit``).
+    """What the value-and-gradient transforms return: ``fun``'s value and gradient, its residual
+    stacks converted while it is traced (once per call, or once under ``jax.jit``).
 
     Attributes:
       fun: the function.
       argnums, has_aux, holomorphic, allow_int: as for ``jax.value_and_grad`` (``argnums`` checked).
-      options: the transform's :class:`~hbpjax._options.Options`.
+      options: the transform's :class:`hbpjax.Options`.
+      adapter: how the arguments are differentiated (plain JAX, filtered, NNX modules).
     """
 
-    def __init__(self, fun, argnums, has_aux, holomorphic, allow_int, *, options: Options):
+    def __init__(self, fun, argnums, has_aux, holomorphic=False, allow_int=False, *, options: Options, adapter=None):
         if not callable(fun):
             raise TypeError(f"{options.name}: `fun` must be callable; got {fun!r} of type {type(fun).__name__}.")
         self.fun, self.options = fun, options
-        self.argnums = self._normalize(argnums)
+        self.adapter = Adapter() if adapter is None else adapter
+        self.argnums = self.adapter.normalize(options.name, argnums)
         self.has_aux, self.holomorphic, self.allow_int = has_aux, holomorphic, allow_int
         self.checked = _checked_output(options.name, fun, has_aux, holomorphic)
         functools.update_wrapper(self, fun)
 
-    def _normalize(self, argnums):
-        return normalize_argnums(self.options.name, argnums)
-
-    def _check(self, args) -> None:
-        check_args(self.options.name, self.argnums, args, self.allow_int, self.holomorphic)
-
-    def _transform(self, fun, argnums) -> Callable:
-        """The JAX transform this one converts the stacks of: ``jax.value_and_grad``."""
-        return jax.value_and_grad(fun, argnums, has_aux=self.has_aux, holomorphic=self.holomorphic, allow_int=self.allow_int)
-
-    def _conversion(self, args, kwargs):
-        nums = (self.argnums,) if isinstance(self.argnums, int) else self.argnums
-        return _conversion.Conversion(self.checked, self.options, args, kwargs, differentiated=nums)
-
     def __call__(self, *args, **kwargs):
-        self._check(args)
+        adapter, options = self.adapter, self.options
+        adapter.check(options.name, self.argnums, args, allow_int=self.allow_int, holomorphic=self.holomorphic)
+        fun, args = adapter.prepare(self.checked, self.argnums, args)
+        transform = functools.partial(
+            adapter.jax_transform, has_aux=self.has_aux, holomorphic=self.holomorphic, allow_int=self.allow_int
+        )
         # Exact backprop through the same function (with a layer_axis, through the conversion: the
         # stacks sharded over it run layer-parallel, their backward JAX's transpose of the pipeline).
-        if (not self.options.highway and self.options.layer_axis is None) or _context.in_exact():
-            out = self._transform(self.checked, self.argnums)(*args, **kwargs)
-            return (out, _report.SweepReport.empty()) if self.options.report else out
-        conversion = self._conversion(args, kwargs)
-        out = _report.value_and_grad(self._transform, conversion, self.argnums, args, kwargs, holomorphic=self.holomorphic)
+        if (not options.highway and options.layer_axis is None) or _context.in_exact():
+            out = transform(fun, self.argnums)(*args, **kwargs)
+            return (out, _report.SweepReport.empty()) if options.return_report else out
+        conversion = adapter.conversion(fun, options, args, kwargs, self.argnums)
+        out = _report.value_and_grad(transform, conversion, self.argnums, args, kwargs, holomorphic=self.holomorphic)
         conversion.warn(stacklevel=2)
         return out
-
-
-def normalize_argnums(name: str, argnums) -> int | tuple[int, ...]:
-    """Checks ``argnums`` at wrap time, as ``jax.grad`` does: an int or a non-empty int sequence."""
-
-    try:
-        if isinstance(argnums, Sequence) and not isinstance(argnums, str):
-            out = tuple(as_int(a) for a in argnums)
-        else:
-            return as_int(argnums)
-    except TypeError:
-        raise TypeError(
-            f"{name}: `argnums` must be an int or a sequence of ints; got {argnums!r}."
-        ) from None
-    if not out:
-        raise ValueError(f"{name}: `argnums` must name at least one argument; got {argnums!r}.")
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name}: `argnums` must not repeat an argument; got {argnums!r}.")
-    return out
-
-
-def check_args(name: str, argnums, args, allow_int: bool, holomorphic: bool = False) -> None:
-    """Call-time checks on the differentiated positional arguments."""
-    nums = (argnums,) if isinstance(argnums, int) else argnums
-    for a in nums:
-        if not -len(args) <= a < len(args):
-            raise TypeError(
-                f"{name}: differentiating with respect to argnums={argnums} requires at least "
-                f"{max(a + 1, -a)} positional arguments to be passed by the caller, but got only "
-                f"{len(args)} positional arguments. Pass the argument positionally or change argnums."
-            )
-    if allow_int or holomorphic:
-        return
-    for a in nums:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(args[a])[0]:
-            if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float, complex)):
-                raise TypeError(
-                    f"{name}: argument {a} has a leaf{jax.tree_util.keystr(path)} that is not an array: "
-                    f"{describe(leaf)}. To differentiate the arrays of a pytree holding other things (an "
-                    "Equinox Module), use hbpjax.filter_grad / hbpjax.filter_value_and_grad, or move the "
-                    "leaf out of the differentiated argument."
-                )
-            dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                raise TypeError(
-                    f"{name}: argument {a} has a leaf{jax.tree_util.keystr(path)} of dtype "
-                    f"{dtype}, but gradients need real or complex floating-point inputs. Cast it "
-                    "to float, move it out of argnums, or pass allow_int=True (float0 gradients)."
-                )
 
 
 def _checked_output(name: str, fun: Callable, has_aux: bool, holomorphic: bool) -> Callable:
