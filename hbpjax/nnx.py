@@ -27,9 +27,8 @@ except ImportError as err:
         f"hbpjax.nnx needs Flax ({err}); install it with `pip install 'hbpjax[flax]'`."
     ) from err
 
-from ._analysis import conversion as _conversion
-from ._front import adapters as _adapters
 from ._front import cells as _cells
+from ._front.nnx_adapter import Adapter
 from ._front.options import OptionKeywords, Options, describe
 from ._front.transform import ValueAndGrad, grad_from_value_and_grad
 from .residual import additive
@@ -330,92 +329,6 @@ class ResidualRNN(_nnx.Module):
 # ------------------------------------------------------------------------ gradient transforms
 
 
-class _GraphConversion:
-    """:class:`hbpjax._analysis.conversion.Conversion` for a function of NNX modules, which it may mutate.
-
-    The modules are split into a graph definition and a state; the pure function of the state that
-    merges them, calls ``f`` and returns the new state is traced once and evaluated with its stacks
-    converted; the new state (updated BatchNorm statistics, RNG counters) is written back to the
-    modules ``f`` is evaluated with.
-    """
-
-    def __init__(self, f: Callable, options, args: tuple, kwargs: dict):
-        self.f, self.options = f, options
-        self.graphdef, state = _nnx.split((args, kwargs))
-        # Every leaf of the state is traced, as nnx.value_and_grad passes all of it through JAX.
-        self.conversion = _conversion.Conversion(self._pure, options, (state,), {}, differentiated=(0,))
-        self.stacks = self.conversion.stacks
-
-    def _pure(self, state):
-        merged_args, merged_kwargs = _nnx.merge(self.graphdef, state)
-        out = self.f(*merged_args, **merged_kwargs)
-        return out, _nnx.state((merged_args, merged_kwargs), _nnx.Variable)
-
-    def evaluate(self, slots, *args, **kwargs):
-        graphdef, state = _nnx.split((args, kwargs))
-        conversion = self.conversion
-        if graphdef != self.graphdef:  # not the graph it was traced with: trace this one
-            conversion = _GraphConversion(self.f, self.options, args, kwargs).conversion
-        out, new_state = conversion.evaluate(slots, state)
-        self.last = conversion
-        _nnx.update((args, kwargs), new_state)
-        return out
-
-    def warn(self, stacklevel: int = 2) -> None:
-        """:meth:`hbpjax._analysis.conversion.Conversion.warn` of the last evaluation."""
-        getattr(self, "last", self.conversion).warn(stacklevel + 1)
-
-
-class Adapter(_adapters.Adapter):
-    """How :func:`value_and_grad` reaches NNX modules (the adapter protocol of
-    :mod:`hbpjax._front.adapters`): ``argnums`` may be ``nnx.DiffState``s, the differentiated
-    arguments are modules or states, ``nnx.value_and_grad`` differentiates (``graph`` and
-    ``graph_updates`` as given), and the modules split into a graph definition and a state."""
-
-    def __init__(self, graph: bool | None = None, graph_updates: bool | None = None):
-        self.graph, self.graph_updates = graph, graph_updates
-
-    def normalize(self, name, argnums):
-        plain = [a for a in _diff_argnums(argnums) if not isinstance(a, _nnx.DiffState)]
-        _adapters.normalize_argnums(name, tuple(plain))
-        return argnums
-
-    def check(self, name, argnums, args, *, allow_int, holomorphic) -> None:
-        for a in _diff_argnums(argnums):
-            if not -len(args) <= a < len(args):
-                raise TypeError(
-                    f"{name}: differentiating with respect to argnums={a} requires at least "
-                    f"{max(a + 1, -a)} positional arguments, but got only {len(args)}."
-                )
-            if not isinstance(args[a], (_nnx.Module, _nnx.State)):
-                raise TypeError(
-                    f"{name}: argument {a} must be an nnx.Module or an nnx.State (the model whose "
-                    f"nnx.Param gradients you want); got {describe(args[a])}. For plain pytrees of "
-                    "arrays use hbpjax.highway_value_and_grad."
-                )
-
-    def jax_transform(self, fun, argnums, *, has_aux, holomorphic, allow_int):
-        return _nnx.value_and_grad(
-            fun, argnums=argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int,
-            graph=self.graph, graph_updates=self.graph_updates,
-        )
-
-    def conversion(self, fun, options, args, kwargs, argnums):
-        return _GraphConversion(fun, options, args, kwargs)
-
-    def split(self, args, kwargs):
-        graphdef, state = _nnx.split((args, kwargs))
-        return state, lambda state: _nnx.merge(graphdef, state)
-
-    def value_and_grad(self, fun, argnums, has_aux, *, options):
-        return ValueAndGrad(fun, argnums, has_aux, options=options, adapter=self)
-
-
-def _diff_argnums(argnums) -> tuple[int, ...]:
-    nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
-    return tuple(a.argnum if isinstance(a, _nnx.DiffState) else a for a in nums)
-
-
 def value_and_grad(
     f: Callable | None = None, *, argnums: int | Any = 0, has_aux: bool = False, holomorphic: bool = False,
     allow_int: bool = False, graph: bool | None = None, graph_updates: bool | None = None,
@@ -479,17 +392,9 @@ def grad(
     See :func:`value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
 
     Args:
-      f: the function, ``f(*args)`` returning a real scalar (or ``(scalar, aux)`` with ``has_aux``);
-        omitted, a decorator is returned.
-      argnums: which positional arguments to differentiate: an int, an ``nnx.DiffState`` or a
-        sequence of them (as ``nnx.grad``).
-      has_aux: whether ``f`` returns ``(value, aux)``.
-      holomorphic: as in ``nnx.grad``.
-      allow_int: as in ``nnx.grad``.
-      graph: as in ``nnx.grad``: graph mode (``True``) or tree mode; ``None`` is Flax's default.
-      graph_updates: as in ``nnx.grad``: write state changes of the modules back.
-      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
-      **keywords: any field of :class:`hbpjax.Options`, replacing that of ``options``.
+      f: the function, as for :func:`value_and_grad` (omitted, a decorator is returned); so are
+        ``argnums``, ``has_aux``, ``holomorphic``, ``allow_int``, ``graph``, ``graph_updates``,
+        ``options`` and the :class:`hbpjax.Options` keywords.
 
     Returns:
       A function with ``f``'s signature returning ``grads`` (``(grads, aux)`` with ``has_aux``), an

@@ -56,12 +56,13 @@ def _exact(ev: Evaluator, node: Exact, invals: list) -> list:
 
 
 def _contents(ev: Evaluator, node: Marked | LayerParallel, invals: list) -> list:
-    return ev.run(node.program, invals)
+    (program,) = node.programs
+    return ev.run(program, invals)
 
 
 def _container(ev: Evaluator, node: Container, invals: list) -> list:
     runners = [functools.partial(ev.run, program) for program in node.programs]
-    return primitives.evaluate_contents(node.eqn, runners, invals)
+    return by_contents(node.eqn, runners, invals)
 
 
 def _converted(ev: Evaluator, node: Converted, invals: list) -> list:
@@ -130,3 +131,51 @@ def _layer_parallel(options: Options, stack, init, xs, consts) -> list | None:
     layers.check_length(axis, size, stack.length, name=options.name)
     final, ys = layers.found_stack(stack, init, xs, consts, options=options, axis=axis, mesh=mesh, size=size)
     return [*final, *ys]
+
+
+# ------------------------------------------------------------------- evaluation by contents
+
+Runner = Callable[[Sequence], list]
+
+
+def by_contents(eqn: core.JaxprEqn, runners: Sequence[Runner], invals: list) -> list:
+    """A scan, ``cond``, ``jit``, checkpoint or plain call evaluated by its contents, each inner
+    program (:func:`hbpjax._analysis.primitives.inner_programs`) by its runner, wrapped as it was: the same scan (differentiated
+    by JAX), the same ``cond``, the same ``jax.jit`` name, the same checkpoint policy."""
+    if primitives.is_scan(eqn):
+        return _scan_by(eqn, runners[0], invals)
+    if primitives.is_cond(eqn):
+        fns = [lambda *ops, run=run: run(ops) for run in runners]
+        return list(jax.lax.switch(invals[0], fns, *invals[1:]))
+    (run,) = runners
+    kind = primitives.contents(eqn)
+    if kind == primitives.JIT:
+        return list(jax.jit(_named(run, primitives.call_name(eqn)))(*invals))
+    if kind == primitives.REMAT:
+        policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
+        return list(jax.checkpoint(lambda *a: run(a), policy=policy, prevent_cse=prevent_cse)(*invals))
+    return run(invals)
+
+
+def _scan_by(eqn: core.JaxprEqn, run: Runner, invals: list) -> list:
+    num_consts, num_carry, _ = primitives.scan_layout(eqn)
+    consts, init, xs = invals[:num_consts], invals[num_consts : num_consts + num_carry], invals[num_consts + num_carry :]
+
+    def step(carry, x):
+        out = run([*consts, *carry, *x])
+        return out[:num_carry], out[num_carry:]
+
+    params = eqn.params
+    final, ys = jax.lax.scan(step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"])
+    return [*final, *ys]
+
+
+def _named(fn, label):
+    """``fn`` (a function of one sequence of arguments) as a function of positional arguments,
+    named ``label`` (the name a ``jax.jit`` of it shows in jaxprs)."""
+
+    def named(*args):
+        return fn(args)
+
+    named.__name__ = named.__qualname__ = str(label)
+    return named

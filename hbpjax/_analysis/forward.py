@@ -36,21 +36,21 @@ def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: i
         return new, ys, values
 
     one_x = tmap(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
-    split = _hoist.split_step(step_and_values, init, one_x, consts, once=lin is not None)
+    step = _hoist.hoisted_step(step_and_values, init, one_x, consts, once=lin is not None)
     consts_leaves = jax.tree.leaves(consts)
-    pre = split.before(jax.tree.leaves(xs), consts_leaves)
+    pre = step.before(jax.tree.leaves(xs), consts_leaves)
     n_carry = len(init)
 
     def body(carry, inputs):
         x, pre_j = inputs
-        out = split.step(carry, x, pre_j, consts_leaves)
+        out = step.step(carry, x, pre_j, consts_leaves)
         return out[:n_carry], (out[n_carry:], carry)
 
     final, (outs, saved) = lax.scan(
         body, init, (jax.tree.leaves(xs), pre), length=stack.length if length is None else length,
         reverse=stack.reverse, unroll=stack.unroll,
     )
-    _, ys, values = jax.tree.unflatten(split.tree, [*final, *split.outputs(outs, pre)])
+    _, ys, values = jax.tree.unflatten(step.tree, [*final, *step.outputs(outs, pre)])
     return list(final), ys, saved, None if lin is None else (values, hoisted)
 
 

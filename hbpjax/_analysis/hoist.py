@@ -6,11 +6,11 @@ more small kernel in each of the ``T`` sequential steps; taken out, it is one ma
 outside the sequential chain, and the loop reads its result as a per-step input. JAX's own scan
 and XLA leave it in the loop: the value is not loop-invariant, only independent of the carry.
 
-:func:`split_step` traces a stack's forward step once and divides its equations: those that
+:func:`hoisted_step` traces a stack's forward step once and divides its equations: those that
 compute a costly value (:func:`hbpjax._analysis.primitives.is_costly`) from the per-step inputs and the shared values alone, with
-what they need, are evaluated under ``jax.vmap`` over all steps (:meth:`SplitStep.before`); the
-loop evaluates the rest (:meth:`SplitStep.step`). A per-step output that is such a value is taken
-from the stacked result directly (:meth:`SplitStep.outputs`), not copied out of the loop. The
+what they need, are evaluated under ``jax.vmap`` over all steps (:meth:`HoistedStep.before`); the
+loop evaluates the rest (:meth:`HoistedStep.step`). A per-step output that is such a value is taken
+from the stacked result directly (:meth:`HoistedStep.outputs`), not copied out of the loop. The
 values are the same computations on the same operands (a batched matmul may round differently in
 the last bit).
 """
@@ -29,7 +29,7 @@ from . import jaxprs as _jaxpr
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SplitStep:
+class HoistedStep:
     """A traced step ``fun(carry, x, consts) -> outputs`` divided into the part evaluated for all
     steps before the loop and the part the loop evaluates.
 
@@ -83,9 +83,9 @@ class SplitStep:
         return [where[v] if a is None else a for v, a in zip(outs, stacked)]
 
 
-def split_step(fun: Callable, carry: list, x: Any, consts: tuple, *, once: bool) -> SplitStep:
+def hoisted_step(fun: Callable, carry: list, x: Any, consts: tuple, *, once: bool) -> HoistedStep:
     """Traces ``fun(carry, x, consts)`` (``carry`` a list of arrays, ``x`` one step's inputs as
-    arrays or ``jax.ShapeDtypeStruct``) and divides it (:class:`SplitStep`).
+    arrays or ``jax.ShapeDtypeStruct``) and divides it (:class:`HoistedStep`).
 
     Args:
       fun: the step; its outputs are ``(new carry leaves, ...)``, the new carry's first.
@@ -101,15 +101,15 @@ def split_step(fun: Callable, carry: list, x: Any, consts: tuple, *, once: bool)
         tree = jax.tree.structure(shape)
     counts = (len(carry), len(jax.tree.leaves(x)), len(jax.tree.leaves(args[2])))
     before, frontier, loop = _divide(closed.jaxpr, counts)
-    split = SplitStep(closed, tree, counts, tuple(before), tuple(frontier), closed.jaxpr.replace(eqns=loop))
+    hoisted = HoistedStep(closed, tree, counts, tuple(before), tuple(frontier), closed.jaxpr.replace(eqns=loop))
     if frontier:
         # A primitive without a batching rule (a pure_callback without vmap_method): all in the loop.
         xs = [jax.ShapeDtypeStruct((2, *a.shape), a.dtype) for a in jax.tree.leaves(x)]
         try:
-            jax.eval_shape(lambda xs, c: split.before(xs, c), xs, list(args[2]))
+            jax.eval_shape(lambda xs, c: hoisted.before(xs, c), xs, list(args[2]))
         except NotImplementedError:
-            return SplitStep(closed, tree, counts, (), (), closed.jaxpr)
-    return split
+            return HoistedStep(closed, tree, counts, (), (), closed.jaxpr)
+    return hoisted
 
 
 def _divide(jaxpr: core.Jaxpr, counts: tuple) -> tuple[list, list, list]:

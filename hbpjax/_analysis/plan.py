@@ -27,30 +27,32 @@ from .info import StackInfo
 Atom = Any
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Node:
     """One step of a program: what it reads, what it computes, what :func:`hbpjax.find_stacks`
-    says of it (its own row, then those of what it holds, in program order)."""
+    says of it (its own row, then those of what it holds, in program order), and the programs it
+    evaluates by their contents."""
 
     inputs: tuple
     outputs: tuple
     rows: tuple[StackInfo, ...]
+    programs: tuple[Program, ...] = ()
 
     @property
     def converts(self) -> bool:
         """Whether evaluating it runs any stack's backward as Highway-BP."""
-        return False
+        return any(p.converts for p in self.programs)
 
     @property
     def quiet(self) -> bool:
         """Whether it is a reason not to warn that nothing was converted."""
-        return False
+        return any(p.quiet for p in self.programs)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Exact(Node):
     """An equation evaluated as traced (its derivative is JAX's own). ``rows`` say why each stack it
-    holds is not converted; ``quiet``: a ``residual_scan`` of length 0 or 1, or an equation inside
+    holds is not converted; ``silent``: a ``residual_scan`` of length 0 or 1, or an equation inside
     :func:`hbpjax.exact` (nothing to warn about)."""
 
     eqn: core.JaxprEqn
@@ -61,13 +63,12 @@ class Exact(Node):
         return self.silent
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Converted(Node):
-    """A scan run as the Highway-BP stack ``stack``; ``slot`` is its position in the sweep report
-    (``None`` inside another stack's block, a loop or a branch)."""
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class StackNode(Node):
+    """A stack run as Highway-BP: ``stack``; ``slot`` is its position in the sweep report (``None``
+    inside another stack's block, a loop or a branch)."""
 
-    eqn: core.JaxprEqn
-    stack: Any  # hbpjax._analysis.stacks.ScanStack
+    stack: Any  # hbpjax._backward.stack.Stack
     slot: int | None
 
     @property
@@ -75,70 +76,52 @@ class Converted(Node):
         return True
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ChainNode(Node):
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class Converted(StackNode):
+    """A scan equation run as a :class:`~hbpjax._analysis.stacks.ScanStack`."""
+
+    eqn: core.JaxprEqn
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class ChainNode(StackNode):
     """Residual blocks written one after the other (:class:`hbpjax._analysis.chains.Chain`), run
-    as the Highway-BP stack ``stack``. Reads ``[h_0, *shared, *every layer's inputs]``; computes
-    ``[h_L, *every layer's outputs]``."""
+    as a :class:`~hbpjax._analysis.chains.ChainStack`. Reads ``[h_0, *shared, *every layer's
+    inputs]``; computes ``[h_L, *every layer's outputs]``."""
 
     chain: Any  # hbpjax._analysis.chains.Chain
-    stack: Any  # hbpjax._analysis.chains.ChainStack
-    slot: int | None
-
-    @property
-    def converts(self) -> bool:
-        return True
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Marked(Node):
-    """A ``residual_scan``'s mark, evaluated by its contents: its scan is converted with the
-    ``residual_scan``'s own options."""
+    """A ``residual_scan``'s mark (of its scan, or of its block), evaluated by its contents, its one
+    program: a marked scan is converted with the ``residual_scan``'s own options."""
 
     eqn: core.JaxprEqn
-    program: Program
-
-    @property
-    def converts(self) -> bool:
-        return self.program.converts
-
-    @property
-    def quiet(self) -> bool:
-        return self.program.quiet
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class LayerParallel(Node):
     """A ``residual_scan`` split over a mesh axis: its backward was built as Highway-BP when it was
-    traced; evaluated by its contents."""
+    traced; evaluated by its contents as traced."""
 
     eqn: core.JaxprEqn
-    program: Program
 
     @property
     def converts(self) -> bool:
         return True
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Container(Node):
     """A ``jit``, checkpoint or plain call, a ``cond`` or a scan that stays exact, evaluated by its
-    contents (:func:`hbpjax._analysis.primitives.evaluate_contents`), which hold converted stacks:
+    contents (:func:`hbpjax._analysis.evaluate.by_contents`), which hold converted stacks:
     ``programs`` are its inner programs in the order the primitive lists them."""
 
     eqn: core.JaxprEqn
-    programs: tuple[Program, ...]
-
-    @property
-    def converts(self) -> bool:
-        return True
-
-    @property
-    def quiet(self) -> bool:
-        return any(p.quiet for p in self.programs)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Program:
     """A jaxpr's plan: its nodes in evaluation order.
 
@@ -149,6 +132,8 @@ class Program:
       outvars: what evaluating it returns (the jaxpr's outputs, or for a stack's block the values
         the block computes; then ``items`` are only those these need).
       rows: what :func:`hbpjax.find_stacks` says of it, in program order.
+      converts: whether any of its nodes converts a stack.
+      quiet: whether any of its nodes is a reason not to warn that nothing was converted.
     """
 
     jaxpr: core.Jaxpr
@@ -156,17 +141,15 @@ class Program:
     items: tuple[Node, ...]
     outvars: tuple
     rows: tuple[StackInfo, ...]
+    converts: bool = dataclasses.field(init=False)
+    quiet: bool = dataclasses.field(init=False)
 
-    @property
-    def converts(self) -> bool:
-        return any(node.converts for node in self.items)
-
-    @property
-    def quiet(self) -> bool:
-        return any(node.quiet for node in self.items)
+    def __post_init__(self):
+        object.__setattr__(self, "converts", any(node.converts for node in self.items))
+        object.__setattr__(self, "quiet", any(node.quiet for node in self.items))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Plan:
     """The plan of a traced function.
 

@@ -55,7 +55,7 @@ class Planner:
 
     def plan(self, closed: core.ClosedJaxpr) -> Plan:
         program = self.program(closed.jaxpr, closed.consts, Where())
-        return Plan(program, tuple(self.reporting), self.options.highway)
+        return Plan(program=program, reporting=tuple(self.reporting), highway=self.options.highway)
 
     # ----------------------------------------------------------------------------- programs
 
@@ -79,7 +79,7 @@ class Planner:
         items = _schedule(jaxpr, nodes, chains, outvars)
         if outvars != tuple(jaxpr.outvars):
             items = _needed(items, outvars)
-        return Program(jaxpr, tuple(consts), tuple(items), outvars, tuple(rows))
+        return Program(jaxpr=jaxpr, consts=tuple(consts), items=tuple(items), outvars=outvars, rows=tuple(rows))
 
     def node(self, eqn: core.JaxprEqn, where: Where) -> Node:
         """The node of one equation."""
@@ -94,7 +94,7 @@ class Planner:
         if primitives.is_cond(eqn) or kind in (primitives.JIT, primitives.REMAT, primitives.INLINE):
             return self._container(eqn, where)
         inner = [self.program(j, (), where.keep(_kept_inside(eqn))) for j in sub_jaxprs(eqn)]
-        return Exact(tuple(eqn.invars), tuple(eqn.outvars), _rows(inner), eqn, silent=where.silent)
+        return Exact(**_io(eqn), rows=_rows(inner), eqn=eqn, silent=where.silent)
 
     # -------------------------------------------------------------------------------- kinds
 
@@ -105,13 +105,13 @@ class Planner:
                 source=findings.user_source(eqn), kind="residual_scan", length=mark.length, carry=(), residual=(),
                 converted=where.kept is None, reason=where.kept or f"layer-parallel over mesh axis {mark.layer_axis!r}",
             )
-            program = self.program(jaxpr, consts, where.inside().keep("layer-parallel: Highway-BP inside already"))
+            program = _as_traced(jaxpr, consts)  # its backward is Highway-BP already: nothing to plan
             if where.kept is not None:
-                return Exact(tuple(eqn.invars), tuple(eqn.outvars), (row,), eqn, silent=where.silent)
-            return LayerParallel(tuple(eqn.invars), tuple(eqn.outvars), (row,), eqn, program)
+                return Exact(**_io(eqn), rows=(row,), eqn=eqn, silent=where.silent)
+            return LayerParallel(**_io(eqn), rows=(row,), eqn=eqn, programs=(program,))
         inside = dataclasses.replace(where.inside(), marked_by=eqn if mark is not None else None)
         program = self.program(jaxpr, consts, inside)
-        return Marked(tuple(eqn.invars), tuple(eqn.outvars), program.rows, eqn, program)
+        return Marked(**_io(eqn), rows=program.rows, eqn=eqn, programs=(program,))
 
     def _scan(self, eqn, where: Where) -> Node:
         found = findings.scan(eqn, options=self.auto, marked_by=where.marked_by)
@@ -126,21 +126,21 @@ class Planner:
             slot = self._slot(info, where)
             stack = self._with_block(stack, where)
             rows = (info, *stack.block_program.rows)
-            return Converted(tuple(eqn.invars), tuple(eqn.outvars), rows, eqn, stack, slot)
+            return Converted(**_io(eqn), rows=rows, eqn=eqn, stack=stack, slot=slot)
         _, _, body = primitives.scan_layout(eqn)
         program = self.program(body.jaxpr, body.consts, where.inside("outer loop, which stays exact"))
         rows = (info, *program.rows)
         if program.converts:
-            return Container(tuple(eqn.invars), tuple(eqn.outvars), rows, eqn, (program,))
-        return Exact(tuple(eqn.invars), tuple(eqn.outvars), rows, eqn, silent=where.silent or found.trivial)
+            return Container(**_io(eqn), rows=rows, eqn=eqn, programs=(program,))
+        return Exact(**_io(eqn), rows=rows, eqn=eqn, silent=where.silent or found.trivial)
 
     def _container(self, eqn, where: Where) -> Node:
         inside = where.inside("cond branch" if primitives.is_cond(eqn) else None)
         programs = tuple(self.program(j, c, inside) for j, c in primitives.inner_programs(eqn))
         rows = _rows(programs)
         if any(p.converts for p in programs):
-            return Container(tuple(eqn.invars), tuple(eqn.outvars), rows, eqn, programs)
-        return Exact(tuple(eqn.invars), tuple(eqn.outvars), rows, eqn, silent=where.silent or any(p.quiet for p in programs))
+            return Container(**_io(eqn), rows=rows, eqn=eqn, programs=programs)
+        return Exact(**_io(eqn), rows=rows, eqn=eqn, silent=where.silent or any(p.quiet for p in programs))
 
     def _find_chains(self, jaxpr, where: Where, outvars, residual) -> dict[int, ChainNode | StackInfo]:
         """The chains of ``jaxpr`` (converted as nodes, or their rows) and its near misses (rows),
@@ -173,7 +173,7 @@ class Planner:
         stack = self._with_block(found.stack, where)
         inputs = (chain.init, *chain.shared, *(v for layer in chain.per_layer for v in layer))
         outputs = (chain.carries[-1], *(v for outs in chain.outputs for v in outs))
-        return ChainNode(inputs, outputs, (info, *stack.block_program.rows), chain, stack, slot)
+        return ChainNode(inputs=inputs, outputs=outputs, rows=(info, *stack.block_program.rows), chain=chain, stack=stack, slot=slot)
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -202,6 +202,16 @@ def _chooser(scans) -> Callable[[findings.Found], bool]:
     if scans == "marked":
         return lambda found: found.marked
     return lambda found: bool(scans(found.info))
+
+
+def _as_traced(jaxpr: core.Jaxpr, consts: Sequence) -> Program:
+    """The program that evaluates ``jaxpr`` as traced."""
+    items = tuple(Exact(**_io(eqn), rows=(), eqn=eqn) for eqn in jaxpr.eqns)
+    return Program(jaxpr=jaxpr, consts=tuple(consts), items=items, outvars=tuple(jaxpr.outvars), rows=())
+
+
+def _io(eqn) -> dict:
+    return {"inputs": tuple(eqn.invars), "outputs": tuple(eqn.outvars)}
 
 
 def _kept_inside(eqn) -> str:

@@ -89,6 +89,11 @@ def aligned_inner(eqn: core.JaxprEqn) -> core.Jaxpr | None:
     return jaxpr
 
 
+def call_name(eqn: core.JaxprEqn) -> str:
+    """The name a ``jit`` shows in jaxprs (the jitted function's)."""
+    return str(eqn.params.get("name", eqn.primitive.name))
+
+
 def is_checkpoint(eqn: core.JaxprEqn) -> bool:
     return contents(eqn) == REMAT
 
@@ -161,60 +166,13 @@ def branches(eqn: core.JaxprEqn) -> list[tuple[core.Jaxpr, Sequence]]:
 
 
 def inner_programs(eqn: core.JaxprEqn) -> list[tuple[core.Jaxpr, Sequence]]:
-    """``[(jaxpr, consts)]`` a scan, a ``cond`` or a call evaluates, in the order
-    :func:`evaluate_contents` takes their runners."""
+    """``[(jaxpr, consts)]`` a scan, a ``cond`` or a call evaluates (a ``cond``'s branches in order)."""
     if is_scan(eqn):
         body = scan_layout(eqn)[2]
         return [(body.jaxpr, body.consts)]
     if is_cond(eqn):
         return branches(eqn)
     return [inner(eqn)]
-
-
-Runner = Callable[[Sequence], list]
-
-
-def evaluate_contents(eqn: core.JaxprEqn, runners: Sequence[Runner], invals: list) -> list:
-    """A scan, ``cond``, ``jit``, checkpoint or plain call evaluated by its contents, each inner
-    program (:func:`inner_programs`) by its runner, wrapped as it was: the same scan (differentiated
-    by JAX), the same ``cond``, the same ``jax.jit`` name, the same checkpoint policy."""
-    if is_scan(eqn):
-        return _scan_by(eqn, runners[0], invals)
-    if is_cond(eqn):
-        fns = [lambda *ops, run=run: run(ops) for run in runners]
-        return list(jax.lax.switch(invals[0], fns, *invals[1:]))
-    (run,) = runners
-    kind = contents(eqn)
-    if kind == JIT:
-        return list(jax.jit(_named(run, eqn.params.get("name", "jit")))(*invals))
-    if kind == REMAT:
-        policy, prevent_cse = eqn.params.get("policy"), eqn.params.get("prevent_cse", True)
-        return list(jax.checkpoint(lambda *a: run(a), policy=policy, prevent_cse=prevent_cse)(*invals))
-    return run(invals)
-
-
-def _scan_by(eqn: core.JaxprEqn, run: Runner, invals: list) -> list:
-    num_consts, num_carry, _ = scan_layout(eqn)
-    consts, init, xs = invals[:num_consts], invals[num_consts : num_consts + num_carry], invals[num_consts + num_carry :]
-
-    def step(carry, x):
-        out = run([*consts, *carry, *x])
-        return out[:num_carry], out[num_carry:]
-
-    params = eqn.params
-    final, ys = jax.lax.scan(step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"])
-    return [*final, *ys]
-
-
-def _named(fn, label):
-    """``fn`` (a function of one sequence of arguments) as a function of positional arguments,
-    named ``label`` (the name a ``jax.jit`` of it shows in jaxprs)."""
-
-    def named(*args):
-        return fn(args)
-
-    named.__name__ = named.__qualname__ = str(label)
-    return named
 
 
 # ------------------------------------------------------------- elementwise primitives and cuts

@@ -44,7 +44,7 @@ from .jaxprs import Atom, bind, closed_env, evaluate, run
 IDENTITY, DIAGONAL, NONE = "identity", "diagonal", "none"
 
 @dataclasses.dataclass(frozen=True)
-class Split:
+class ResidualSplit:
     """A step's residual split (see the module docstring).
 
     Attributes:
@@ -89,13 +89,13 @@ class Split:
         return out
 
 
-def split(
+def residual_split(
     jaxpr: core.Jaxpr,
     h: Sequence[core.Var],
     outs: Sequence[Atom],
     *,
     opaque: Callable[[core.JaxprEqn], bool] = lambda eqn: False,
-) -> Split:
+) -> ResidualSplit:
     """The residual split of ``jaxpr`` for carry leaves ``h`` whose new values are ``outs``.
 
     Args:
@@ -126,13 +126,13 @@ def split(
             eqns.append(())
             positions.append(())
             continue
-        chain: set[int] = set()
+        path: set[int] = set()
         todo = [out]
         while todo:
             var = todo.pop()
-            if var is h[p] or position[var] in chain:
+            if var is h[p] or position[var] in path:
                 continue
-            chain.add(position[var])
+            path.add(position[var])
             for a in producer[var].invars:
                 if isinstance(a, core.Var) and diag.get(a) == p:
                     todo.append(a)
@@ -140,12 +140,12 @@ def split(
                     add_z(a)
         kinds.append(_kind(out, h[p], p, diag, producer))
         out_z.append(None)
-        eqns.append(tuple(jaxpr.eqns[i] for i in sorted(chain)))
-        positions.append(tuple(sorted(chain)))
+        eqns.append(tuple(jaxpr.eqns[i] for i in sorted(path)))
+        positions.append(tuple(sorted(path)))
     bounds = tuple(
         0.0 if zi is not None else k_bound(jaxpr, h[p], outs[p], eqns[p]) for p, zi in enumerate(out_z)
     )
-    return Split(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), tuple(positions), bounds)
+    return ResidualSplit(tuple(kinds), h, outs, tuple(z), tuple(out_z), tuple(eqns), tuple(positions), bounds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,7 +128,7 @@ def scan_stack(
     carry_in = jaxpr.invars[num_consts : num_consts + num_carry]
     carry_out, ys = jaxpr.outvars[:num_carry], jaxpr.outvars[num_carry:]
     diff = tuple(i for i, v in enumerate(carry_in) if is_float(v.aval))
-    found = _split.split(jaxpr, [carry_in[i] for i in diff], [carry_out[i] for i in diff], opaque=opaque)
+    found = _split.residual_split(jaxpr, [carry_in[i] for i in diff], [carry_out[i] for i in diff], opaque=opaque)
     same = lambda a, b: isinstance(a, core.Var) and a is b
     routes: list[tuple[str, int] | None] = []
     block_ys: list = []

@@ -43,8 +43,8 @@ def differentiate(
       options: the transform's options (iterations, tol, save_linearization).
       forward: ``forward(init, xs, consts, lin=None) -> (final, ys, saved, linearization)``
         (``lin``: a :class:`hbpjax._linearize.ForwardLinearization` the forward steps evaluate).
-      chain: ``placement() -> Chain``, called inside the backward (a device chain reads its position on
-        the mesh axis there).
+      placement: ``placement() -> Placement``, called inside the backward (a placement over a mesh axis
+        reads its position on the axis there).
       slot: optional ``float32[2]`` input that the stack ignores; its cotangent is the sweep report
         ``[sweeps run, final relative change]`` (how ``return_report=True`` gets it out).
     """

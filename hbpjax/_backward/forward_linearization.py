@@ -167,7 +167,8 @@ class ForwardLinearization:
             ]
             return jax.tree.unflatten(self.tree, leaves)
 
-        def apply(vals, h_j, x_j, s_j, dh_j, dx_j, dc):
+        def apply(at_layer, dh_j, dx_j, dc):
+            vals, h_j, x_j, s_j = at_layer
             dxe = (tangents(x_j, fx, dx_j), [_zero_tangent(v) for v in s_j])
             return layer(vals, h_j, x_j, s_j)(dh_j, dxe, tangents(consts, fc, dc))
 
@@ -175,7 +176,7 @@ class ForwardLinearization:
         if self.unroll:
             transposed = _transposed_layers(apply, (per_step, h_prev, x, s), primals)
         else:
-            tangent_map = lambda dh, dx, dc: jax.vmap(apply, in_axes=(0,) * 6 + (None,))(per_step, h_prev, x, s, dh, dx, dc)
+            tangent_map = lambda dh, dx, dc: jax.vmap(apply, in_axes=(0, 0, 0, None))((per_step, h_prev, x, s), dh, dx, dc)
             transposed = _transposed(tangent_map, primals)
 
         def vjp(after, ct_block):
@@ -220,7 +221,7 @@ def _transposed_layers(apply, per_layer, primals):
     length = dh[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
     layers = [
-        _transposed(functools.partial(apply, *at(per_layer, j)), (at(dh, j), at(dx, j), dc))
+        _transposed(functools.partial(apply, at(per_layer, j)), (at(dh, j), at(dx, j), dc))
         for j in range(length)
     ]
 

@@ -57,7 +57,7 @@ class Placement(Protocol):
 
     def constant_k_solver(self, discount: float) -> Callable[[PyTree], PyTree] | None:
         """``solve(u)`` for a constant ``k = discount`` (the residual path ``h + z``, ``K = 1``, with
-        ``discount = 1 - gamma``) if this chain has one that needs no plan, else ``None``."""
+        ``discount = 1 - gamma``) if this placement has one that needs no preparation, else ``None``."""
 
     def reduce_first(self, x: PyTree) -> PyTree:
         """The cotangent of the initial carry from this chunk's (only the first chunk's counts)."""

@@ -76,8 +76,8 @@ def highway_backward(
         read_once = not options.traced and sweeps == 0 and not at.ct_block
         lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
     path = residual_path(stack, placement, at.h_prev, lin)
-    after, done = sweep(stack, options, placement, at, lin, path, sweeps, report=report)
-    return read_cotangents(stack, placement, init, after, at, lin, path), done
+    after, done = sweep(stack, options, placement, at=at, lin=lin, path=path, sweeps=sweeps, report=report)
+    return read_cotangents(stack, placement, init, after, at=at, lin=lin, path=path), done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +196,8 @@ def residual_path(stack: Stack, placement: Placement, h_prev: list, lin: Lineari
     )
 
 
-def sweep(stack: Stack, options: Options, placement: Placement, at: Incoming, lin: Linearization, path: ResidualPath,
-          sweeps, *, report: bool):
+def sweep(stack: Stack, options: Options, placement: Placement, *, at: Incoming, lin: Linearization, path: ResidualPath,
+          sweeps, report: bool):
     """Step 3: the first estimate (the residual path alone), then ``sweeps`` sweeps.
 
     Every sweep solves ``y = solve(b + J^T y_previous + rest)``, with ``b`` what comes from
@@ -294,7 +294,7 @@ def _run_sweeps(sweep, w, sweeps, *, tol, placement, report, straight_line):
     return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
-def read_cotangents(stack: Stack, placement: Placement, init, after, at: Incoming, lin: Linearization, path: ResidualPath):
+def read_cotangents(stack: Stack, placement: Placement, init, after, *, at: Incoming, lin: Linearization, path: ResidualPath):
     """Step 4: ``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's
     output, through one last VJP of every layer."""
     first = [_first(a) for a in after]  # read before the VJP, which may write over `after` in place

@@ -53,7 +53,7 @@ class Adapter:
         nums = (argnums,) if isinstance(argnums, int) else argnums
         return Conversion(fun, options, args, kwargs, differentiated=nums)
 
-    def split(self, args: tuple, kwargs: dict) -> tuple[Any, Callable[[Any], tuple[tuple, dict]]]:
+    def arrays(self, args: tuple, kwargs: dict) -> tuple[Any, Callable[[Any], tuple[tuple, dict]]]:
         """``(arrays, rebuild)``: the call's arguments as a pytree of arrays, and how to rebuild
         arguments from it (fresh ones each time, for state a function mutates)."""
         return (args, kwargs), lambda arrays: arrays
@@ -89,7 +89,7 @@ class Filter(Adapter):
 
         return of_arrays, tuple(args)
 
-    def split(self, args, kwargs):
+    def arrays(self, args, kwargs):
         # Arrays are traced, every other leaf (Python numbers included) is static: as eqx.filter_jit.
         leaves, tree = jax.tree.flatten((args, kwargs))
         dynamic = lambda leaf: isinstance(leaf, (jax.Array, np.ndarray, np.generic))
@@ -109,9 +109,9 @@ def for_arguments(args: tuple, argnums) -> Adapter:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None and any(isinstance(args[a], nnx.Module) for a in nums if -len(args) <= a < len(args)):
-        from .. import nnx as hbpjax_nnx
+        from .nnx_adapter import Adapter as NnxAdapter
 
-        return hbpjax_nnx.Adapter()
+        return NnxAdapter()
     leaves = [leaf for a in nums if -len(args) <= a < len(args) for leaf in jax.tree.leaves(args[a])]
     if all(is_array_like(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves):
         return Adapter()
@@ -119,9 +119,9 @@ def for_arguments(args: tuple, argnums) -> Adapter:
 
 
 def run_jitted(fun: Callable, adapter: Adapter, args: tuple, kwargs: dict):
-    """``fun(*args, **kwargs)`` under ``jax.jit`` over the arguments' arrays (what ``adapter.split``
+    """``fun(*args, **kwargs)`` under ``jax.jit`` over the arguments' arrays (what ``adapter.arrays``
     gives), on fresh copies of them: the arguments themselves are left as they were."""
-    arrays, rebuild = adapter.split(args, kwargs)
+    arrays, rebuild = adapter.arrays(args, kwargs)
 
     def call(arrays):
         a, kw = rebuild(arrays)

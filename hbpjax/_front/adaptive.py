@@ -178,7 +178,7 @@ class AdaptiveIterations:
             # The same adapter as the transform for these arguments (plain, filtered, NNX); the exact
             # gradient is taken on a snapshot of their arrays, so it sees the state the step saw.
             adapter = adapters.for_arguments(args, nums)
-            snapshot, rebuild = adapter.split(args, kwargs)
+            snapshot, rebuild = adapter.arrays(args, kwargs)
             given = dict(options)
             run = Options.given(_NAME, given.pop("options", None), {**given, "iterations": state.k})
             out = adapter.value_and_grad(fun, argnums, has_aux, options=run)(*args, **kwargs)

@@ -137,7 +137,7 @@ def gradient_agreement(
         if jit:
             _, g = adapters.run_jitted(grad_fn, adapter, args, {})
         else:
-            arrays, rebuild = adapter.split(args, {})
+            arrays, rebuild = adapter.arrays(args, {})
             _, g = grad_fn(*rebuild(jax.tree.map(lambda a: a, arrays))[0])
         return _flat(g)
 

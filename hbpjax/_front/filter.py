@@ -66,10 +66,8 @@ def filter_grad(
     See :func:`filter_value_and_grad`; returns only the gradients (and ``aux`` with ``has_aux``).
 
     Args:
-      fun: the function, ``fun(x, *args, **kwargs)`` returning a real scalar (or ``(scalar, aux)``).
-      has_aux: whether ``fun`` returns ``(value, aux)``.
-      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
-      **keywords: any field of :class:`hbpjax.Options`, replacing that of ``options``.
+      fun: the function, as for :func:`filter_value_and_grad`; so are ``has_aux``, ``options`` and
+        the :class:`hbpjax.Options` keywords.
 
     Returns:
       The gradients, shaped like the first argument with ``None`` where a leaf is not a

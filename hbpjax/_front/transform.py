@@ -90,14 +90,9 @@ def highway_grad(
     blocks, every :func:`hbpjax.residual_scan`) run their backward as ``iterations`` parallel sweeps.
 
     Args:
-      fun: function to differentiate, returning a real scalar (or ``(scalar, aux)`` with
-        ``has_aux``).
-      argnums: int or sequence of ints: which positional arguments to differentiate.
-      has_aux: whether ``fun`` returns ``(value, aux)``; ``aux`` is returned, not differentiated.
-      holomorphic: as in ``jax.grad``.
-      allow_int: as in ``jax.grad``: integer inputs get ``float0`` zero gradients.
-      options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
-      **keywords: any field of :class:`hbpjax.Options`, replacing that of ``options``.
+      fun: function to differentiate, as for :func:`highway_value_and_grad`; so are ``argnums``,
+        ``has_aux``, ``holomorphic``, ``allow_int``, ``options`` and the :class:`hbpjax.Options`
+        keywords.
 
     Returns:
       A function with ``fun``'s positional signature returning ``grad`` (or ``(grad, aux)`` with

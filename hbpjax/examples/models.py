@@ -68,7 +68,32 @@ def _make_block(block, channels, rngs):
     return block(channels, rngs=rngs)
 
 
-class _ResNet(nnx.Module):
+class _Stages(nnx.Module):
+    """A stem, stages of residual blocks with strided convolutions between them, global average
+    pooling and a linear head; subclasses say how a stage is built and run."""
+
+    def __init__(self, channels, num_classes: int, in_channels: int, make_stage: Callable, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
+        self.stages = nnx.List([make_stage(c) for c in channels])
+        self.downsample = nnx.List(
+            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in itertools.pairwise(channels)]
+        )
+        self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+
+    def run_stage(self, stage, h):
+        return stage(h)
+
+    def __call__(self, x):
+        h = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            h = self.run_stage(stage, h)
+            if i < len(self.downsample):
+                h = self.downsample[i](nnx.relu(h))
+        return self.head(jnp.mean(nnx.relu(self.norm(h)), axis=(1, 2)))
+
+
+class _ResNet(_Stages):
     block: Callable[..., nnx.Module] = PreActBlock
     residual = staticmethod(hbpjax.residual.additive)
 
@@ -84,29 +109,13 @@ class _ResNet(nnx.Module):
         unroll: int | bool = True,
         rngs: nnx.Rngs,
     ):
-        self.stem = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
-        self.stages = nnx.List(
-            [
-                hbpjax.nnx.ResidualStack(
-                    functools.partial(_make_block, type(self).block, c), blocks_per_stage, rngs=rngs,
-                    residual=type(self).residual, gamma=gamma, linearize=linearize, unroll=unroll,
-                )
-                for c in channels
-            ]
-        )
-        self.downsample = nnx.List(
-            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in itertools.pairwise(channels)]
-        )
-        self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
-        self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+        def make_stage(c):
+            return hbpjax.nnx.ResidualStack(
+                functools.partial(_make_block, type(self).block, c), blocks_per_stage, rngs=rngs,
+                residual=type(self).residual, gamma=gamma, linearize=linearize, unroll=unroll,
+            )
 
-    def __call__(self, x):
-        h = self.stem(x)
-        for i, stage in enumerate(self.stages):
-            h = stage(h)
-            if i < len(self.downsample):
-                h = self.downsample[i](nnx.relu(h))
-        return self.head(jnp.mean(nnx.relu(self.norm(h)), axis=(1, 2)))
+        super().__init__(channels, num_classes, in_channels, make_stage, rngs=rngs)
 
 
 class PreActResNet(_ResNet):
@@ -114,7 +123,7 @@ class PreActResNet(_ResNet):
     downsampling between stages, global average pooling and a linear head."""
 
 
-class LoopResNet(nnx.Module):
+class LoopResNet(_Stages):
     """A pre-activation ResNet written in plain Flax, as Flax's own examples write ResNets: each
     stage a Python loop over its blocks (``h + block(h)``), strided convolutions between stages.
 
@@ -123,22 +132,13 @@ class LoopResNet(nnx.Module):
     """
 
     def __init__(self, *, channels=(16, 32), blocks_per_stage=8, num_classes=10, in_channels=1, rngs: nnx.Rngs):
-        self.stem = nnx.Conv(in_channels, channels[0], (3, 3), rngs=rngs)
-        self.stages = nnx.List([nnx.List([PreActBlock(c, rngs=rngs) for _ in range(blocks_per_stage)]) for c in channels])
-        self.downsample = nnx.List(
-            [nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in itertools.pairwise(channels)]
-        )
-        self.norm = nnx.BatchNorm(channels[-1], momentum=0.9, rngs=rngs)
-        self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
+        make_stage = lambda c: nnx.List([PreActBlock(c, rngs=rngs) for _ in range(blocks_per_stage)])
+        super().__init__(channels, num_classes, in_channels, make_stage, rngs=rngs)
 
-    def __call__(self, x):
-        h = self.stem(x)
-        for i, stage in enumerate(self.stages):
-            for block in stage:
-                h = h + block(h)
-            if i < len(self.downsample):
-                h = self.downsample[i](nnx.relu(h))
-        return self.head(jnp.mean(nnx.relu(self.norm(h)), axis=(1, 2)))
+    def run_stage(self, stage, h):
+        for block in stage:
+            h = h + block(h)
+        return h
 
 
 class PostReLUResNet(_ResNet):
