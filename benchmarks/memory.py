@@ -30,7 +30,7 @@ NO_SAVE = "k=2, save_linearization=False"
 ROLES = [  # (pattern in the op name, what the buffer is), first match wins
     ("while/body", "sweep temporary (inside a loop over the sweeps)"),
     ("jvp()/while", "the carries the forward saved (the layers' inputs)"),
-    ("jit(plan)", "prefix-scan plan (products of K over spans)"),
+    ("jit(prepare)", "prefix-scan preparation (products of K over spans)"),
     ("jit(solve)", "a solve of the prefix scan"),
     ("transpose(jvp(transpose(jvp(vmap", "a sweep's VJP of all layers (J^T y and the products it sums)"),
     ("linearization", "linearization of the layers (the values the VJP of all layers reads)"),

@@ -24,7 +24,7 @@ import numpy as np
 from core_speed import mlp_problem
 
 import hbpjax
-from hbpjax import _prefix
+from hbpjax._backward import prefix as _prefix
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
     @jax.jit
     def residual_path_scan(u):
         # The backward's prefix scan w[j] = u[j] + K[j+1] w[j+1], here with the additive K = 1.
-        return _prefix.solve(_prefix.plan(jnp.ones_like(u)), u)
+        return _prefix.solve(_prefix.prepare(jnp.ones_like(u)), u)
 
     parts = {
         "forward (jax.jit(loss))": (jax.jit(loss), params, x),

@@ -9,7 +9,7 @@ layers, plus ``k + 1`` prefix scans. This script measures, in one process and in
 - the forward alone, backprop's step, and Highway-BP's step at k = 0, 1, 2, 4;
 - one transpose of all layers alone: the VJP of the vmapped block, applied to stored residuals
   (``jax.vjp`` once, outside the timing; the timed function only applies it);
-- one prefix scan alone (``hbpjax._prefix``'s plan and solve over the carry).
+- one prefix scan alone (``hbpjax._backward.prefix``'s prepare and solve over the carry).
 
 It fits ``step(k) = a + b k`` by least squares and reports ``b``, the cost of one more sweep,
 against one transpose of all layers. Goal (docs/performance.md): ``b`` at most 1.1x one transpose.
@@ -33,7 +33,7 @@ import common  # noqa: E402
 from core_speed import gru_problem  # noqa: E402
 
 import hbpjax  # noqa: E402
-from hbpjax import _prefix  # noqa: E402
+from hbpjax._backward import prefix as _prefix  # noqa: E402
 
 KS = (0, 1, 2, 4)
 
@@ -91,7 +91,7 @@ def measure(name, loss, args, path, linearize_at, repeats):
     in_axes = (0, 0, 0) if per_layer_params else (0, 0, None)
     _, vjp = jax.vjp(jax.vmap(path, in_axes=in_axes), hs, xs, params)
     transpose = jax.jit(lambda f, ct: f(ct))
-    solve = jax.jit(lambda k, u: _prefix.solve(_prefix.plan(k), u))
+    solve = jax.jit(lambda k, u: _prefix.solve(_prefix.prepare(k), u))
     fns = {
         "forward": (jax.jit(loss), args),
         "backprop": (jax.jit(jax.value_and_grad(loss)), args),
