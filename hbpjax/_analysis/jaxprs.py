@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core, source_info_util
 
 from . import primitives
@@ -45,6 +46,8 @@ def bind(eqn: core.JaxprEqn, invals: Sequence) -> list:
     error messages show) and its name stack (its named scopes, :func:`hbpjax.exact` regions
     included), under the current one.
     """
+    if primitives.is_custom_jvp(eqn) and _in_manual_region():
+        return _custom_jvp_here(eqn, invals)
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns = ()
     if isinstance(params, tuple):  # older JAX: (subfuns, params)
@@ -65,6 +68,52 @@ def bind(eqn: core.JaxprEqn, invals: Sequence) -> list:
             with manager, jax.sharding.use_abstract_mesh(mesh):
                 out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _in_manual_region() -> bool:
+    """Whether the current abstract mesh has a Manual axis (inside a ``shard_map``)."""
+    types = getattr(jax.sharding.get_abstract_mesh(), "axis_types", ()) or ()
+    return any(t == jax.sharding.AxisType.Manual for t in types)
+
+
+def _custom_jvp_here(eqn: core.JaxprEqn, invals: Sequence) -> list:
+    """A ``custom_jvp`` equation evaluated inside a ``shard_map``: the same function with the same
+    rule, each of their equations bound under the current context.
+
+    JAX evaluates a ``custom_jvp``'s body and rule equation by equation, each under the context it
+    was traced in, mesh included: traced outside the ``shard_map`` (a stack found in the user's
+    function, run inside one over its layers), they would check the values' Manual types against a
+    mesh without that Manual axis. Here the body is evaluated by :func:`run`, and the rule is traced
+    in its own context (as it was first traced) and evaluated by :func:`run`.
+    """
+    jaxpr, consts = primitives.inner(eqn)
+    num_consts = eqn.params["num_consts"]
+    rule = eqn.params["jvp_jaxpr_fun"]
+
+    @jax.custom_jvp
+    def function(*args):
+        return run(jaxpr, {**dict(zip(jaxpr.constvars, consts)), **dict(zip(jaxpr.invars, args))})
+
+    def function_jvp(primals, tangents):
+        with eqn.ctx.manager:
+            rule_jaxpr, rule_consts, out_zeros = rule.call_wrapped(*[False] * (len(primals) - num_consts))
+        rule_jaxpr = getattr(rule_jaxpr, "jaxpr", rule_jaxpr)
+        env = dict(zip(rule_jaxpr.constvars, rule_consts))
+        env.update(zip(rule_jaxpr.invars, [*primals[num_consts:], *tangents[num_consts:]]))
+        out = run(rule_jaxpr, env)
+        out_primals, nonzero = out[: len(out_zeros)], iter(out[len(out_zeros) :])
+        out_tangents = [zero_tangent(p) if zero else next(nonzero) for p, zero in zip(out_primals, out_zeros)]
+        return out_primals, out_tangents
+
+    function.defjvp(function_jvp)
+    return list(function(*invals))
+
+
+def zero_tangent(value):
+    """The zero tangent of a value (``float0`` for integers, keys and booleans)."""
+    if is_float(value):
+        return jnp.zeros_like(value)
+    return np.zeros(jnp.shape(value), jax.dtypes.float0)
 
 
 def needed(eqns: Sequence[core.JaxprEqn], targets: Iterable[Atom]) -> list[core.JaxprEqn]:

@@ -154,7 +154,7 @@ class ForwardLinearization:
         fc = [i for i, a in enumerate(consts) if _jaxpr.is_float(a)]
 
         def tangents(values, which, given):
-            out = [_zero_tangent(v) for v in values]
+            out = [_jaxpr.zero_tangent(v) for v in values]
             for i, t in zip(which, given):
                 out[i] = t
             return out
@@ -169,7 +169,7 @@ class ForwardLinearization:
 
         def apply(at_layer, dh_j, dx_j, dc):
             vals, h_j, x_j, s_j = at_layer
-            dxe = (tangents(x_j, fx, dx_j), [_zero_tangent(v) for v in s_j])
+            dxe = (tangents(x_j, fx, dx_j), [_jaxpr.zero_tangent(v) for v in s_j])
             return layer(vals, h_j, x_j, s_j)(dh_j, dxe, tangents(consts, fc, dc))
 
         primals = (h_prev, [x[i] for i in fx], [consts[i] for i in fc])
@@ -241,13 +241,6 @@ def _needed_from(eqns, targets, known) -> list:
             keep.append(eqn)
             want.update(a for a in eqn.invars if isinstance(a, core.Var) and a not in known)
     return keep[::-1]
-
-
-def _zero_tangent(value):
-    """The zero tangent of a value (``float0`` for integers, keys and booleans)."""
-    if _jaxpr.is_float(value):
-        return jnp.zeros(jnp.shape(value), jnp.result_type(value))
-    return np.zeros(jnp.shape(value), jax.dtypes.float0)
 
 
 def _unflatten(args, counts):
