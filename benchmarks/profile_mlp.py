@@ -59,7 +59,7 @@ def main(argv=None):
         "train step, highway_value_and_grad k=0": (
             jax.jit(hbpjax.highway_value_and_grad(loss, iterations=0)), params, x),
         "  all layers' linearization + VJP (vmap)": (linearize_and_vjp, hs, params, hs),
-        "  residual-path prefix scan (plan + solve)": (residual_path_scan, hs),
+        "  residual-path prefix scan (prepare + solve)": (residual_path_scan, hs),
         "  weight gradient as batched dot (einsum lbi,lbj->lij)": (
             jax.jit(lambda a, b: jnp.einsum("lbi,lbj->lij", a, b)), hs, hs),
         "  weight gradient as broadcast multiply + sum": (
