@@ -21,7 +21,7 @@ from .._front.options import Options, StackOptions
 from . import chains as _chains
 from . import findings, marks, primitives
 from .info import StackInfo
-from .jaxprs import in_scope, sub_jaxprs
+from .jaxprs import in_scope, sub_jaxprs, user_source
 from .plan import ChainNode, Container, Converted, Exact, LayerParallel, Marked, Node, Plan, Program
 
 
@@ -102,7 +102,7 @@ class Planner:
         jaxpr, consts = primitives.inner(eqn)
         if mark is not None and mark.layer_axis is not None:
             row = StackInfo(
-                source=findings.user_source(eqn), kind="residual_scan", length=mark.length, carry=(), residual=(),
+                source=user_source(eqn), kind="residual_scan", length=mark.length, carry=(), residual=(),
                 converted=where.kept is None, reason=where.kept or f"layer-parallel over mesh axis {mark.layer_axis!r}",
             )
             program = _as_traced(jaxpr, consts)  # its backward is Highway-BP already: nothing to plan
