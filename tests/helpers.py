@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -336,3 +338,8 @@ def highway_by_definition(step, k_of, params, h0, xs, c, k):
     g_xs = jax.tree.map(lambda *a: np.stack(a), *g_xs)
     g_h0 = (A[0].T @ w[0]).reshape(h0.shape)
     return g_params, g_xs, g_h0
+
+
+def source_file(source: str) -> str:
+    """The absolute path of the file in a ``find_stacks`` / ``SweepReport`` source ``file:line``."""
+    return os.path.abspath(source.rsplit(":", 1)[0])

@@ -12,6 +12,8 @@ Every case is checked in float64 against independent references:
 
 import dataclasses
 import functools
+import importlib.util
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -22,7 +24,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import assert_trees_close, fixture_over_cases, loops, model_grad, tree_rel_error
+from helpers import assert_trees_close, fixture_over_cases, loops, model_grad, source_file, tree_rel_error
 
 sg = jax.lax.stop_gradient
 T, D_IN, H, B = 7, 3, 4, 2  # T is distinct from every other size and from the sweep counts used
@@ -272,6 +274,47 @@ def case_reverse_scan():
     return Case(make(False), (W, h0), make(True), ("diagonal",), 8)
 
 
+def _gated(update, L=8, key=8):
+    """A gated scan ``h <- update(h, a) + tanh(h W^T)``, ``a = sigmoid(h W)``, where ``update``
+    multiplies ``h`` by the gate the way the model's author wrote it."""
+    W, h0 = _mlp_params(L=L, key=key)
+
+    def make(detach):
+        def loss(W, h0):
+            def step(h, w):
+                read = sg(h) if detach else h
+                return update(h, jax.nn.sigmoid(read @ w)) + jnp.tanh(read @ w.T), h
+
+            h, prev = jax.lax.scan(step, h0, W)
+            return jnp.sum(h**2) + jnp.sum(jnp.cos(prev))
+
+        return loss
+
+    return Case(make(False), (W, h0), make(True), ("diagonal",), L)
+
+
+def case_einsum_gate():
+    """The gate applied with ``einsum("bi,bi->bi")``: a ``dot_general`` with batch axes only."""
+    return _gated(lambda h, a: jnp.einsum("bi,bi->bi", h, a))
+
+
+def case_einsum_per_feature_decay():
+    """A per-feature decay from the gate's mean, ``einsum("bi,i->bi")``: a ``dot_general`` whose
+    output has the batch axis last, transposed back (ParaRNN's and Mamba ports' diagonal cells)."""
+    return _gated(lambda h, a: jnp.einsum("bi,i->bi", h, jnp.mean(a, 0)), key=9)
+
+
+def case_unit_axis_added_and_removed():
+    """``h[:, None, :] * a[:, None, :]``, squeezed back: a broadcast that only adds a unit axis."""
+    return _gated(lambda h, a: jnp.squeeze(h[:, None, :] * a[:, None, :], 1), key=10)
+
+
+def case_reshape_into_heads():
+    """The carry split into heads and merged back, the gate applied per head."""
+    heads = lambda v: v.reshape(B, 2, H // 2)
+    return _gated(lambda h, a: (heads(h) * heads(a)).reshape(B, H), key=11)
+
+
 def case_fori_loop():
     """lax.fori_loop with static bounds: a scan whose carry holds the integer counter."""
     W, h0 = _mlp_params(L=7, key=6)
@@ -381,7 +424,8 @@ def test_find_stacks_reports_the_split(case):
     assert len(scans) == 1, str(stacks)
     (info,) = scans
     assert info.residual == case.kinds and info.length == case.L and info.converted, str(stacks)
-    assert info.source.startswith(__file__), info.source  # the user's line, not Flax's or ours
+    assert source_file(info.source) == __file__, info.source  # the user's line, not Flax's or ours
+    assert not os.path.isabs(info.source)  # shown relative to the working directory
     assert info.source in str(stacks)
 
 
@@ -558,7 +602,31 @@ def test_python_loop_of_blocks_is_a_chain():
 
     (info,) = hbpjax.find_stacks(loss, W, h0)
     assert (info.kind, info.length, info.period, info.converted) == ("chain", 4, 1, True)
-    assert "written one after the other" in info.reason and info.source.startswith(__file__)
+    assert "written one after the other" in info.reason and source_file(info.source) == __file__
+
+
+def test_sources_are_shown_as_a_user_reads_them(tmp_path, monkeypatch):
+    """Relative to the working directory where the file lies below it, else relative to the
+    directory holding hbpjax (its example models), else absolute: a table printed on one machine
+    (a notebook's committed output) carries no other machine's paths."""
+    from hbpjax.examples import models
+
+    model = models.LoopResNet(channels=(4,), blocks_per_stage=3, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 8, 8, 1))
+    loss = lambda model, x: jnp.mean(model(x))
+    (here,) = hbpjax.find_stacks(loss, model, x)
+    assert here.source.startswith(os.path.join("hbpjax", "examples", "models.py:")), here.source
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the package is not below it: relative to the package's directory
+    (elsewhere,) = hbpjax.find_stacks(loss, model, x)
+    assert elsewhere.source == here.source
+    user = tmp_path / "user_loss.py"  # below neither: absolute
+    user.write_text("import jax, jax.numpy as jnp\n\ndef loss(W, h):\n    return jnp.sum(jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), h, W)[0])\n")
+    spec = importlib.util.spec_from_file_location("user_loss", user)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (mine,) = hbpjax.find_stacks(module.loss, *_mlp_params(L=4, key=12, dtype=jnp.float32))
+    assert mine.source == f"{user}:4"
 
 
 def test_gradient_agreement_on_an_nnx_module():

@@ -49,6 +49,55 @@ def _mlp_stack_loss(mlps, x):
     return jnp.sum(jnp.sin(h))
 
 
+class _LRU(eqx.Module):
+    """An LRU-style block in Equinox: ``eqx.nn.Linear`` in and out around a diagonal linear
+    recurrence over time (``lax.scan``), residual around it."""
+
+    norm: eqx.nn.LayerNorm
+    inp: eqx.nn.Linear
+    out: eqx.nn.Linear
+    decay: jax.Array
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.norm = eqx.nn.LayerNorm(H, dtype=jnp.float64)
+        self.inp = eqx.nn.Linear(H, H, key=k1, dtype=jnp.float64)
+        self.out = eqx.nn.Linear(H, H, key=k2, dtype=jnp.float64)
+        self.decay = jax.random.normal(k3, (H,), jnp.float64)
+
+    def __call__(self, h):  # h: (T, H)
+        u = jax.vmap(self.inp)(jax.vmap(self.norm)(h))
+
+        def step(s, u_t):
+            s = jax.nn.sigmoid(self.decay) * s + u_t
+            return s, s
+
+        _, states = jax.lax.scan(step, jnp.zeros(H, h.dtype), u)
+        return h + jax.vmap(self.out)(jnp.tanh(states))
+
+
+def _ssm_stack_loss(blocks, x):
+    for block in blocks:  # a Python loop of blocks that each hold a scan: every stacked SSM
+        x = jax.vmap(block)(x)
+    return jnp.sum(jnp.sin(x))
+
+
+def test_stacked_ssm_converts_both_levels():
+    """The loop of blocks is a chain, the scan in each block a stack in the chain's block, each
+    listed once; k at or above both lengths equals eqx.filter_grad in float64, k = 0 differs."""
+    with jax.enable_x64(True):
+        blocks = [_LRU(k) for k in jax.random.split(jax.random.key(5), 4)]
+        x = jax.random.normal(jax.random.key(6), (B, T, H), jnp.float64)
+        stacks = hbpjax.find_stacks(_ssm_stack_loss, blocks, x)
+        assert [(s.kind, s.length, s.converted) for s in stacks] == [("chain", 4, True), ("scan", T, True)], str(stacks)
+        exact = eqx.filter_grad(_ssm_stack_loss)(blocks, x)
+        got = hbpjax.filter_grad(_ssm_stack_loss, iterations=T)(blocks, x)
+        assert jax.tree.structure(got) == jax.tree.structure(exact)
+        assert_trees_close(_arrays(got), _arrays(exact))
+        k0 = hbpjax.filter_grad(_ssm_stack_loss, iterations=0)(blocks, x)
+        assert tree_rel_error(_arrays(k0), _arrays(exact)) > 1e-6
+
+
 def _cases():
     key = jax.random.key(0)
     xs = jax.random.normal(key, (T, B, D_IN), jnp.float64)

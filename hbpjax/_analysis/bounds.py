@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax.extend import core
 
 from . import primitives
+from .intervals import ALL, INF, mul
 from .jaxprs import computes_complex
-from .primitives import ALL, INF, mul
 
 
 def _literal(a) -> tuple:

@@ -3,7 +3,7 @@ layers), found in a jaxpr and described as the steps of a scan.
 
 A Python loop of residual blocks traces to the blocks' equations written out one after the other.
 What threads them is a float value, the *spine* ``h_0 -> h_1 -> ...``: each ``h_i`` is an
-elementwise function of ``h_{i-1}`` (a residual path, :mod:`hbpjax._split`) that also reads values
+elementwise function of ``h_{i-1}`` (a residual path, :mod:`hbpjax._analysis.split`) that also reads values
 the block computed from ``h_{i-1}`` (a *join*: ``h + f(h)``, ``relu(h + f(h))``, a gate, the mean
 and variance of a post-LN ``LayerNorm``). Between two consecutive joins lies a *segment*: the
 equations that depend on the earlier join and that the later one needs. Consecutive segments that
@@ -12,7 +12,7 @@ a pattern of ``p`` different segments repeated (attention then MLP sublayers, or
 global layers) forms a chain of groups of ``p``. A shape change ends a chain.
 
 A chain is converted as the scan it would be: the first group's equations become the step of a
-scan (:func:`hbpjax._stack.scan_stack`) over the per-layer inputs (each layer's weights, random
+scan (:func:`hbpjax._analysis.stacks.scan_stack`) over the per-layer inputs (each layer's weights, random
 bits, anything only it reads), with the values every layer reads alike as shared inputs and the
 values used outside the chain as per-step outputs. The forward still evaluates the user's
 equations, bit for bit, and only the backward stacks the per-layer inputs on a new axis.
@@ -84,7 +84,7 @@ class Chain:
         return sum(int(np.prod(v.aval.shape)) * jnp.dtype(v.aval.dtype).itemsize * self.length for v in self.per_layer[0])
 
     def forward(self, stack: ScanStack, init: list, xs: list, consts: tuple, *, eval_eqn=_jaxpr.bind, lin=None):
-        """``(final, ys, saved, linearization)`` as :func:`hbpjax._stack.scan_forward` gives them,
+        """``(final, ys, saved, linearization)`` as :func:`hbpjax._analysis.forward.scan_forward` gives them,
         from the user's own equations, layer by layer: ``xs`` is the list of every layer's inputs."""
         h = init[0]
         saved, ys, values = [], [], []
@@ -261,13 +261,20 @@ class _Graph:
 
     def _link(self, eqn):
         """Marks ``eqn``'s output a join (or an elementwise step) of the value it is diagonal in."""
-        if len(eqn.outvars) != 1 or not is_float(eqn.outvars[0].aval) or primitives.is_loop_or_branch(eqn):
+        if primitives.is_loop_or_branch(eqn):
+            return
+        whole = _whole_layer(eqn)
+        if whole is not None:  # a layer under jax.checkpoint (nnx.remat, nn.remat) or jit, residual add inside
+            out, a = whole
+            self.kind[out], self.pred[out] = "join", a
+            return
+        if len(eqn.outvars) != 1 or not is_float(eqn.outvars[0].aval):
             return
         out = eqn.outvars[0]
         spine = [
             a for a in eqn.invars
             if isinstance(a, core.Var) and a.aval.shape == out.aval.shape and a.aval.dtype == out.aval.dtype
-            and _split._diagonal_leaf(eqn, {a: 0}, {0: a.aval}) == 0
+            and _split.elementwise_in(eqn, a)
         ]
         # Of several candidates, the one the others are computed from (h in h + f(h)).
         spine = [a for a in spine if all(b is a or self.depends(b, a) for b in spine)]
@@ -393,6 +400,33 @@ class _Graph:
                     if isinstance(a, core.Var):
                         users.setdefault(a, []).append(e)
         return any(self.order[e] not in owned for e in users.get(v, ()))
+
+
+def _same_type(x, y) -> bool:
+    return getattr(x, "shape", None) == getattr(y, "shape", ()) and getattr(x, "dtype", None) == getattr(y, "dtype", ())
+
+
+def _whole_layer(eqn) -> tuple | None:
+    """``(h_new, h)`` when ``eqn`` is a checkpoint or a plain call that computes ``h_new`` from its
+    operand ``h`` (same shape and dtype) through a residual path inside, with a block that reads
+    ``h`` (a whole residual layer, ``h + f(h)``, wrapped by ``jax.checkpoint`` or ``jit``); else
+    ``None``. The chain's step then reads through the wrapper, as a scan's does, keeping its policy."""
+    if primitives.contents(eqn) not in (primitives.REMAT, primitives.JIT, primitives.INLINE):
+        return None
+    inner = primitives.aligned_inner(eqn)
+    if inner is None:
+        return None
+    found = []
+    for j, out in enumerate(eqn.outvars):
+        if isinstance(out, core.DropVar) or not is_float(out.aval) or not isinstance(inner.outvars[j], core.Var):
+            continue
+        for i, a in enumerate(eqn.invars):
+            if not isinstance(a, core.Var) or not _same_type(a.aval, out.aval):
+                continue
+            split = _split.residual_split(inner, [inner.invars[i]], [inner.outvars[j]])
+            if split.has_residual_path and _jaxpr.depends_on(inner.eqns, [inner.invars[i]], split.z):
+                found.append((out, a))
+    return found[0] if len(found) == 1 else None
 
 
 def _positions(eqns, values) -> list:

@@ -18,7 +18,8 @@ from .._front.options import StackOptions
 from . import chains as _chains
 from . import marks, primitives
 from .info import StackInfo
-from .jaxprs import depends_on, is_float, sub_jaxprs, user_source
+from .jaxprs import depends_on, is_float, sub_jaxprs
+from .sources import user_source
 from .split import NONE
 from .stacks import scan_stack
 
@@ -91,6 +92,8 @@ def chain(chain: _chains.Chain, *, options: StackOptions) -> Found:
     converted = split.has_residual_path
     if not converted:
         reason += ": " + _no_path_reason(stack)
+    elif stack.remat is not None:
+        reason += " under jax.checkpoint (recomputed as its policy asks, a group of layers at a time)"
     elif chain.stacked_bytes() > _chains.STACK_LIMIT:
         converted = False
         reason += (

@@ -20,12 +20,12 @@ def scan_steps(stack: Stack, init: list, xs: PyTree, consts: tuple, *, length: i
 
     ``saved`` holds every carry leaf as it *entered* each step (``h_0 .. h_{L-1}``, stacked): what the
     backward linearizes the layers at, with no shifted copy to make. ``lin`` (a
-    :class:`hbpjax._linearize.ForwardLinearization`) has every step also compute its layer's
+    :class:`hbpjax._backward.forward_linearization.ForwardLinearization`) has every step also compute its layer's
     linearization: ``linearization`` is ``(its per-step values, stacked; its hoisted values)``, or
     ``None`` without ``lin``. ``length`` overrides ``stack.length`` (a chunk of a layer-parallel stack).
 
     What the step computes from its per-step inputs alone (an RNN cell's input matmul) is computed
-    for all steps before the loop (:mod:`hbpjax._hoist`); with ``lin``, each computation the step
+    for all steps before the loop (:mod:`hbpjax._analysis.hoist`); with ``lin``, each computation the step
     and its linearization share is evaluated once (:func:`hbpjax._analysis.dedup.traced_once`).
     """
     hoisted = lin.hoisted(consts) if lin is not None else []

@@ -1,6 +1,6 @@
 """Reading and evaluating jaxprs with JAX's public ``jax.extend.core`` API.
 
-The automatic stacks (:mod:`hbpjax._auto`) and the residual split (:mod:`hbpjax._split`) evaluate
+The automatic stacks (:mod:`hbpjax._analysis.conversion`) and the residual split (:mod:`hbpjax._analysis.split`) evaluate
 parts of traced programs: the whole of a function, the step of a scan, only the equations a set of
 values needs. Every equation is evaluated by binding its primitive with its own parameters, so the
 values are those of the traced program, bit for bit.
@@ -9,10 +9,6 @@ values are those of the traced program, bit for bit.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
-import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -218,44 +214,3 @@ def computes_complex(jaxpr: core.Jaxpr) -> bool:
 def holds(jaxpr: core.Jaxpr, test: Callable[[core.JaxprEqn], bool]) -> bool:
     """Whether any equation of ``jaxpr``, at any depth, passes ``test``."""
     return any(test(eqn) or any(holds(sub, test) for sub in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
-
-
-def scope(eqn: core.JaxprEqn) -> str:
-    """The equation's name stack as a string (``"outer/inner"``, transforms as ``"vmap(...)"``)."""
-    source = getattr(eqn, "source_info", None)
-    return str(getattr(source, "name_stack", "") or "")
-
-
-def in_scope(eqn: core.JaxprEqn, name: str) -> bool:
-    """Whether the equation was traced inside ``jax.named_scope(name)`` (at any depth)."""
-    return re.search(r"(^|[/(])" + re.escape(name) + r"($|[/)\[])", scope(eqn)) is not None
-
-
-#: The directory of the hbpjax package.
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@functools.cache
-def _library_dirs() -> tuple[str, ...]:
-    """Directories of the libraries between the user's code and a traced equation."""
-    dirs = [_PACKAGE]  # hbpjax/ itself (hbpjax/examples/ is user code: see below)
-    for module in ("jax", "jaxlib", "flax", "optax", "equinox"):
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin:
-            dirs.append(os.path.dirname(spec.origin))
-    return tuple(os.path.join(d, "") for d in dirs)
-
-
-def user_source(eqn: core.JaxprEqn) -> str:
-    """``file:line`` of the innermost frame of the user's code that traced ``eqn``."""
-    traceback = getattr(getattr(eqn, "source_info", None), "traceback", None)
-    frames = list(getattr(traceback, "frames", None) or [])
-    examples = os.path.join(_PACKAGE, "examples", "")
-    for frame in frames:  # innermost first
-        name = frame.file_name
-        library = name.startswith(_library_dirs()) and not name.startswith(examples)
-        if not library and not name.startswith("<frozen "):
-            return f"{frame.file_name}:{frame.line_num}"
-    if frames:
-        return f"{frames[0].file_name}:{frames[0].line_num}"
-    return "<unknown>"

@@ -2,9 +2,9 @@
 
 While a highway transform traces a function, ``residual_scan`` wraps its scan in a
 ``jax.checkpoint`` whose policy is a :class:`StackMark` holding the stack's
-:class:`~hbpjax._options.StackOptions`, and its block in one whose policy is :data:`BLOCK`. JAX keeps
+:class:`~hbpjax._front.options.StackOptions`, and its block in one whose policy is :data:`BLOCK`. JAX keeps
 a checkpoint's policy object as it is in the ``checkpoint`` equation, through every transformation
-(``jvp``, ``vmap``, transposition), so the conversion (:mod:`hbpjax._auto`) reads the options as
+(``jvp``, ``vmap``, transposition), so the conversion (:mod:`hbpjax._analysis.conversion`) reads the options as
 Python objects straight from the equation and knows which equations are the block (a cut of the
 residual split, whatever it computes).
 
@@ -82,7 +82,7 @@ def is_block(eqn) -> bool:
 
 
 def inline(eval_eqn: Callable = _jaxpr.bind) -> Callable:
-    """An ``eval_eqn`` (see :func:`hbpjax._jaxpr.evaluate`) that evaluates marked checkpoints by
+    """An ``eval_eqn`` (see :func:`hbpjax._analysis.jaxprs.evaluate`) that evaluates marked checkpoints by
     their contents and every other equation with ``eval_eqn``. The marks save everything, so this
     computes what binding them computes, without a checkpoint in the program."""
 

@@ -21,8 +21,9 @@ from .._front.options import Options, StackOptions
 from . import chains as _chains
 from . import findings, marks, primitives
 from .info import StackInfo
-from .jaxprs import in_scope, sub_jaxprs, user_source
+from .jaxprs import sub_jaxprs
 from .plan import ChainNode, Container, Converted, Exact, LayerParallel, Marked, Node, Plan, Program
+from .sources import in_scope, user_source
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
+from .intervals import ALL, INF, add, mul, neg, union
+
 # ------------------------------------------------------------------------ call-like primitives
 
 #: How the conversion evaluates a call by its contents: under ``jax.jit`` again (its name kept),
@@ -57,8 +59,7 @@ _PER_CALL_PARAMS = frozenset({"jvp", "jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_ja
 
 
 def name(eqn: core.JaxprEqn) -> str:
-    """The equation's primitive, for messages."""
-    return eqn.primitive.name
+    return eqn.primitive.name  # for messages
 
 
 def call(eqn: core.JaxprEqn) -> Call | None:
@@ -69,8 +70,7 @@ def call(eqn: core.JaxprEqn) -> Call | None:
 def contents(eqn: core.JaxprEqn) -> str | None:
     """How a call is evaluated by its contents (:data:`JIT`, :data:`REMAT`, :data:`INLINE`,
     :data:`RULE`), or ``None`` for an equation that is not a call."""
-    entry = call(eqn)
-    return None if entry is None else entry.contents
+    return getattr(call(eqn), "contents", None)
 
 
 def inner(eqn: core.JaxprEqn) -> tuple[core.Jaxpr, Sequence]:
@@ -84,9 +84,8 @@ def aligned_inner(eqn: core.JaxprEqn) -> core.Jaxpr | None:
     if eqn.primitive.name not in CALLS:
         return None
     jaxpr, _ = inner(eqn)
-    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
-        return None
-    return jaxpr
+    aligned = len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars)
+    return jaxpr if aligned else None
 
 
 def call_name(eqn: core.JaxprEqn) -> str:
@@ -142,15 +141,10 @@ def is_loop_or_branch(eqn: core.JaxprEqn) -> bool:
 
 
 def scan_layout(eqn: core.JaxprEqn) -> tuple[int, int, Any]:
-    """``(num_consts, num_carry, body)`` of a ``scan`` equation, whatever the JAX version.
-
-    Up to jax 0.11 the parameters hold the counts (``num_consts``, ``num_carry``) and the body as a
-    ``ClosedJaxpr``. From jax 0.12 they describe the operands as one ``(consts, carry, xs)`` tree
-    (``ft_in``: ``unpack()`` gives the three parts, ``len`` of each its number of leaves) and hold
-    the body as a ``Jaxpr`` that is also its own closed form (``.jaxpr``, ``.consts``). In both, the
-    equation's operands are consts, carry and xs, and its results the new carry then the per-step
-    outputs the body computes.
-    """
+    """``(num_consts, num_carry, body)`` of a ``scan`` equation (operands: consts, carry, xs; results:
+    the new carry, then the per-step outputs). Up to jax 0.11 the parameters hold the counts and a
+    ``ClosedJaxpr``; from 0.12 one ``(consts, carry, xs)`` tree (``ft_in``) and a ``Jaxpr`` that is
+    its own closed form."""
     params = eqn.params
     if "num_consts" in params:
         return params["num_consts"], params["num_carry"], params["jaxpr"]
@@ -185,7 +179,7 @@ ELEMENTWISE = frozenset(
 #: their boolean outputs carry no derivative.
 _FLAGS = frozenset(["eq", "ne", "lt", "le", "gt", "ge", "is_finite", "not", "and", "or", "xor"])
 #: Steps of a residual path that keep ``K = 1`` (for the report: "identity" vs "diagonal").
-_IDENTITY_STEPS = frozenset({"add", "add_any", "copy", "copy_p", "sharding_constraint"})
+_IDENTITY_STEPS = frozenset({"add", "add_any", "copy", "copy_p", "sharding_constraint", "transpose", "reshape", "squeeze", "broadcast_in_dim"})
 
 
 def is_elementwise(eqn: core.JaxprEqn) -> bool:
@@ -201,10 +195,36 @@ def is_flag(eqn: core.JaxprEqn) -> bool:
     return eqn.primitive.name in _FLAGS
 
 
+def layout_change(eqn: core.JaxprEqn, position: int, layout: tuple, h_shape: tuple) -> tuple | None:
+    """The layout of the output of ``eqn`` when it moves the elements of its operand ``position``
+    without mixing them, else ``None``: a transpose, a reshape or squeeze (row-major order kept), a
+    broadcast that only adds unit axes, or a ``dot_general`` with no contracting dimension whose
+    other operand has no free dimension (``jnp.einsum("bi,i->bi", h, a)``: ``h * a``, batch axes
+    first). ``layout`` is the operand's ``(perm, shape)``: an elementwise function of ``h``
+    transposed by ``perm``, then reshaped to ``shape``."""
+    perm, shape = layout
+    label, out_shape = eqn.primitive.name, _shape(eqn.outvars[0])
+    transposed = shape == tuple(h_shape[p] for p in perm)  # no reshape since the transposition
+    if label == "transpose" and transposed:
+        return tuple(perm[p] for p in eqn.params["permutation"]), out_shape
+    if label == "squeeze" or (label == "reshape" and eqn.params.get("dimensions") is None):
+        return perm, out_shape
+    if label == "broadcast_in_dim" and int(np.prod(out_shape)) == int(np.prod(shape)):
+        dims = tuple(eqn.params["broadcast_dimensions"])
+        return (perm, out_shape) if dims == tuple(sorted(dims)) else None
+    if label == "dot_general" and transposed:
+        (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
+        mine, other = (batch_l, batch_r) if position == 0 else (batch_r, batch_l)
+        if contract_l or contract_r or len(other) != len(_shape(eqn.invars[1 - position])):
+            return None  # contracts, or the other operand adds axes of its own
+        free = [d for d in range(len(shape)) if d not in mine]
+        return tuple(perm[d] for d in (*mine, *free)), out_shape
+    return None
+
+
 def elementwise_body(eqn: core.JaxprEqn) -> core.Jaxpr | None:
     """The inner program of a call that counts as elementwise when that program is, else ``None``."""
-    entry = call(eqn)
-    return aligned_inner(eqn) if entry is not None and entry.elementwise_body else None
+    return aligned_inner(eqn) if getattr(call(eqn), "elementwise_body", False) else None
 
 
 def keeps_unit_slope(eqn: core.JaxprEqn, on_path: core.Var) -> bool:
@@ -246,6 +266,10 @@ def convolution_kernel(eqn: core.JaxprEqn):
     return eqn.invars[1] if eqn.primitive.name == "conv_general_dilated" else None
 
 
+def _shape(atom) -> tuple:
+    return tuple(getattr(atom.aval, "shape", ()))
+
+
 def _dtype(atom):
     return getattr(atom.aval, "dtype", None)
 
@@ -257,31 +281,20 @@ def _is_float(aval) -> bool:
 
 # ------------------------------------------------------------------- ranges and slopes (bounds)
 
-INF = float("inf")
-ALL = (-INF, INF)
 #: Values of these primitives stay in a known range whatever their input.
 _RANGES = {"logistic": (0.0, 1.0), "tanh": (-1.0, 1.0), "sin": (-1.0, 1.0), "cos": (-1.0, 1.0), "erf": (-1.0, 1.0)}
 #: ... and so do their derivatives: d out / d in lies in this range.
 _SLOPES = {"logistic": (0.0, 0.25), "tanh": (0.0, 1.0), "sin": (-1.0, 1.0), "cos": (-1.0, 1.0), "erf": (0.0, 1.13)}
 #: Elementwise ops that pass values (and derivatives) through unchanged.
-_PASS = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision", "stop_gradient"})
+_PASS = frozenset({
+    "convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision", "stop_gradient", "transpose",
+    "reshape", "squeeze", "broadcast_in_dim",
+})
 
 
-def mul(a, b):
-    products = [x * y for x in a for y in b if not ((x == 0 and abs(y) == INF) or (y == 0 and abs(x) == INF))]
-    return (min(products, default=0.0), max(products, default=0.0))
-
-
-def add(a, b):
-    return (a[0] + b[0], a[1] + b[1])
-
-
-def neg(a):
-    return (-a[1], -a[0])
-
-
-def union(*intervals):
-    return (min(i[0] for i in intervals), max(i[1] for i in intervals))
+def _contracts(eqn: core.JaxprEqn) -> bool:
+    (contract_l, contract_r), _ = eqn.params["dimension_numbers"]
+    return bool(contract_l or contract_r)
 
 
 def bounds_inner(eqn: core.JaxprEqn) -> core.Jaxpr | None:
@@ -305,6 +318,7 @@ def value_range(eqn: core.JaxprEqn, ins: list) -> tuple:
         "add_any": lambda: add(ins[0], ins[1]),
         "sub": lambda: add(ins[0], neg(ins[1])),
         "mul": lambda: mul(ins[0], ins[1]),
+        "dot_general": lambda: mul(ins[0], ins[1]) if not _contracts(eqn) else ALL,
         "max": lambda: (max(ins[0][0], ins[1][0]), max(ins[0][1], ins[1][1])),
         "min": lambda: (min(ins[0][0], ins[1][0]), min(ins[0][1], ins[1][1])),
         "select_n": lambda: union(*ins[1:]),
@@ -330,6 +344,7 @@ def slope(eqn: core.JaxprEqn, d: Callable, value: Callable) -> tuple:
         "add_any": lambda: add(d(ins[0]), d(ins[1])),
         "sub": lambda: add(d(ins[0]), neg(d(ins[1]))),
         "mul": lambda: add(mul(d(ins[0]), value(ins[1])), mul(d(ins[1]), value(ins[0]))),
+        "dot_general": lambda: add(mul(d(ins[0]), value(ins[1])), mul(d(ins[1]), value(ins[0]))) if not _contracts(eqn) else ALL,
         "max": lambda: union((0.0, 0.0), *(d(a) for a in ins)),  # one operand's slope, or none
         "min": lambda: union((0.0, 0.0), *(d(a) for a in ins)),
         "select_n": lambda: union(*(d(a) for a in ins[1:])),

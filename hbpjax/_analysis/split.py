@@ -119,8 +119,9 @@ def residual_split(
     positions: list[tuple] = []
     position = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
     for p, out in enumerate(outs):
-        diag: dict = _classify(jaxpr.eqns, {h[p]: p}, {p: h[p].aval}, opaque)  # type: ignore[assignment]  # this leaf alone is the carry
-        if not (isinstance(out, core.Var) and diag.get(out) == p):
+        layouts: dict = {}
+        diag: dict = _classify(jaxpr.eqns, {h[p]: p}, {p: h[p].aval}, opaque, layouts=layouts)  # type: ignore[assignment]  # this leaf alone is the carry
+        if not (isinstance(out, core.Var) and diag.get(out) == p and layouts.get(out, _plain(h[p].aval)) == _plain(h[p].aval)):
             kinds.append(NONE)
             out_z.append(add_z(out))  # the new value is the block's (K = 0)
             eqns.append(())
@@ -198,39 +199,72 @@ def read_through(body: core.ClosedJaxpr, carry: Sequence[int], *, keep: Callable
     return body, remat, rule
 
 
-def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False) -> dict | None:
+def _classify(eqns, diag: dict, h_avals: dict, opaque, strict: bool = False, layouts: dict | None = None) -> dict | None:
     """``{var: leaf}`` for every value diagonal in a carry leaf. With ``strict``, ``None`` as soon as
-    a value read from the carry is used in a cut (the test for an elementwise call's body)."""
+    a value read from the carry is used in a cut (the test for an elementwise call's body).
+
+    ``layouts`` (filled in where given) holds how each diagonal value's elements lie, where that is
+    not the carry leaf's own layout: ``(perm, shape)``, the value being an elementwise function of
+    the leaf transposed by ``perm`` and then reshaped to ``shape`` (an ``einsum("bi,i->bi", h, a)``
+    computes ``h * a`` with the batch axis last, then transposes it back).
+    """
     diag = dict(diag)
+    layouts = {} if layouts is None else layouts
     for eqn in eqns:
-        leaf = None if opaque(eqn) else _diagonal_leaf(eqn, diag, h_avals)
-        if leaf is not None:
+        found = None if opaque(eqn) else _diagonal_leaf(eqn, diag, h_avals, layouts)
+        if found is not None:
+            leaf, layout = found
             diag.update((v, leaf) for v in eqn.outvars)
+            if layout != _plain(h_avals[leaf]):
+                layouts.update((v, layout) for v in eqn.outvars)
         elif strict and not primitives.is_flag(eqn) and any(isinstance(a, core.Var) and a in diag for a in eqn.invars):
             return None
     return diag
 
 
-def _diagonal_leaf(eqn, diag: dict, h_avals: dict) -> int | None:
-    """The carry leaf ``eqn``'s outputs are diagonal in, or ``None`` if it is a cut."""
+def _plain(aval) -> tuple:
+    """The layout of a carry leaf itself: no transposition, its own shape."""
+    return tuple(range(len(aval.shape))), tuple(aval.shape)
+
+
+def _diagonal_leaf(eqn, diag: dict, h_avals: dict, layouts: dict | None = None) -> tuple | None:
+    """``(leaf, layout)``: the carry leaf ``eqn``'s outputs are diagonal in, and how their elements
+    lie (see :func:`_classify`); ``None`` if ``eqn`` is a cut."""
     leaves = {diag[a] for a in eqn.invars if isinstance(a, core.Var) and a in diag}
     if len(leaves) != 1:
         return None  # reads no carry leaf, or mixes two
     (leaf,) = leaves
     want = h_avals[leaf]
-    for v in eqn.outvars:
-        aval = v.aval
-        if getattr(aval, "shape", None) != want.shape or not _is_float(aval):
-            return None
+    if not all(_is_float(v.aval) for v in eqn.outvars):
+        return None
+    layouts = {} if layouts is None else layouts
+    on_path = [(i, a) for i, a in enumerate(eqn.invars) if isinstance(a, core.Var) and diag.get(a) == leaf]
+    in_layouts = {layouts.get(a, _plain(want)) for _, a in on_path}
+    if len(in_layouts) != 1:
+        return None  # two values of the leaf whose elements lie differently
+    (layout,) = in_layouts
+    if len(on_path) == 1 and len(eqn.outvars) == 1:
+        changed = primitives.layout_change(eqn, on_path[0][0], layout, want.shape)
+        if changed is not None:
+            return leaf, changed
+    if any(getattr(v.aval, "shape", None) != layout[1] for v in eqn.outvars):
+        return None
     if primitives.is_elementwise(eqn):
-        return leaf
+        return leaf, layout
+    if layout != _plain(want):
+        return None
     inner = primitives.elementwise_body(eqn)
     if inner is not None:
         inner_diag = {iv: 0 for iv, a in zip(inner.invars, eqn.invars) if isinstance(a, core.Var) and diag.get(a) == leaf}
         found = _classify(inner.eqns, inner_diag, {0: want}, lambda e: False, strict=True)
         if found is not None and all(isinstance(o, core.Var) and o in found for o in inner.outvars):
-            return leaf
+            return leaf, layout
     return None
+
+
+def elementwise_in(eqn, a: core.Var) -> bool:
+    """Whether ``eqn``'s outputs are elementwise functions of its operand ``a``, in ``a``'s layout."""
+    return _diagonal_leaf(eqn, {a: 0}, {0: a.aval}) == (0, _plain(a.aval))
 
 
 def _kind(out, h_var, leaf: int, diag: dict, producer: dict) -> str:

@@ -34,7 +34,7 @@ class ScanStack(Stack):
       body: the step as a closed jaxpr: ``(consts, carry, xs) -> (new carry, ys)``; the forward
         evaluates it as it is.
       flat: the same step with the wrappers around its residual path read through
-        (:func:`hbpjax._split.read_through`); the block and the residual evaluate it.
+        (:func:`hbpjax._analysis.split.read_through`); the block and the residual evaluate it.
       rule: the step's new carry comes out of a custom derivative rule (``custom_vjp``,
         ``custom_jvp``) that ``flat`` reads through: the split finds ``K`` in its primal, and the
         block path is the whole step (:meth:`rule_step`, differentiated by the user's rule) minus

@@ -34,7 +34,7 @@ def differentiate(
     """``(final carry, per-step outputs)`` of ``forward``, with Highway-BP as its backward.
 
     The one ``jax.custom_vjp`` of hbpjax: single-device stacks pass
-    :func:`hbpjax._stack.scan_forward` and :class:`OneDevice`, layer-parallel ones their pipelined
+    :func:`hbpjax._analysis.forward.scan_forward` and :class:`OneDevice`, layer-parallel ones their pipelined
     forward and a :class:`OnMeshAxis`.
 
     Args:
@@ -42,7 +42,7 @@ def differentiate(
       init, xs, consts: the flat carry leaves, the per-step inputs and the shared values.
       options: the transform's options (iterations, tol, save_linearization).
       forward: ``forward(init, xs, consts, lin=None) -> (final, ys, saved, linearization)``
-        (``lin``: a :class:`hbpjax._linearize.ForwardLinearization` the forward steps evaluate).
+        (``lin``: a :class:`hbpjax._backward.forward_linearization.ForwardLinearization` the forward steps evaluate).
       placement: ``placement() -> Placement``, called inside the backward (a placement over a mesh axis
         reads its position on the axis there).
       slot: optional ``float32[2]`` input that the stack ignores; its cotangent is the sweep report

@@ -133,7 +133,7 @@ def found_stack(stack, init, xs, consts, *, options, axis, mesh, size):
 def pipeline(stack, init, xs, consts, *, axis, size, lin=None):
     """The forward on this device's chunk: wait for the carry, run the chunk, pass it on.
 
-    Returns ``(final, ys, saved, linearization)`` as :func:`hbpjax._stack.scan_forward` does, for
+    Returns ``(final, ys, saved, linearization)`` as :func:`hbpjax._analysis.forward.scan_forward` does, for
     this chunk.
     """
     local_length = stack.length // size

@@ -1,6 +1,6 @@
 """Step 1 of the Highway-BP backward: every layer linearized once, all layers at once.
 
-What is linearized is each layer's *block path* (:meth:`hbpjax._stack.Stack.path`): the block,
+What is linearized is each layer's *block path* (:meth:`hbpjax._backward.stack.Stack.path`): the block,
 then the residual with its own carry held fixed. One VJP of it takes the cotangents of all layers'
 outputs to the block's term ``J^T y`` and to the cotangents of the layers' inputs (per-layer ``xs``
 mapped, shared values broadcast, so shared weights get one summed gradient instead of a ``(L, ...)``

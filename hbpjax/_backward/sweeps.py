@@ -1,11 +1,11 @@
 """The Highway-BP backward of a residual stack, on one device or split over devices.
 
 Given the saved carries and the cotangents arriving from outside, :func:`highway_backward` runs
-four steps, each a function here (or in :mod:`hbpjax._linearize`):
+four steps, each a function here (or in :mod:`hbpjax._backward.linearize`):
 
-1. :func:`hbpjax._linearize.linearize`: every layer's block path linearized once, all at once;
+1. :func:`hbpjax._backward.linearize.linearize`: every layer's block path linearized once, all at once;
 2. :func:`residual_path`: the diagonal ``K`` of the residual's carry Jacobian, and the prefix
-   scan along it prepared once (:mod:`hbpjax._prefix`);
+   scan along it prepared once (:mod:`hbpjax._backward.prefix`);
 3. :func:`sweep`: the residual-path-only recurrence solved with one prefix scan, then ``k`` sweeps
    of "all layers' VJPs at once, then one prefix scan";
 4. :func:`read_cotangents`: parameter, input and initial-carry cotangents off one last VJP at the

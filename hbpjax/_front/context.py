@@ -1,6 +1,6 @@
 """Which highway transform is active while a function is traced, and :func:`exact` regions.
 
-A transform activates its :class:`hbpjax._options.Options` while it traces the function; code that
+A transform activates its :class:`hbpjax.Options` while it traces the function; code that
 runs during the trace (:func:`hbpjax.residual_scan`) reads them here. The value lives in a
 ``jax.make_user_context``, so it is part of JAX's tracing and compilation cache key: a function
 jitted under one number of sweeps is traced again under another (or under plain ``jax.grad``)

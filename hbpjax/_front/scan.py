@@ -4,15 +4,15 @@ Forward: ``z_i = block(h_{i-1}, x_i)``, ``h_i = residual(h_{i-1}, z_i)`` for ``i
 
 It *is* ``lax.scan``: under ``jax.grad`` (or anything else JAX does with a scan: forward mode,
 higher order, an inner ``jax.grad`` of a loss) nothing changes. While a highway transform traces the
-function, the scan carries its :class:`~hbpjax._options.StackOptions` and its block carries a mark
-(:mod:`hbpjax._marks`), so the conversion (:mod:`hbpjax._auto`) runs its backward as Highway-BP with
+function, the scan carries its :class:`~hbpjax._front.options.StackOptions` and its block carries a mark
+(:mod:`hbpjax._analysis.marks`), so the conversion (:mod:`hbpjax._analysis.conversion`) runs its backward as Highway-BP with
 the stack's own ``gamma`` and ``linearize``, and the block as the cut of the residual split: every
 layer linearized once in parallel, then ``k`` sweeps of "all layers' VJPs at once, then one prefix
 scan". Nothing in this backward loops over the layers; its sequential depth is about
 ``(k+1)(1+log2 L)``.
 
 With ``layer_axis`` the layers are split in contiguous chunks over a mesh axis
-(:mod:`hbpjax._layers`); that stack's custom VJP is built while it is traced, from the options of
+(:mod:`hbpjax._backward.layers`); that stack's custom VJP is built while it is traced, from the options of
 the active transform.
 """
 
@@ -215,9 +215,9 @@ def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, 
 
     Args:
       step: the step of a :func:`hbpjax.residual_scan`, ``step(h, x) -> (h_new, ys)``, its block
-        marked (:mod:`hbpjax._marks`) when ``options`` is given.
+        marked (:mod:`hbpjax._analysis.marks`) when ``options`` is given.
       init, xs: the initial carry and the per-step inputs (pytrees).
-      options: the active transform's :class:`~hbpjax._options.Options`, or ``None`` for exact
+      options: the active transform's :class:`~hbpjax.Options`, or ``None`` for exact
         backprop (JAX differentiates the chain: D sequential hops back).
       stack_options: the stack's own options (``gamma``, ``linearize``).
       axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
@@ -254,7 +254,7 @@ def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, 
 
 
 def _step_stack(converted, consts, init, x0, carry_tree, **options):
-    """The :class:`hbpjax._stack.ScanStack` of ``converted(h, x, *consts)`` and its outputs' tree."""
+    """The :class:`hbpjax._analysis.stacks.ScanStack` of ``converted(h, x, *consts)`` and its outputs' tree."""
     x_leaves, x_tree = jax.tree.flatten(x0)
     nc, nh = len(consts), len(init)
     found = {}
