@@ -98,6 +98,24 @@ def count(jaxpr, primitive: str) -> int:
     return sum(eqn.primitive.name == primitive for eqn in equations(jaxpr))
 
 
+def matmul_flops(jaxpr) -> int:
+    """The multiply-adds (x 2) of every ``dot_general`` a (closed) jaxpr runs, a scan's body counted
+    once per step: what a program costs in matmuls, read from the program, not from XLA."""
+
+    def walk(jaxpr, times):
+        total = 0
+        for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+            if eqn.primitive.name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2 * times * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
+            inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
+            total += sum(walk(sub, inner) for sub in jaxprs_in_params(eqn.params))
+        return total
+
+    return walk(jaxpr, 1)
+
+
 def scan_bodies(jaxpr) -> list:
     """The body of every scan a (closed) jaxpr holds, at any depth."""
     return [body for eqn in equations(jaxpr) if eqn.primitive.name == "scan" for body in jaxprs_in_params(eqn.params)]

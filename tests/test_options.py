@@ -74,6 +74,9 @@ def test_options_compare_by_value_and_show_their_fields():
         (lambda: hbpjax.highway_grad(jnp.sum, iteratons=2), TypeError, r"hbpjax.highway_grad: unknown option 'iteratons'"),
         (lambda: hbpjax.nnx.grad(jnp.sum, options={"iterations": 2}), TypeError, r"hbpjax.nnx.grad: `options` must be an hbpjax.Options"),
         (lambda: hbpjax.filter_grad(jnp.sum, options=hbpjax.Options(), gamma=-1.0), ValueError, r"hbpjax.filter_grad: `gamma`"),
+        (lambda: hbpjax.Options(recompute_layers=0), ValueError, r"hbpjax.Options: `recompute_layers` must be >= 1"),
+        (lambda: hbpjax.highway_grad(jnp.sum, recompute_layers=2.0), TypeError, r"hbpjax.highway_grad: `recompute_layers` must be a positive int"),
+        (lambda: hbpjax.Options(recompute_layers=True), TypeError, r"`recompute_layers` must be a positive int .* got"),
     ],
 )
 def test_errors_options(make, error, match):

@@ -8,9 +8,13 @@
   weight gradients is ever materialised.
 - An RNN cell's matmuls of the per-step input run for all steps before the forward loop; the loop
   keeps the carry's.
+- k = 0 runs no more matmuls than backprop, on a remat'd ``nnx.scan`` Transformer as on a plain one:
+  the per-step outputs ``nnx.scan`` returns (the layer's state) cost no VJP of their own.
 - The prefix scan of ``h + z`` (K = 1) is an associative scan, never ``lax.cumsum`` (a
   reduce-window with O(L^2) adds per element on a CPU).
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +23,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import count, equations, gru_stack, loops, lstm_stack, mlp_stack, scan_bodies, two_stacks
+from helpers import count, equations, gru_stack, loops, lstm_stack, matmul_flops, mlp_stack, scan_bodies, two_stacks
 
 T = 11  # distinct from every other dimension and from the sweep counts used below
 
@@ -216,3 +220,28 @@ def test_highway_backward_keeps_no_rounded_copies(linearize):
 
 def _everything(prim, *avals, **params):
     return True
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_k0_runs_no_more_matmuls_than_backprop(remat):
+    """``nnx.scan`` returns every layer's state as a per-step output; its cotangent reaches the
+    layer's parameters only, never the carry, so k = 0 is one forward and one VJP of every layer,
+    as backprop is (with remat: one recomputation of every layer, as backprop's).
+
+    Counted on the compiled programs, where every matmul runs once per layer (in a loop over the
+    layers or batched over them): without remat, also on the jaxpr (a remat'd VJP's jaxpr holds a
+    primal forward of the checkpoint that nothing reads, which XLA removes)."""
+    from hbpjax.examples.models import ScannedGPT
+
+    layers = 3
+    model = ScannedGPT(11, dim=16, heads=2, layers=layers, max_len=8, remat=remat, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(16).reshape(2, 8) % 11
+    loss = lambda m, x: jnp.mean(m(x) ** 2)
+    grads = {"exact": nnx.grad(loss), "highway": hbpjax.nnx.grad(loss, iterations=0, gamma=0.2)}
+    hlo = {name: jax.jit(g).lower(model, tokens).compile().as_text() for name, g in grads.items()}
+    trips = {name: set(re.findall(r'known_trip_count":{"n":"(\d+)"', text)) for name, text in hlo.items()}
+    assert trips["highway"] == trips["exact"] == {str(layers)}, trips
+    assert hlo["highway"].count(" dot(") <= hlo["exact"].count(" dot("), {n: t.count(" dot(") for n, t in hlo.items()}
+    if not remat:
+        flops = {name: matmul_flops(jax.make_jaxpr(g)(model, tokens)) for name, g in grads.items()}
+        assert flops["highway"] <= flops["exact"], flops

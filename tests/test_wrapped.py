@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import assert_trees_close, fixture_over_cases, model_grad, tree_rel_error
+from helpers import assert_trees_close, fixture_over_cases, loops, model_grad, tree_rel_error
 
 L, B, D = 5, 2, 8  # layers (or time steps), batch, width
 
@@ -326,6 +326,30 @@ def test_remat_is_kept_around_the_block():
         assert jax.checkpoint_policies.dots_saveable in policies, policies
         (info,) = hbpjax.find_stacks(case.loss, *case.args)
         assert info.converted and "checkpoint" in info.reason
+
+
+@pytest.mark.parametrize("recompute_layers", [None, 1, 3, L])
+@pytest.mark.parametrize("make", [case_checkpoint_no_policy, case_checkpoint_dots_saveable])
+def test_remat_recomputed_any_layers_at_once_is_exact(make, recompute_layers):
+    """However many layers a remat'd stack recomputes at once (one, the default; a group size that
+    does not divide L; all of them), k >= L is backprop."""
+    with jax.enable_x64(True):
+        case = make()
+        got = hbpjax.highway_grad(case.loss, (0, 1), iterations=L, recompute_layers=recompute_layers)(*case.args)
+        assert_trees_close(got, case.grad())
+
+
+@pytest.mark.parametrize("recompute_layers, groups", [(None, 8), (1, 8), (2, 4), (3, 4), (8, 1)])
+def test_remat_recomputes_layers_as_asked(recompute_layers, groups):
+    """A remat'd stack's VJPs loop over groups of at most ``recompute_layers`` layers (default: one
+    layer at a time, as backprop's backward recomputes them); the layers of a group are recomputed
+    at once (vmapped), never in a loop of their own."""
+    W, x = 0.3 * jax.random.normal(jax.random.key(0), (8, D, D)), jnp.ones((B, D))
+    step = jax.checkpoint(lambda h, w: (h + jnp.tanh(h @ w), None))
+    loss = lambda W, x: jnp.sum(jnp.sin(jax.lax.scan(step, x, W)[0]))
+    jaxpr = jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2, recompute_layers=recompute_layers))(W, x)
+    found = [n for kind, n in loops(jaxpr) if kind == "scan"]
+    assert set(found) == {8, groups} and (groups == 8 or found.count(8) == 1), found
 
 
 # ------------------------------------------------------------------------------ exact regions

@@ -59,7 +59,7 @@ def differentiate(
         return final, ys
 
     def fwd(init, xs, consts, k, slot):
-        read_once = not options.traced and min(options.iterations, stack.length - 1) == 0 and not stack.block_outputs
+        read_once = not options.traced and min(options.iterations, stack.length - 1) == 0 and not stack.ys_reach_carry
         plan = ForwardLinearization.build(stack, options, *stack.step_inputs(init, xs), consts, read_once=read_once)
         plans.append(plan)
         final, ys, saved, lin = forward(init, xs, consts, lin=plan)

@@ -49,14 +49,15 @@ class Linearization:
     """Every layer's block path, linearized.
 
     Attributes:
-      z: the block's values of every layer (what the residual reads; ``K`` comes from them), or
-        ``None`` where the forward computed ``K`` itself.
+      z_of: computes the block's values of every layer (what the residual reads; ``K`` comes from
+        them) when called, or ``None`` where the forward computed ``K`` itself. A function, so that
+        a stack that never needs ``z`` (``K = 1``) never computes it.
       vjp: ``vjp(after, ct_block) -> (ct_h, ct_xe, ct_consts)``: the cotangents of every layer's
         inputs, given those of its output (``after[j]``) and of its per-step block outputs.
       k_diag: ``K`` of every layer, where the forward computed it (else ``None``).
     """
 
-    z: PyTree
+    z_of: Callable[[], PyTree] | None
     vjp: Callable
     k_diag: list | None = None
 
@@ -123,13 +124,15 @@ def _linearize(stack, options, h_prev, xe, consts, *, read_once, unroll) -> Line
         whole = read_once or holds_complex(path, *(tmap(lambda a: a[0], t) for t in (h_prev, xe)), consts)
         block, vjp_of = (path, jax.vjp) if whole else (lean(path), vjp_unrounded)
         z, vjp = _unrolled(block, h_prev, xe, consts, vjp=vjp_of)
+        z_of = lambda: z
     elif recomputes(stack, options):
-        z, vjp = _in_groups(path, h_prev, xe, consts)
+        z_of, vjp = _in_groups(path, h_prev, xe, consts, groups=groups(stack, options, h_prev[0].shape[0]))
     else:
         whole = read_once or holds_complex(jax.vmap(path, in_axes=(0, 0, None)), h_prev, xe, consts)
         block, vjp_of = (path, jax.vjp) if whole else (lean(path), vjp_unrounded)
         _, vjp, z = vjp_of(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
-    return Linearization(z, lambda after, ct_block: vjp((after, ct_block)))
+        z_of = lambda: z
+    return Linearization(z_of, lambda after, ct_block: vjp((after, ct_block)))
 
 
 def recomputes(stack: Stack, options: Options) -> bool:
@@ -203,8 +206,21 @@ def unrounded(eqn, invals) -> list:
 GROUPS = 8
 
 
-def _in_groups(path, h_prev, xe, consts, groups: int = GROUPS):
-    """``z`` of every layer and a VJP of ``path`` that recomputes each layer's linearization when
+def groups(stack: Stack, options: Options, length: int) -> int:
+    """How many consecutive groups a recomputing VJP of ``length`` layers runs in: groups of at
+    most ``options.recompute_layers`` layers (the largest size dividing ``length``); by default one
+    layer at a time for a checkpointed step, :data:`GROUPS` groups otherwise."""
+    at_once = options.recompute_layers
+    if at_once is None:
+        if stack.remat is not None:
+            return length
+        return max(c for c in range(1, min(GROUPS, length) + 1) if length % c == 0)
+    return length // max(d for d in range(1, min(at_once, length) + 1) if length % d == 0)
+
+
+def _in_groups(path, h_prev, xe, consts, *, groups: int):
+    """A function computing ``z`` of every layer (one more forward of the layers, in groups: called
+    only where ``K`` needs it) and a VJP of ``path`` that recomputes each layer's linearization when
     called, in ``groups`` consecutive groups of layers.
 
     A loop runs the groups one after the other, so only one group's residuals and temporaries are
@@ -213,12 +229,12 @@ def _in_groups(path, h_prev, xe, consts, groups: int = GROUPS):
     recomputation out of the loop over sweeps.)
     """
     length = h_prev[0].shape[0]
-    groups = max(c for c in range(1, min(groups, length) + 1) if length % c == 0)
     all_paths = jax.vmap(path, in_axes=(0, 0, None))
     ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
     size = length // groups
     group = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)
-    z = ungrouped(lax.map(lambda i: all_paths(*group((h_prev, xe), i), consts)[1], jnp.arange(groups)))
+    jax.eval_shape(all_paths, *group((h_prev, xe), 0), consts)  # a block JAX cannot vmap fails here, not in a sweep
+    z_of = lambda: ungrouped(lax.map(lambda i: all_paths(*group((h_prev, xe), i), consts)[1], jnp.arange(groups)))
 
     def vjp(ct):
         # The loop reads each group where it lies (taken as the loop's per-step inputs, the stacks
@@ -241,7 +257,7 @@ def _in_groups(path, h_prev, xe, consts, groups: int = GROUPS):
         ct_h, ct_xe, ct_consts = lax.fori_loop(0, groups, one, init)
         return ct_h, ungrouped(ct_xe), ct_consts
 
-    return z, vjp
+    return z_of, vjp
 
 
 def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):

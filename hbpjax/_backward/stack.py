@@ -61,6 +61,11 @@ class Stack(abc.ABC):
         ReLU masks), so the backward needs no clip, and stores no raw ``K``, for it.
       k_is_one: whether ``K = 1`` exactly (every differentiated leaf's residual is ``h + ...``): the
         prefix scan is then a reverse cumulative sum and ``K`` is never computed.
+      ys_read_carry: whether any per-step output the block computes depends on ``h``. Only then
+        do their cotangents reach the carries (through ``J``), and the backward's first estimate
+        takes a VJP of every layer; outputs of the layer's own inputs alone (the updated layer
+        state ``nnx.scan`` returns per step, a per-layer auxiliary value) only reach ``xs`` and the
+        shared values, in the one final VJP.
       remat: the checkpoint the user wrapped each step in (``nnx.remat``, ``jax.checkpoint``),
         kept around the block: the backward recomputes what its policy does not save, a group of
         layers at a time (``None``: no checkpoint).
@@ -76,6 +81,7 @@ class Stack(abc.ABC):
     block_reads_carry: bool = True
     k_within_one: bool = False
     k_is_one: bool = False
+    ys_read_carry: bool = True
     remat: Any = None  # hbpjax._analysis.split.Remat
 
     @property
@@ -87,6 +93,12 @@ class Stack(abc.ABC):
     def block_outputs(self) -> int:
         """How many extra per-step outputs ``yb`` the block computes."""
         return sum(1 for r in self.y_route if r is not None and r[0] == BLOCK)
+
+    @property
+    def ys_reach_carry(self) -> bool:
+        """Whether the cotangents of the block's per-step outputs reach the carries (see
+        :attr:`ys_read_carry`)."""
+        return bool(self.block_outputs) and self.ys_read_carry
 
     @abc.abstractmethod
     def step(self, carry: list, x: PyTree, consts: tuple) -> tuple[list, PyTree]:

@@ -73,7 +73,7 @@ def highway_backward(
     if plan is not None:
         lin = plan.linearization(at.h_prev, at.xe, consts, at.linearization)
     else:
-        read_once = not options.traced and sweeps == 0 and not at.ct_block
+        read_once = not options.traced and sweeps == 0 and not stack.ys_reach_carry
         lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
     path = residual_path(stack, placement, at.h_prev, lin)
     after, done = sweep(stack, options, placement, at=at, lin=lin, path=path, sweeps=sweeps, report=report)
@@ -179,11 +179,11 @@ def residual_path(stack: Stack, placement: Placement, h_prev: list, lin: Lineari
         return ResidualPath(ones, [1 - gamma for _ in ones], solve, None, None, gamma, clamp=False)
     if lin.k_diag is not None:
         k_diag = lin.k_diag
-    elif lin.z is None:  # K = 1 (the forward had nothing to compute)
+    elif lin.z_of is None:  # K = 1 (the forward had nothing to compute)
         k_diag = [jnp.ones_like(h) for h in h_prev]
     else:
-        residuals = jax.vmap(stack.residual)
-        _, k_diag = jax.jvp(lambda h: residuals(h, lin.z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
+        residuals, z = jax.vmap(stack.residual), lin.z_of()
+        _, k_diag = jax.jvp(lambda h: residuals(h, z), (h_prev,), (tmap(jnp.ones_like, h_prev),))
     if clamp:
         scanned = lambda k: (1.0 - gamma) * _unit(k)
     else:
@@ -229,9 +229,9 @@ def sweep(stack: Stack, options: Options, placement: Placement, *, at: Incoming,
         # the larger operands it is summed from alive through the whole scan.
         return outputs(path.solve(tmap(lambda bj, t: own_buffer(bj + t), b, terms)))
 
-    # Per-step outputs of the block reach the carries through one VJP of every layer (the sweep
-    # from y = 0); without them the first estimate is the residual path alone, solve(b).
-    if at.ct_block:
+    # Per-step outputs of the block that read the carry reach it through one VJP of every layer (the
+    # sweep from y = 0); without them the first estimate is the residual path alone, solve(b).
+    if at.ct_block and stack.ys_reach_carry:
         after = one_sweep(tmap(jnp.zeros_like, at.h_prev))
     elif path.k_scan is None and not path.gamma and all(ej is None for ej in at.e):
         after = outputs(tmap(lambda h, t: jnp.broadcast_to(t, h.shape), at.h_prev, at.tail))  # K = 1, b = 0 but at h_L

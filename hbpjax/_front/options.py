@@ -160,6 +160,17 @@ def check_scans(name: str, scans):
     )
 
 
+def check_recompute_layers(name: str, value):
+    """``recompute_layers`` as a Python int >= 1, or ``None``; a clear error otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: `recompute_layers` must be a positive int (layers recomputed at once) or None; got {describe(value)}.")
+    if value < 1:
+        raise ValueError(f"{name}: `recompute_layers` must be >= 1 (layers recomputed at once); got {value}. Use None for the default.")
+    return int(value)
+
+
 class OptionKeywords(TypedDict, total=False):
     """The fields of :class:`Options`, as keywords of the transforms."""
 
@@ -168,6 +179,7 @@ class OptionKeywords(TypedDict, total=False):
     gamma: float
     scans: str | Callable
     save_linearization: bool
+    recompute_layers: int | None
     return_report: bool
     layer_axis: str | None
     mesh: Any
@@ -201,6 +213,14 @@ class Options:
         to recompute, such as matmul and transcendental outputs, is stored). With ``False`` each
         sweep recomputes it, a group of layers at a time (8 groups): the backward's memory drops to
         about backprop's, for one more forward of every layer per sweep.
+      recompute_layers: how many layers a backward that recomputes the layers (a step the user
+        wrapped in a checkpoint, ``nnx.remat`` / ``jax.checkpoint``, or ``save_linearization=False``)
+        recomputes and transposes at once, in every VJP of all layers. ``None`` (default): one layer
+        at a time for a checkpointed step (backprop's memory, and at ``k = 0`` backprop's work, as
+        the checkpoint asks), eight groups of layers for ``save_linearization=False``. A larger
+        number holds that many layers' activations at once and cuts each sweep's sequential depth
+        from ``L`` to ``L / recompute_layers``: the trade to make on an accelerator with memory to
+        spare.
       return_report: also return a :class:`hbpjax.SweepReport`: per converted stack, the sweeps its
         backward ran and the relative change of the last one.
       layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
@@ -231,6 +251,7 @@ class Options:
     gamma: float = 0.0
     scans: str | Callable = "auto"
     save_linearization: bool = True
+    recompute_layers: int | None = None
     return_report: bool = False
     layer_axis: str | None = None
     mesh: Any = None
@@ -247,6 +268,7 @@ class Options:
                 f"{self.name}: `save_linearization` must be True (keep each layer's linearization between sweeps) "
                 f"or False (recompute it, to save memory); got {self.save_linearization!r}."
             )
+        set_("recompute_layers", check_recompute_layers(self.name, self.recompute_layers))
         set_("return_report", bool(self.return_report))
         if self.layer_axis is not None and not isinstance(self.layer_axis, str):
             raise TypeError(f"{self.name}: `layer_axis` must be a mesh axis name (str) or None; got {self.layer_axis!r}.")
@@ -284,7 +306,8 @@ class Options:
     def _key(self):
         # A traced number of sweeps compares by identity: a trace made under it serves no other.
         k = id(self.iterations) if self.traced else self.iterations
-        return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.return_report, self.layer_axis, self.mesh)
+        return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.recompute_layers, self.return_report,
+                self.layer_axis, self.mesh)
 
     def __eq__(self, other):
         return isinstance(other, Options) and self._key() == other._key()
