@@ -222,11 +222,12 @@ def _everything(prim, *avals, **params):
     return True
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, True, jax.checkpoint_policies.dots_saveable], ids=["no remat", "remat", "dots_saveable"])
 def test_k0_runs_no_more_matmuls_than_backprop(remat):
     """``nnx.scan`` returns every layer's state as a per-step output; its cotangent reaches the
     layer's parameters only, never the carry, so k = 0 is one forward and one VJP of every layer,
-    as backprop is (with remat: one recomputation of every layer, as backprop's).
+    as backprop is (with remat: one recomputation of every layer, as backprop's; with
+    ``dots_saveable``, none of the matmuls the forward saved).
 
     Counted on the compiled programs, where every matmul runs once per layer (in a loop over the
     layers or batched over them): without remat, also on the jaxpr (a remat'd VJP's jaxpr holds a
@@ -242,6 +243,6 @@ def test_k0_runs_no_more_matmuls_than_backprop(remat):
     trips = {name: set(re.findall(r'known_trip_count":{"n":"(\d+)"', text)) for name, text in hlo.items()}
     assert trips["highway"] == trips["exact"] == {str(layers)}, trips
     assert hlo["highway"].count(" dot(") <= hlo["exact"].count(" dot("), {n: t.count(" dot(") for n, t in hlo.items()}
-    if not remat:
+    if remat is False:
         flops = {name: matmul_flops(jax.make_jaxpr(g)(model, tokens)) for name, g in grads.items()}
         assert flops["highway"] <= flops["exact"], flops

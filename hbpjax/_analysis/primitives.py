@@ -112,9 +112,10 @@ def is_custom_vjp(eqn: core.JaxprEqn) -> bool:
 
 def inlined_when_plain(eqn: core.JaxprEqn) -> bool:
     """A call a forward that is not differentiated may evaluate by its contents: a ``jit`` that
-    sets no sharding, layout or donation of its own, or a ``custom_jvp`` function (its rule says how
-    to differentiate it; what it computes is its body)."""
-    if is_custom_jvp(eqn):
+    sets no sharding, layout or donation of its own, a ``custom_jvp`` function (its rule says how
+    to differentiate it; what it computes is its body) or a checkpoint (what it saves matters to a
+    backward only)."""
+    if is_custom_jvp(eqn) or is_checkpoint(eqn):
         return True
     if contents(eqn) != JIT:
         return False

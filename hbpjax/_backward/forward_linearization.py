@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core
 
 from .._analysis import jaxprs as _jaxpr
@@ -28,10 +29,11 @@ class ForwardLinearization:
 
     Backprop's forward computes each step's residuals (JAX's partial evaluation of a scan's step);
     so does a stack's forward here: a per-step function gives the values the linearization of the
-    block path keeps (:func:`jax.linearize` of it, stored as :func:`lean` says), and ``K``. The
-    backward then only applies the transposed linearization, all layers at once (or one transpose
-    per layer, independent of each other, with ``linearize="unroll"``); no block is
-    evaluated again. Of what the linearization keeps, the values that depend on the shared inputs
+    block path keeps (:func:`jax.linearize` of it, stored as :func:`lean` says, or as the policy of
+    the checkpoint the user wrapped the step in), and ``K``. The backward then only applies the
+    transposed linearization, all layers at once (or one transpose per layer, independent of each
+    other, with ``linearize="unroll"``; or, for a checkpointed step, ``recompute_layers`` layers at
+    a time, recomputing what the policy did not save); no block is evaluated again otherwise. Of what the linearization keeps, the values that depend on the shared inputs
     alone (a weight, its transpose) are computed once, before the steps, and the step's own inputs
     (the carry, the per-step inputs) are read where the forward keeps them anyway: neither is
     stored once per step.
@@ -45,6 +47,8 @@ class ForwardLinearization:
       step_outs, hoisted_outs: the outputs of ``closed`` computed per step and once.
       k_outs: the outputs giving ``K`` per differentiated carry leaf (none where ``K = 1``).
       counts: how many of ``closed``'s inputs are ``h``, ``x``, ``s`` and ``consts``.
+      at_once: for a checkpointed step, how many layers the transposes take at a time (``None``:
+        all at once).
       k_eqns: the elementwise equations that give ``K`` from the steps' values and inputs, where
         that is all it takes (``K`` is then computed in the backward, not kept per step).
     """
@@ -58,16 +62,22 @@ class ForwardLinearization:
     counts: tuple
     k_eqns: tuple | None = None
     unroll: bool = False
+    at_once: int | None = None
 
     @classmethod
     def build(cls, stack: Stack, options: Options, h, xe, consts, *, read_once: bool) -> ForwardLinearization | None:
         """The plan for ``stack`` from one step's inputs ``(h, xe)`` and ``consts``, or ``None``
-        where the backward linearizes instead (a checkpointed step, ``save_linearization=False``)."""
-        if recomputes(stack, options):
+        where the backward linearizes instead (``save_linearization=False``).
+
+        A step the user checkpointed keeps what the checkpoint's policy saves (the matmuls, with
+        ``dots_saveable``; nothing but the step's inputs, with ``nothing_saveable``), as backprop's
+        forward does; the backward applies the transposes ``recompute_layers`` layers at a time,
+        recomputing the rest."""
+        if recomputes(stack, options) and stack.remat is None:
             return None
         x, s = xe
         counts = (len(h), len(x), len(s), len(consts))
-        whole = read_once or holds_complex(stack.path, h, xe, consts)
+        whole = read_once or stack.remat is not None or holds_complex(stack.path, h, xe, consts)
         path = stack.path if whole else lean(stack.path)
         holder = {}
 
@@ -116,6 +126,7 @@ class ForwardLinearization:
         return cls(
             closed, holder["tree"], sources, step_outs, hoisted_outs, k_outs, counts,
             k_eqns=tuple(k_eqns) if cheap else None, unroll=stack.options.linearize == "unroll",
+            at_once=None if stack.remat is None else (options.recompute_layers or 1),
         )
 
     def hoisted(self, consts) -> list:
@@ -175,6 +186,8 @@ class ForwardLinearization:
         primals = (h_prev, [x[i] for i in fx], [consts[i] for i in fc])
         if self.unroll:
             transposed = _transposed_layers(apply, (per_step, h_prev, x, s), primals)
+        elif self.at_once is not None:
+            transposed = _transposed_in_groups(apply, (per_step, h_prev, x, s), primals, self.at_once)
         else:
             tangent_map = lambda dh, dx, dc: jax.vmap(apply, in_axes=(0, 0, 0, None))((per_step, h_prev, x, s), dh, dx, dc)
             transposed = _transposed(tangent_map, primals)
@@ -209,6 +222,33 @@ def _transposed(tangent_map, primals):
         except NotImplementedError:
             chosen[0] = jax.vjp(tangent_map, *tmap(jnp.zeros_like, primals))[1]
             return chosen[0](ct)
+
+    return transposed
+
+
+def _transposed_in_groups(apply, per_layer, primals, at_once: int):
+    """:func:`_transposed` of the layers a group of at most ``at_once`` at a time (the largest size
+    dividing the number of layers), the groups one after the other in a loop: a checkpointed step's
+    transposes recompute what its policy did not save, and only one group's recomputed values are
+    alive at a time. Each group's cotangent of the layers' outputs is overwritten with that of their
+    inputs in the same buffer."""
+    dh, dx, dc = primals
+    length = dh[0].shape[0]
+    size = max(d for d in range(1, min(at_once, length) + 1) if length % d == 0)
+    take = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)
+    put = lambda tree, new, i: tmap(lambda a, g: lax.dynamic_update_slice_in_dim(a, g, i * size, 0), tree, new)
+
+    def transposed(ct):
+        ct_out, ct_block = ct
+
+        def one(i, state):
+            buf, ct_dx, ct_dc = state
+            layers = take(per_layer, i)
+            tangent_map = lambda a, b, c: jax.vmap(apply, in_axes=(0, 0, 0, None))(layers, a, b, c)
+            g_h, g_x, g_c = _transposed(tangent_map, (take(dh, i), take(dx, i), dc))((take(buf, i), take(ct_block, i)))
+            return put(buf, g_h, i), put(ct_dx, g_x, i), tmap(jnp.add, ct_dc, g_c)
+
+        return lax.fori_loop(0, length // size, one, (ct_out, tmap(jnp.zeros_like, dx), tmap(jnp.zeros_like, dc)))
 
     return transposed
 

@@ -18,9 +18,11 @@ How the linearization is kept between the sweeps that read it:
 * ``unroll``: one transpose per layer (one ``jax.vjp`` per layer where the backward linearizes),
   still independent of each other (for ops that XLA batches poorly, such as convolutions with
   per-layer kernels on a CPU, and on a CPU, where per-layer matmuls run faster than batched ones).
-* ``save_linearization=False``, and steps the user wrapped in a checkpoint: nothing kept; each
-  VJP recomputes the layers in groups (within a group, the checkpoint's policy decides what is
-  stored between its forward and its backward).
+* ``save_linearization=False``, and steps the user wrapped in a checkpoint whose forward cannot
+  linearize them (a nested stack in the block): nothing kept; each VJP recomputes the layers in
+  groups (within a group, the checkpoint's policy decides what is stored between its forward and
+  its backward). Other checkpointed steps keep what their policy saves, from the forward
+  (:mod:`hbpjax._backward.forward_linearization`).
 """
 
 from __future__ import annotations
@@ -229,7 +231,7 @@ def _in_groups(path, h_prev, xe, consts, *, groups: int):
     recomputation out of the loop over sweeps.)
     """
     length = h_prev[0].shape[0]
-    all_paths = jax.vmap(path, in_axes=(0, 0, None))
+    all_paths = jax.vmap(path, in_axes=(0, 0, None))  # of one layer too: its own path measured slower, and more memory
     ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
     size = length // groups
     group = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)

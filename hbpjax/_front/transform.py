@@ -47,8 +47,8 @@ def highway_value_and_grad(
       allow_int: as in ``jax.value_and_grad``: integer inputs get ``float0`` zero gradients.
       options: an :class:`hbpjax.Options` (default: ``Options()``, 4 sweeps).
       **keywords: any field of :class:`hbpjax.Options` (``iterations``, ``tol``, ``gamma``,
-        ``scans``, ``save_linearization``, ``return_report``, ``layer_axis``, ``mesh``), replacing
-        that of ``options``.
+        ``scans``, ``save_linearization``, ``recompute_layers``, ``return_report``, ``layer_axis``,
+        ``mesh``), replacing that of ``options``.
 
     Returns:
       A function with ``fun``'s positional signature returning ``(value, grad)`` (or

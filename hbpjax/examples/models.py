@@ -279,7 +279,9 @@ class ScannedGPT(nnx.Module):
     block, so each layer's activations are recomputed in the backward instead of stored.
 
     ``hbpjax.nnx.value_and_grad`` finds the scan and converts it (reading through the remat);
-    ``gamma`` is then an option of the transform (``gamma=0.2`` suits pre-LN models).
+    ``gamma`` is then an option of the transform (``gamma=0.2`` suits pre-LN models). ``remat`` is
+    ``True`` (``nnx.remat``'s default: save nothing), ``False`` (no remat) or a checkpoint policy
+    (``jax.checkpoint_policies.dots_saveable``).
     """
 
     def __init__(self, vocab_size: int, *, dim=64, heads=4, layers=4, max_len=256, remat=True, rngs: nnx.Rngs):
@@ -297,7 +299,9 @@ class ScannedGPT(nnx.Module):
         self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
 
     def __call__(self, tokens):
-        block = nnx.remat(lambda layer, h: layer(h)) if self.remat else (lambda layer, h: layer(h))
+        block = lambda layer, h: layer(h)
+        if self.remat is not False:
+            block = nnx.remat(block) if self.remat is True else nnx.remat(block, policy=self.remat)
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def run(h, layer):
