@@ -10,7 +10,7 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 # The oldest jax the package supports (pyproject.toml), pinned for the Python 3.11 run.
 OLDEST_JAX ?= jax==0.10.2 jaxlib==0.10.2
 
-.PHONY: test test-newest test-all demo bench docs lint clean
+.PHONY: test test-newest test-all demo bench bench-accel docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/core_speed.py
+
+# The paper's settings on whatever accelerator jax finds (install the jax for it first, e.g.
+# `.venv/bin/pip install -U "jax[cuda12]"`); on a CPU, a small mode that says so.
+bench-accel: $(STAMP)
+	$(PY) benchmarks/accelerator.py
 
 # The documentation site (mkdocs-material + mkdocstrings + mkdocs-jupyter) into site/, warnings as
 # errors. The test run builds it too (tests/test_package.py), as it runs ruff and mypy.
