@@ -65,7 +65,7 @@ def scan(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.JaxprEqn 
     else:
         reason = "residual_scan" if mark else "residual path found"
         if stack.remat is not None:
-            reason += " inside the step's jax.checkpoint (recomputed as its policy asks, a group of layers at a time)"
+            reason += " inside the step's jax.checkpoint (what its policy does not save is recomputed, one layer at a time by default)"
         if stack.rule:
             reason += " inside the step's custom derivative rule (whose Jacobian the backward keeps)"
     info = StackInfo(
@@ -93,7 +93,7 @@ def chain(chain: _chains.Chain, *, options: StackOptions) -> Found:
     if not converted:
         reason += ": " + _no_path_reason(stack)
     elif stack.remat is not None:
-        reason += " under jax.checkpoint (recomputed as its policy asks, a group of layers at a time)"
+        reason += " under jax.checkpoint (what its policy does not save is recomputed, one layer at a time by default)"
     elif chain.stacked_bytes() > _chains.STACK_LIMIT:
         converted = False
         reason += (

@@ -67,8 +67,8 @@ class Stack(abc.ABC):
         state ``nnx.scan`` returns per step, a per-layer auxiliary value) only reach ``xs`` and the
         shared values, in the one final VJP.
       remat: the checkpoint the user wrapped each step in (``nnx.remat``, ``jax.checkpoint``),
-        kept around the block: the backward recomputes what its policy does not save, a group of
-        layers at a time (``None``: no checkpoint).
+        kept around the block: the forward keeps what its policy saves, the backward recomputes
+        the rest, ``recompute_layers`` layers at a time (``None``: no checkpoint).
     """
 
     length: int
