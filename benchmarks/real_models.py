@@ -24,6 +24,7 @@ Writes results/real_models.{md,json,png} (and docs/figures/real_models.png, whic
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -297,9 +298,8 @@ def matmul_flops(hlo: str) -> float:
     def dims(shape):
         return [int(d) for d in shape.split(",") if d]
 
-    def cost(name, memo={}):  # noqa: B006 - a per-call memo
-        if name in memo:
-            return memo[name]
+    @functools.cache
+    def cost(name):
         comp, total = comps[name], 0.0
         for line in comp["lines"]:
             if " dot(" in line:
@@ -312,7 +312,6 @@ def matmul_flops(hlo: str) -> float:
             for callee in re.findall(r"(?:calls|body|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
                 if callee in comps:
                     total += cost(callee) * (int(trips.group(1)) if trips and "body=%" + callee in line else 1)
-        memo[name] = total
         return total
 
     return cost(entry)

@@ -24,10 +24,6 @@ def in_scope(eqn: core.JaxprEqn, name: str) -> bool:
     return re.search(r"(^|[/(])" + re.escape(name) + r"($|[/)\[])", scope(eqn)) is not None
 
 
-#: The directory of the hbpjax package.
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @functools.cache
 def _library_dirs() -> tuple[str, ...]:
     """Directories of the libraries between the user's code and a traced equation."""

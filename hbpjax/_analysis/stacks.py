@@ -142,11 +142,12 @@ def scan_stack(
         else:
             routes.append(None)
     h_in = [carry_in[i] for i in diff]
-    reads = _jaxpr.depends_on(jaxpr.eqns, h_in, [*found.z, *block_ys])
+    ys_reads = _jaxpr.depends_on(jaxpr.eqns, h_in, block_ys)
+    reads = ys_reads or _jaxpr.depends_on(jaxpr.eqns, h_in, found.z)
     stack = (kind or ScanStack)(
         length=length, num_carry=num_carry, diff=diff, y_route=tuple(routes), options=options,
         unroll=unroll, reverse=reverse, block_reads_carry=reads,
-        ys_read_carry=_jaxpr.depends_on(jaxpr.eqns, h_in, block_ys),
+        ys_read_carry=ys_reads,
         k_within_one=all(b is not None and b <= 1.0 for b in found.k_bounds),
         k_is_one=bool(found.kinds) and all(kind == _split.IDENTITY for kind in found.kinds), body=body,
         flat=flat, remat=remat, rule=rule, num_consts=num_consts, split=found, block_ys=tuple(block_ys),

@@ -16,7 +16,18 @@ from jax.extend import core
 from .._analysis import jaxprs as _jaxpr
 from .._analysis import primitives
 from .._front.options import Options
-from .linearize import Linearization, holds_complex, lean, recomputes, stacked, summed, unrounded
+from .linearize import (
+    Linearization,
+    group_size,
+    grouped_vjp,
+    holds_complex,
+    layers_at_once,
+    lean,
+    recomputes,
+    stacked,
+    summed,
+    unrounded,
+)
 from .stack import Stack
 
 PyTree = Any
@@ -126,7 +137,7 @@ class ForwardLinearization:
         return cls(
             closed, holder["tree"], sources, step_outs, hoisted_outs, k_outs, counts,
             k_eqns=tuple(k_eqns) if cheap else None, unroll=stack.options.linearize == "unroll",
-            at_once=None if stack.remat is None else (options.recompute_layers or 1),
+            at_once=None if stack.remat is None else layers_at_once(stack, options),
         )
 
     def hoisted(self, consts) -> list:
@@ -227,30 +238,18 @@ def _transposed(tangent_map, primals):
 
 
 def _transposed_in_groups(apply, per_layer, primals, at_once: int):
-    """:func:`_transposed` of the layers a group of at most ``at_once`` at a time (the largest size
-    dividing the number of layers), the groups one after the other in a loop: a checkpointed step's
-    transposes recompute what its policy did not save, and only one group's recomputed values are
-    alive at a time. Each group's cotangent of the layers' outputs is overwritten with that of their
-    inputs in the same buffer."""
+    """:func:`_transposed` of the layers a group of at most ``at_once`` at a time, the groups one
+    after the other (:func:`~hbpjax._backward.linearize.grouped_vjp`): a checkpointed step's
+    transposes recompute what its policy did not save, one group's values alive at a time."""
     dh, dx, dc = primals
-    length = dh[0].shape[0]
-    size = max(d for d in range(1, min(at_once, length) + 1) if length % d == 0)
+    size = group_size(dh[0].shape[0], at_once)
     take = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)
-    put = lambda tree, new, i: tmap(lambda a, g: lax.dynamic_update_slice_in_dim(a, g, i * size, 0), tree, new)
 
-    def transposed(ct):
-        ct_out, ct_block = ct
+    def of_group(i, ct):
+        tangent_map = lambda a, b, c: jax.vmap(apply, in_axes=(0, 0, 0, None))(take(per_layer, i), a, b, c)
+        return _transposed(tangent_map, (take(dh, i), take(dx, i), dc))(ct)
 
-        def one(i, state):
-            buf, ct_dx, ct_dc = state
-            layers = take(per_layer, i)
-            tangent_map = lambda a, b, c: jax.vmap(apply, in_axes=(0, 0, 0, None))(layers, a, b, c)
-            g_h, g_x, g_c = _transposed(tangent_map, (take(dh, i), take(dx, i), dc))((take(buf, i), take(ct_block, i)))
-            return put(buf, g_h, i), put(ct_dx, g_x, i), tmap(jnp.add, ct_dc, g_c)
-
-        return lax.fori_loop(0, length // size, one, (ct_out, tmap(jnp.zeros_like, dx), tmap(jnp.zeros_like, dc)))
-
-    return transposed
+    return lambda ct: grouped_vjp(of_group, ct, primals, size=size)
 
 
 def _transposed_layers(apply, per_layer, primals):

@@ -208,58 +208,72 @@ def unrounded(eqn, invals) -> list:
 GROUPS = 8
 
 
+def group_size(length: int, at_most: int) -> int:
+    """The largest number of consecutive layers, at most ``at_most``, that splits ``length`` evenly."""
+    return max(d for d in range(1, min(at_most, length) + 1) if length % d == 0)
+
+
+def layers_at_once(stack: Stack, options: Options) -> int | None:
+    """How many layers a recomputing VJP takes at a time: ``options.recompute_layers``; by default
+    one for a checkpointed step (as backprop's backward), ``None`` otherwise (:data:`GROUPS` groups)."""
+    if options.recompute_layers is None and stack.remat is not None:
+        return 1
+    return options.recompute_layers
+
+
 def groups(stack: Stack, options: Options, length: int) -> int:
-    """How many consecutive groups a recomputing VJP of ``length`` layers runs in: groups of at
-    most ``options.recompute_layers`` layers (the largest size dividing ``length``); by default one
-    layer at a time for a checkpointed step, :data:`GROUPS` groups otherwise."""
-    at_once = options.recompute_layers
-    if at_once is None:
-        if stack.remat is not None:
-            return length
-        return max(c for c in range(1, min(GROUPS, length) + 1) if length % c == 0)
-    return length // max(d for d in range(1, min(at_once, length) + 1) if length % d == 0)
+    """How many consecutive groups a recomputing VJP of ``length`` layers runs in
+    (:func:`layers_at_once` layers each, or :data:`GROUPS` groups)."""
+    at_once = layers_at_once(stack, options)
+    return group_size(length, GROUPS) if at_once is None else length // group_size(length, at_once)
+
+
+def grouped_vjp(vjp_of_group: Callable, ct, inputs, *, size: int):
+    """The cotangents of every layer's inputs from ``vjp_of_group(i, ct_of_group)``, the VJP of the
+    ``i``-th group of ``size`` consecutive layers, the groups one after the other in a loop (only one
+    group's recomputed values alive at a time).
+
+    ``ct = (ct_out, ct_block)`` are stacked over the layers; ``inputs = (h, per_layer, shared)``
+    give the cotangents' shapes (a cotangent has its input's shape; integer inputs get ``float0``).
+    The loop reads each group where it lies (taken as the loop's per-step inputs, the stacks would
+    be copied into it first) and writes each group's cotangent over the one it read: the cotangents
+    of the layers' outputs become those of their inputs in the same buffer.
+    """
+    ct_out, ct_block = ct
+    _, per_layer, shared = inputs
+    take = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)
+    float0 = lambda a: not (jnp.issubdtype(a.dtype, jnp.inexact))  # no cotangent to gather
+    zeros = lambda a: np.zeros(a.shape, jax.dtypes.float0) if float0(a) else jnp.zeros(a.shape, a.dtype)
+    put = lambda i: lambda a, g: a if a.dtype == jax.dtypes.float0 else lax.dynamic_update_slice_in_dim(a, g, i * size, 0)
+    add = lambda a, g: a if a.dtype == jax.dtypes.float0 else a + g
+
+    def one(i, state):
+        buf, ct_layer, ct_shared = state
+        g_h, g_layer, g_shared = vjp_of_group(i, (take(buf, i), take(ct_block, i)))
+        return tmap(put(i), buf, g_h), tmap(put(i), ct_layer, g_layer), tmap(add, ct_shared, g_shared)
+
+    length = jax.tree.leaves(ct_out)[0].shape[0]
+    return lax.fori_loop(0, length // size, one, (ct_out, tmap(zeros, per_layer), tmap(zeros, shared)))
 
 
 def _in_groups(path, h_prev, xe, consts, *, groups: int):
     """A function computing ``z`` of every layer (one more forward of the layers, in groups: called
     only where ``K`` needs it) and a VJP of ``path`` that recomputes each layer's linearization when
-    called, in ``groups`` consecutive groups of layers.
+    called, in ``groups`` consecutive groups of layers (:func:`grouped_vjp`).
 
-    A loop runs the groups one after the other, so only one group's residuals and temporaries are
-    alive at a time; the price is one more forward of every layer per sweep and a sequential depth
-    of ``groups`` per sweep. (Recomputing all layers at once would save nothing: XLA would hoist the
-    recomputation out of the loop over sweeps.)
+    The price is one more forward of every layer per sweep and a sequential depth of ``groups`` per
+    sweep. (Recomputing all layers at once would save nothing: XLA would hoist the recomputation out
+    of the loop over sweeps.)
     """
     length = h_prev[0].shape[0]
     all_paths = jax.vmap(path, in_axes=(0, 0, None))  # of one layer too: its own path measured slower, and more memory
-    ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
     size = length // groups
     group = lambda tree, i: tmap(lambda a: lax.dynamic_slice_in_dim(a, i * size, size), tree)
     jax.eval_shape(all_paths, *group((h_prev, xe), 0), consts)  # a block JAX cannot vmap fails here, not in a sweep
+    ungrouped = lambda tree: tmap(lambda a: a.reshape((length,) + a.shape[2:]), tree)
     z_of = lambda: ungrouped(lax.map(lambda i: all_paths(*group((h_prev, xe), i), consts)[1], jnp.arange(groups)))
-
-    def vjp(ct):
-        # The loop reads each group where it lies (taken as the loop's per-step inputs, the stacks
-        # would be copied into it first), and writes each group's cotangent over the one it read:
-        # the cotangents of the layers' outputs become those of their inputs in the same buffer.
-        ct_out, ct_block = ct
-        float0 = lambda a: a.dtype == jax.dtypes.float0  # integer inputs: no cotangent to gather
-        zeros = lambda shape, a: np.zeros(shape, a.dtype) if float0(a) else jnp.zeros(shape, a.dtype)
-
-        def one(i, state):
-            buf, ct_xe, ct_consts = state
-            h, x, c = group((h_prev, xe, ct_block), i)
-            g_h, g_xe, g_consts = jax.vjp(all_paths, h, x, consts, has_aux=True)[1]((group(buf, i), c))
-            buf = tmap(lambda a, g: lax.dynamic_update_slice_in_dim(a, g, i * size, 0), buf, g_h)
-            ct_xe = tmap(lambda a, g: a if float0(a) else a.at[i].set(g), ct_xe, g_xe)
-            return buf, ct_xe, tmap(lambda a, g: a if float0(a) else a + g, ct_consts, g_consts)
-
-        shapes = jax.eval_shape(lambda: jax.vjp(all_paths, *group((h_prev, xe), 0), consts, has_aux=True)[1](group(ct, 0)))
-        init = (ct_out, tmap(lambda a: zeros((groups,) + a.shape, a), shapes[1]), tmap(lambda a: zeros(a.shape, a), shapes[2]))
-        ct_h, ct_xe, ct_consts = lax.fori_loop(0, groups, one, init)
-        return ct_h, ungrouped(ct_xe), ct_consts
-
-    return z_of, vjp
+    vjp_of_group = lambda i, ct: jax.vjp(all_paths, *group((h_prev, xe), i), consts, has_aux=True)[1](ct)
+    return z_of, lambda ct: grouped_vjp(vjp_of_group, ct, (h_prev, xe, consts), size=size)
 
 
 def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
