@@ -53,6 +53,8 @@ class ResidualStack(nn.Module):
       layer_axis: mesh axis to split the layers over (layer parallelism, see
         :func:`hbpjax.residual_scan`); ``mesh`` defaults to the one set with ``jax.set_mesh``.
       linearize: ``"vmap"`` or ``"unroll"`` (see :func:`hbpjax.residual_scan`).
+      microbatches: with ``layer_axis``, pipeline the forward over this many microbatches of the
+        carry's leading axis (see :func:`hbpjax.residual_scan`).
 
     Raises:
       TypeError: (when called) ``num_layers`` is not an int, or ``block()`` does not build a Linen
@@ -82,6 +84,7 @@ class ResidualStack(nn.Module):
     layer_axis: str | None = None
     mesh: Any = None
     linearize: str = "vmap"
+    microbatches: int | None = None
 
     @nn.compact
     def __call__(self, h, *args, **kwargs):
@@ -126,6 +129,7 @@ class ResidualStack(nn.Module):
         h, _, updates = _cells.stack(
             name, block, h, (variables, layer_rngs), residual=self.residual, gamma=self.gamma,
             unroll=self.unroll, has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
+            microbatches=self.microbatches,
         )
         if not self.is_initializing():
             for collection in mutable:

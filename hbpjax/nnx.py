@@ -74,6 +74,8 @@ class ResidualStack(_nnx.Module):
         :func:`hbpjax.residual_scan`); shard the stacked state along axis 0 over it.
       mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
       linearize: ``"vmap"`` or ``"unroll"`` (see :func:`hbpjax.residual_scan`).
+      microbatches: with ``layer_axis``, pipeline the forward over this many microbatches of the
+        carry's leading axis (see :func:`hbpjax.residual_scan`).
 
     Raises:
       TypeError: ``make_block`` is not callable, ``num_layers`` is not an int or ``rngs`` is not an
@@ -109,6 +111,7 @@ class ResidualStack(_nnx.Module):
         layer_axis: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
         linearize: str = "vmap",
+        microbatches: int | None = None,
     ):
         name = "hbpjax.nnx.ResidualStack"
         if not callable(make_block):
@@ -128,6 +131,7 @@ class ResidualStack(_nnx.Module):
         self.layers, self.num_layers = create(rngs), num_layers
         self.residual, self.gamma, self.unroll = residual, gamma, unroll
         self.layer_axis, self.mesh, self.linearize = layer_axis, mesh, linearize
+        self.microbatches = microbatches
 
     def __call__(self, h, *args, **kwargs):
         """Runs the stack on carry ``h``; extra arguments are passed unchanged to every layer."""
@@ -143,6 +147,7 @@ class ResidualStack(_nnx.Module):
         h, _, new_state = _cells.stack(
             "hbpjax.nnx.ResidualStack", block, h, (params, state), residual=self.residual, gamma=self.gamma,
             unroll=self.unroll, has_aux=True, layer_axis=self.layer_axis, mesh=self.mesh, linearize=self.linearize,
+            microbatches=self.microbatches,
         )
         _nnx.update(self.layers, new_state)
         return h

@@ -304,6 +304,72 @@ def sharded_gru_problem():
     return loss, params, xs
 
 
+def layer_parallel_variant(variant, mesh, L=8, microbatches=None):
+    """A stack of each residual kind, with `layer_axis` (and `microbatches`) when `mesh` is given, in float64."""
+    ks = jax.random.split(jax.random.key(40), 4)
+    W = (0.6 / np.sqrt(SHARD_H)) * jax.random.normal(ks[0], (L, SHARD_H, SHARD_H), jnp.float64)
+    U = (0.6 / np.sqrt(SHARD_H)) * jax.random.normal(ks[1], (SHARD_H, 4 * SHARD_H), jnp.float64)
+    x = jax.random.normal(ks[2], (SHARD_B, SHARD_H), jnp.float64)
+    options = dict(layer_axis="layers", mesh=mesh, microbatches=microbatches) if mesh is not None else {}
+    if variant == "unroll":
+        options["linearize"] = "unroll"
+    if variant == "gamma":
+        options["gamma"] = 0.3
+
+    def loss(W, U, x):
+        if variant == "lstm":  # a pytree carry (c, h), shared U closed over, per-layer W in xs
+            def cell(carry, w):
+                c, h = carry
+                i, f, g, o = jnp.split(h @ U + jnp.tile(h @ w, 4), 4, axis=-1)
+                f, i, o, g = jax.nn.sigmoid(f), jax.nn.sigmoid(i), jax.nn.sigmoid(o), jnp.tanh(g)
+                return (f, jnp.zeros_like(h)), (i * g, o * jnp.tanh(f * c + i * g))
+
+            (c, h), (cs, hs) = hbpjax.residual_scan(cell, (x, jnp.tanh(x)), W, residual=hbpjax.residual.gated, **options)
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(c**2)
+        if variant == "gated":
+            block = lambda h, w: (jax.nn.sigmoid(h @ w), jnp.tanh(h @ U[:, :SHARD_H]))
+            residual = hbpjax.residual.gated
+        else:
+            block, residual = (lambda h, w: 0.7 * jnp.tanh(h @ w)), hbpjax.residual.relu if variant == "relu" else hbpjax.residual.additive
+        h, hs = hbpjax.residual_scan(block, x, W, residual=residual, **options)
+        return jnp.sum(jnp.sin(hs)) + jnp.sum(h**2)
+
+    return loss, (W, U, x)
+
+
+class PreLNBlock(nnx.Module):
+    """A pre-LN Transformer layer from Flax's own modules."""
+
+    def __init__(self, dim, heads, *, rngs):
+        f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
+        self.norm1, self.norm2 = nnx.LayerNorm(dim, rngs=rngs, **f64), nnx.LayerNorm(dim, rngs=rngs, **f64)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs, **f64)
+        self.fc1, self.fc2 = nnx.Linear(dim, 2 * dim, rngs=rngs, **f64), nnx.Linear(2 * dim, dim, rngs=rngs, **f64)
+
+    def __call__(self, h):
+        h = h + self.attn(self.norm1(h))
+        return h + self.fc2(jax.nn.gelu(self.fc1(self.norm2(h))))
+
+
+class ScannedTransformer(nnx.Module):
+    """Layers stacked with nnx.vmap and run by nnx.scan, as large Flax models are written."""
+
+    def __init__(self, layers, dim, heads, *, rngs):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return PreLNBlock(dim, heads, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, h):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, layer):
+            return layer(h)
+
+        return run(h, self.layers)
+
+
 def highway_value_and_grads(loss, k, *args, **kw):
     """Jitted ``(value, grads)`` of ``loss(a, b, **kw)`` in both arguments with ``k`` sweeps."""
     return jax.jit(hbpjax.highway_value_and_grad(lambda a, b: loss(a, b, **kw), (0, 1), iterations=k))(*args)

@@ -20,7 +20,9 @@ from helpers import SHARD_H as H
 from helpers import SHARD_L as L
 from helpers import (
     assert_trees_close,
+    ScannedTransformer,
     highway_value_and_grads,
+    layer_parallel_variant,
     sharded_gru_problem,
     sharded_mlp_problem,
     tree_rel_error,
@@ -132,47 +134,14 @@ def test_errors_layer_axis():
         loss(params, data, layer_axis="layers")
 
 
-def _layer_parallel_variant(variant, mesh, L=8):
-    """A stack of each residual kind, with `layer_axis` when `mesh` is given, in float64."""
-    ks = jax.random.split(jax.random.key(40), 4)
-    W = (0.6 / np.sqrt(H)) * jax.random.normal(ks[0], (L, H, H), jnp.float64)
-    U = (0.6 / np.sqrt(H)) * jax.random.normal(ks[1], (H, 4 * H), jnp.float64)
-    x = jax.random.normal(ks[2], (B, H), jnp.float64)
-    options = dict(layer_axis="layers", mesh=mesh) if mesh is not None else {}
-    if variant == "unroll":
-        options["linearize"] = "unroll"
-    if variant == "gamma":
-        options["gamma"] = 0.3
-
-    def loss(W, U, x):
-        if variant == "lstm":  # a pytree carry (c, h), shared U closed over, per-layer W in xs
-            def cell(carry, w):
-                c, h = carry
-                i, f, g, o = jnp.split(h @ U + jnp.tile(h @ w, 4), 4, axis=-1)
-                f, i, o, g = jax.nn.sigmoid(f), jax.nn.sigmoid(i), jax.nn.sigmoid(o), jnp.tanh(g)
-                return (f, jnp.zeros_like(h)), (i * g, o * jnp.tanh(f * c + i * g))
-
-            (c, h), (cs, hs) = hbpjax.residual_scan(cell, (x, jnp.tanh(x)), W, residual=hbpjax.residual.gated, **options)
-            return jnp.sum(jnp.sin(hs)) + jnp.sum(c**2)
-        if variant == "gated":
-            block = lambda h, w: (jax.nn.sigmoid(h @ w), jnp.tanh(h @ U[:, :H]))
-            residual = hbpjax.residual.gated
-        else:
-            block, residual = (lambda h, w: 0.7 * jnp.tanh(h @ w)), hbpjax.residual.relu if variant == "relu" else hbpjax.residual.additive
-        h, hs = hbpjax.residual_scan(block, x, W, residual=residual, **options)
-        return jnp.sum(jnp.sin(hs)) + jnp.sum(h**2)
-
-    return loss, (W, U, x)
-
-
 @pytest.mark.parametrize("variant", ["relu", "gated", "lstm", "gamma", "tol", "unroll"])
 def test_layer_parallel_equals_jax_grad_in_float64(variant):
     """k >= L on 4 devices against jax.grad of the same stack on one device; `mesh=` is passed
     without `jax.set_mesh` (as the docstring allows)."""
     with jax.enable_x64(True):
         mesh = jax.make_mesh((4,), ("layers",), devices=jax.devices()[:4])
-        loss, args = _layer_parallel_variant(variant, mesh)
-        single, _ = _layer_parallel_variant(variant, None)
+        loss, args = layer_parallel_variant(variant, mesh)
+        single, _ = layer_parallel_variant(variant, None)
         argnums = (0, 1, 2)
         exact = jax.grad(single, argnums)(*args)
         options = dict(iterations=8, tol=1e-13) if variant == "tol" else dict(iterations=8)
@@ -304,39 +273,6 @@ def test_transform_layer_axis_leaves_unsharded_stacks_alone():
         hbpjax.highway_grad(_scan_loss, mesh=mesh)
 
 
-class _PreLNBlock(nnx.Module):
-    """A pre-LN Transformer layer from Flax's own modules."""
-
-    def __init__(self, dim, heads, *, rngs):
-        f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
-        self.norm1, self.norm2 = nnx.LayerNorm(dim, rngs=rngs, **f64), nnx.LayerNorm(dim, rngs=rngs, **f64)
-        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs, **f64)
-        self.fc1, self.fc2 = nnx.Linear(dim, 2 * dim, rngs=rngs, **f64), nnx.Linear(2 * dim, dim, rngs=rngs, **f64)
-
-    def __call__(self, h):
-        h = h + self.attn(self.norm1(h))
-        return h + self.fc2(jax.nn.gelu(self.fc1(self.norm2(h))))
-
-
-class _ScannedTransformer(nnx.Module):
-    """Layers stacked with nnx.vmap and run by nnx.scan, as large Flax models are written."""
-
-    def __init__(self, layers, dim, heads, *, rngs):
-        @nnx.split_rngs(splits=layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return _PreLNBlock(dim, heads, rngs=rngs)
-
-        self.layers = make(rngs)
-
-    def __call__(self, h):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(h, layer):
-            return layer(h)
-
-        return run(h, self.layers)
-
-
 def test_transform_layer_axis_on_an_nnx_scan_transformer():
     """`hbpjax.nnx.grad(layer_axis="layers")` on an nnx.scan pre-LN Transformer whose stacked
     parameters are sharded P("layers") on a 2 x 4 mesh: equal to one device at k = 2 and k >= L,
@@ -345,11 +281,11 @@ def test_transform_layer_axis_on_an_nnx_scan_transformer():
     loss_fn = lambda model, h: jnp.mean(jnp.sin(model(h)))
     with jax.enable_x64(True):
         h0 = jax.random.normal(jax.random.key(53), (4, 5, dim), jnp.float64)
-        single = _ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
+        single = ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
         exact = nnx.grad(loss_fn)(single, h0)
         mesh = jax.make_mesh((2, 4), ("data", "layers"))
         with jax.set_mesh(mesh):
-            model = _ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
+            model = ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
             layers = nnx.state(model.layers)
             nnx.update(model.layers, jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("layers"))), layers))
             h = jax.device_put(h0, NamedSharding(mesh, P("data")))

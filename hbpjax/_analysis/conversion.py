@@ -18,8 +18,9 @@ from .._front import context
 from .._front.options import Options
 from .evaluate import Evaluator
 from .info import NoStackWarning, Stacks
+from .plan import Converted
 from .planner import Planner
-from .trace import trace
+from .trace import microbatch_of, trace
 
 
 class Conversion:
@@ -32,18 +33,45 @@ class Conversion:
       stacks: the converted stacks that give a sweep report (``return_report``), by slot.
     """
 
-    def __init__(self, fun: Callable, options: Options, args: tuple, kwargs: dict, *, differentiated=()):
+    def __init__(self, fun: Callable, options: Options, args: tuple, kwargs: dict, *, differentiated=(), small=None):
         self.options = options
         with context.active(options):
             self.traced = trace(fun, args, kwargs, differentiated=differentiated, unshard=options.layer_axis)
         self.plan = Planner(options).plan(self.traced.closed)
         self.stacks = list(self.plan.reporting)
+        self.micro = {}
+        if options.microbatches is not None:
+            if small is None:  # the batch: the arrays of the arguments that are not differentiated
+                small = (fun, *_first_microbatch(args, kwargs, differentiated, options))
+            self.micro = self._microbatch_stacks(*small, differentiated=differentiated)
+
+    def _microbatch_stacks(self, fun, args, kwargs, *, differentiated) -> dict:
+        """Every converted scan's stack traced again on one microbatch (``options.microbatches``),
+        by the id of its node in :attr:`plan`: what a pipelined layer-parallel forward runs."""
+        name, count = self.options.name, self.options.microbatches
+        try:
+            with context.active(self.options):
+                small = trace(fun, args, kwargs, differentiated=differentiated, unshard=self.options.layer_axis)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{name}: microbatches={count} traces the function again on 1/{count} of the batch, to find "
+                f"each layer's computation on one microbatch; that trace failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0]})."
+            ) from None
+        full, micro = _converted(self.plan.program), _converted(Planner(self.options).plan(small.closed).program)
+        if len(full) != len(micro) or any(a.stack.length != b.stack.length for a, b in zip(full, micro)):
+            raise ValueError(
+                f"{name}: with microbatches={count} the function, traced on 1/{count} of the batch, runs other "
+                f"stacks ({[b.stack.length for b in micro]} layers) than on the whole batch "
+                f"({[a.stack.length for a in full]} layers): its structure must not depend on the batch size."
+            )
+        return {id(a): b.stack for a, b in zip(full, micro)}
 
     def evaluate(self, slots, *args, **kwargs):
         """The function's value at ``(args, kwargs)`` (laid out as the traced ones), its stacks
         converted. ``slots`` is ``None`` or a ``float32[len(stacks), 2]`` that the stacks ignore and
         whose cotangent is their sweep report."""
-        outs = Evaluator(self.options, slots).run(self.plan.program, self.traced.inputs(args, kwargs))
+        outs = Evaluator(self.options, slots, self.micro).run(self.plan.program, self.traced.inputs(args, kwargs))
         return self.traced.unflatten(outs)
 
     def warn(self, stacklevel: int = 2) -> None:
@@ -65,6 +93,27 @@ class Conversion:
             ),
             stacklevel=stacklevel + 1,
         )
+
+
+def _converted(program) -> list:
+    """The converted scans of ``program`` and of the programs it holds, in program order."""
+    found = []
+    for node in program.items:
+        if isinstance(node, Converted):
+            found.append(node)
+        for inner in node.programs:
+            found.extend(_converted(inner))
+    return found
+
+
+def _first_microbatch(args: tuple, kwargs: dict, differentiated, options: Options):
+    """``(args, kwargs)`` with the arrays of the arguments not differentiated (the batch) cut to
+    their first microbatch."""
+    count, name = int(options.microbatches or 1), options.name
+    diff = {a % len(args) for a in differentiated} if args else set()
+    cut = lambda a, where: microbatch_of(a, count, name=name, where=where)
+    small = tuple(a if i in diff else cut(a, f"argument {i} (not differentiated)") for i, a in enumerate(args))
+    return small, cut(kwargs, "the keyword arguments")
 
 
 def find_stacks(fun: Callable, *args: Any, **kwargs: Any) -> Stacks:

@@ -31,11 +31,14 @@ class Evaluator:
       options: the transform's options (``iterations``, ``layer_axis``, ...).
       slots: ``None``, or one ``float32[2]`` input per reporting stack, whose cotangent is that
         stack's sweep report (:mod:`hbpjax._front.report`).
+      micro: with ``options.microbatches``, each converted scan's stack traced on one microbatch,
+        by the id of its node (what its pipelined layer-parallel forward runs).
     """
 
-    def __init__(self, options: Options, slots=None):
+    def __init__(self, options: Options, slots=None, micro=None):
         self.options = options
         self.slots = slots
+        self.micro = micro or {}
 
     def run(self, program: Program, args: Sequence) -> list:
         """The values of ``program.outvars`` given the jaxpr's inputs ``args``."""
@@ -69,7 +72,7 @@ def _converted(ev: Evaluator, node: Converted, invals: list) -> list:
     """A scan as a Highway-BP stack (layer-parallel where the transform asks and its inputs are
     sharded so); under exact backprop only layer-parallel stacks run differently."""
     init, xs, consts = _scan_operands(node.eqn, invals)
-    parallel = _layer_parallel(ev.options, node.stack, init, xs, consts)
+    parallel = _layer_parallel(ev.options, node.stack, init, xs, consts, micro=ev.micro.get(id(node)))
     if parallel is not None:
         return parallel
     if not ev.options.highway:
@@ -119,9 +122,10 @@ def _scan_operands(eqn: core.JaxprEqn, invals: list) -> tuple[list, list, tuple]
     return list(invals[num_consts : num_consts + num_carry]), list(invals[num_consts + num_carry :]), tuple(invals[:num_consts])
 
 
-def _layer_parallel(options: Options, stack, init, xs, consts) -> list | None:
+def _layer_parallel(options: Options, stack, init, xs, consts, *, micro=None) -> list | None:
     """The outputs of ``stack`` run layer-parallel, if the transform has a ``layer_axis`` and the
-    stack's per-layer inputs are sharded over it; else ``None``."""
+    stack's per-layer inputs are sharded over it; else ``None``. ``micro``: the stack traced on one
+    microbatch (with ``options.microbatches``)."""
     axis = options.layer_axis
     if axis is None or stack.reverse:  # the pipeline runs the layers in order
         return None
@@ -129,7 +133,7 @@ def _layer_parallel(options: Options, stack, init, xs, consts) -> list | None:
     if not layers.sharded_over(xs, axis, mesh):
         return None
     layers.check_length(axis, size, stack.length, name=options.name)
-    final, ys = layers.found_stack(stack, init, xs, consts, options=options, axis=axis, mesh=mesh, size=size)
+    final, ys = layers.found_stack(stack, init, xs, consts, options=options, axis=axis, mesh=mesh, size=size, micro=micro)
     return [*final, *ys]
 
 

@@ -88,3 +88,22 @@ def _without_axis(value, axis: str):
     return jax.ShapeDtypeStruct(
         aval.shape, aval.dtype, sharding=jax.sharding.NamedSharding(sharding.mesh, spec), weak_type=aval.weak_type
     )
+
+
+def microbatch_of(tree, count: int, *, name: str, where: str):
+    """The first of ``count`` microbatches of every array in ``tree``: its first ``1/count`` of rows
+    along axis 0 (for tracing at a microbatch's shapes; rank-0 leaves and non-arrays stay)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for path, leaf in leaves:
+        if not _is_dynamic(leaf) or isinstance(leaf, jax.ShapeDtypeStruct) or np.ndim(leaf) == 0:
+            out.append(leaf)
+            continue
+        if leaf.shape[0] % count:
+            raise ValueError(
+                f"{name}: microbatches={count} splits the leading (batch) axis of every array of {where}; "
+                f"{jax.tree_util.keystr(path) or 'it'} has shape {tuple(leaf.shape)}. Use a batch size divisible "
+                f"by {count}."
+            )
+        out.append(leaf[: leaf.shape[0] // count])
+    return jax.tree_util.tree_unflatten(treedef, out)

@@ -13,11 +13,14 @@ import jax.numpy as jnp
 from .._front.options import Options
 from .forward_linearization import ForwardLinearization
 from .linearize import Unbatchable, UnbatchableWarning
+from .microbatches import Microbatches
 from .placements import Placement
 from .stack import Stack
 from .sweeps import highway_backward
 
 PyTree = Any
+
+tmap = jax.tree.map
 
 
 def differentiate(
@@ -30,6 +33,7 @@ def differentiate(
     forward: Callable,
     placement: Callable[[], Placement],
     slot: jax.Array | None = None,
+    microbatches: Microbatches | None = None,
 ):
     """``(final carry, per-step outputs)`` of ``forward``, with Highway-BP as its backward.
 
@@ -47,6 +51,9 @@ def differentiate(
         reads its position on the axis there).
       slot: optional ``float32[2]`` input that the stack ignores; its cotangent is the sweep report
         ``[sweeps run, final relative change]`` (how ``return_report=True`` gets it out).
+      microbatches: with a pipelined ``forward`` (:func:`hbpjax._backward.microbatches.pipeline`),
+        how the batch splits: ``saved`` and the linearization then hold one entry per microbatch,
+        and the backward is one microbatch's, vmapped over them (the parameters' cotangents summed).
     """
 
     # A traced number of sweeps is an input of the custom_vjp (its backward may not close over it).
@@ -60,7 +67,8 @@ def differentiate(
 
     def fwd(init, xs, consts, k, slot):
         read_once = not options.traced and min(options.iterations, stack.length - 1) == 0 and not stack.ys_reach_carry
-        plan = ForwardLinearization.build(stack, options, *stack.step_inputs(init, xs), consts, read_once=read_once)
+        one = init if microbatches is None else [a[0] for a in microbatches.split_carry(init)]
+        plan = ForwardLinearization.build(stack, options, *stack.step_inputs(one, xs), consts, read_once=read_once)
         plans.append(plan)
         final, ys, saved, lin = forward(init, xs, consts, lin=plan)
         return (final, ys), (init, saved, xs, consts, lin, k)
@@ -69,10 +77,16 @@ def differentiate(
         init, saved, xs, consts, lin, k = residuals
         run_options = options if k is None else dataclasses.replace(options, iterations=k)
         try:
-            cts, report = highway_backward(
-                stack, run_options, placement(), (init, saved, xs, consts), cotangents, report=slot is not None,
-                forward_linearization=None if lin is None else (plans[-1], lin),
-            )
+            if microbatches is None:
+                cts, report = highway_backward(
+                    stack, run_options, placement(), (init, saved, xs, consts), cotangents, report=slot is not None,
+                    forward_linearization=None if lin is None else (plans[-1], lin),
+                )
+            else:
+                cts, report = _over_microbatches(
+                    stack, run_options, placement(), microbatches, (init, saved, xs, consts), cotangents,
+                    report=slot is not None, forward_linearization=None if lin is None else (plans[-1], lin),
+                )
         except Unbatchable as err:
             warnings.warn(
                 f"hbpjax: a block of {stack.length} layers holds an operation that cannot be vmapped "
@@ -89,3 +103,25 @@ def differentiate(
     run = jax.custom_vjp(primal)
     run.defvjp(fwd, bwd)
     return run(init, xs, consts, k, slot)
+
+
+def _over_microbatches(stack, options, placement, batches, residuals, cotangents, *, report, forward_linearization):
+    """:func:`highway_backward` of every microbatch at once (a ``vmap`` over them): the cotangent
+    of the initial carry joined back into the whole batch, those of ``xs`` and ``consts`` summed."""
+    init, saved, xs, consts = residuals
+    ct_final, ct_ys = cotangents
+    plan, (per_step, hoisted) = forward_linearization or (None, (None, None))
+
+    def one(h0, saved, per_step, ct_final, ct_ys):
+        lin = None if plan is None else (plan, (per_step, hoisted))
+        return highway_backward(
+            stack, options, placement, (h0, saved, xs, consts), (ct_final, ct_ys), report=report, forward_linearization=lin
+        )
+
+    args = (batches.split_carry(init), saved, per_step, batches.split_carry(ct_final), batches.split_ys(ct_ys))
+    (ct_init, ct_xs, ct_consts), done = jax.vmap(one)(*args)
+    ct_init = [None if c is None else batches.join_carry([c])[0] for c in ct_init]
+    ct_xs, ct_consts = tmap(lambda c: jnp.sum(c, axis=0), (ct_xs, ct_consts))
+    if done is not None:  # the most sweeps any microbatch ran, and its largest last change
+        done = jnp.max(done, axis=0)
+    return (ct_init, ct_xs, ct_consts), done

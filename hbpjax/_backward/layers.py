@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from .._analysis.forward import scan_steps
 from .differentiate import differentiate
+from .microbatches import Microbatches
+from .microbatches import pipeline as microbatched
 from .placements import OnMeshAxis
 from .prefix import sharding_spec
 
@@ -112,22 +114,50 @@ def sharded_over(xs, axis, mesh) -> bool:
     return any(_typed_mesh(a) and sharding_spec(a)[:1] == (axis,) for a in floats)
 
 
-def found_stack(stack, init, xs, consts, *, options, axis, mesh, size):
+def found_stack(stack, init, xs, consts, *, options, axis, mesh, size, micro=None):
     """``(final carry, per-step outputs)`` of a stack found in a function (a ``lax.scan``,
     ``nnx.scan``, ...), its layers split over ``axis``: the pipelined forward and the
-    :class:`~hbpjax._backward.DeviceChain` backward of :func:`layer_parallel_scan`."""
+    :class:`~hbpjax._backward.DeviceChain` backward of :func:`layer_parallel_scan`. With
+    ``options.microbatches``, ``micro`` is the same stack traced on one microbatch."""
     k = options.iterations if options.traced else None
+    if options.microbatches is not None and micro is None:
+        raise ValueError(
+            f"{options.name}: microbatches={options.microbatches} found no microbatch trace of a stack of "
+            f"{stack.length} layers to pipeline."
+        )
 
     def local(init, xs, consts, k):
         run_options = options if k is None else dataclasses.replace(options, iterations=k)
-        forward = functools.partial(pipeline, stack, axis=axis, size=size)
+        forward, batches, piped = chunk_forward(
+            stack, init, xs, consts, axis=axis, size=size, microbatches=options.microbatches, micro=micro,
+            name=options.name,
+        )
         if not options.highway or not stack.split.has_residual_path:  # JAX differentiates the pipeline
             final, ys, _, _ = forward(init, xs, consts)
             return final, ys
         placement = lambda: OnMeshAxis(axis, size)
-        return differentiate(stack, init, xs, consts, options=run_options, forward=forward, placement=placement)
+        return differentiate(
+            piped, init, xs, consts, options=run_options, forward=forward, placement=placement, microbatches=batches
+        )
 
     return over_devices(local, list(init), list(xs), tuple(consts), k, mesh=mesh, axis=axis)
+
+
+def chunk_forward(stack, init, xs, consts, *, axis, size, microbatches, micro, name):
+    """``(forward, batches, piped)``: this device's forward ``forward(init, xs, consts, lin=None) ->
+    (final, ys, saved, linearization)``; with ``microbatches``, how the batch splits
+    (:class:`~hbpjax._backward.microbatches.Microbatches`, else ``None``); and the stack whose steps
+    the forward runs (``micro``, the stack traced on one microbatch, or ``stack``)."""
+    if microbatches is None:
+        return functools.partial(pipeline, stack, axis=axis, size=size), None, stack
+    local_length = stack.length // size
+    chunk = lambda stack, xs, consts, lin: lambda h: scan_steps(stack, h, xs, consts, length=local_length, lin=lin)
+    batches = Microbatches.of(microbatches, chunk(stack, xs, consts, None), chunk(micro, xs, consts, None), list(init), name=name)
+
+    def forward(init, xs, consts, lin=None):
+        return microbatched(chunk(micro, xs, consts, lin), init, axis=axis, size=size, batches=batches)
+
+    return forward, batches, micro
 
 
 def pipeline(stack, init, xs, consts, *, axis, size, lin=None):

@@ -92,6 +92,8 @@ def stack(name: str, block: Callable, init: PyTree, xs: PyTree, **options):
     except ValueError as err:
         if not str(err).startswith("hbpjax."):
             raise
+        if "microbatches=" in str(err):
+            raise ValueError(f"{name}: {err}") from None
         raise ValueError(f"{name}: the block does not fit the residual. {err}") from None
 
 

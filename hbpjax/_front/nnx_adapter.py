@@ -4,11 +4,14 @@ modules, which it may mutate, is traced and planned. Loaded with :mod:`hbpjax.nn
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import jax
 from flax import nnx as _nnx
 
 from .._analysis import conversion as _conversion
+from .._analysis.trace import microbatch_of
 from . import adapters as _adapters
 from .options import describe
 from .transform import ValueAndGrad
@@ -23,15 +26,20 @@ class _GraphConversion:
     modules ``f`` is evaluated with.
     """
 
-    def __init__(self, f: Callable, options, args: tuple, kwargs: dict):
-        self.f, self.options = f, options
+    def __init__(self, f: Callable, options, args: tuple, kwargs: dict, argnums=0):
+        self.f, self.options, self.argnums = f, options, argnums
         self.graphdef, state = _nnx.split((args, kwargs))
+        small: tuple | None = None
+        if options.microbatches is not None:  # the batch: the arguments that are not modules
+            small_args, small_kwargs = _first_microbatch(args, kwargs, argnums, options)
+            small_graphdef, small_state = _nnx.split((small_args, small_kwargs))
+            small = (functools.partial(self._pure, graphdef=small_graphdef), (small_state,), {})
         # Every leaf of the state is traced, as nnx.value_and_grad passes all of it through JAX.
-        self.conversion = _conversion.Conversion(self._pure, options, (state,), {}, differentiated=(0,))
+        self.conversion = _conversion.Conversion(self._pure, options, (state,), {}, differentiated=(0,), small=small)
         self.stacks = self.conversion.stacks
 
-    def _pure(self, state):
-        merged_args, merged_kwargs = _nnx.merge(self.graphdef, state)
+    def _pure(self, state, graphdef=None):
+        merged_args, merged_kwargs = _nnx.merge(self.graphdef if graphdef is None else graphdef, state)
         out = self.f(*merged_args, **merged_kwargs)
         return out, _nnx.state((merged_args, merged_kwargs), _nnx.Variable)
 
@@ -39,7 +47,7 @@ class _GraphConversion:
         graphdef, state = _nnx.split((args, kwargs))
         conversion = self.conversion
         if graphdef != self.graphdef:  # not the graph it was traced with: trace this one
-            conversion = _GraphConversion(self.f, self.options, args, kwargs).conversion
+            conversion = _GraphConversion(self.f, self.options, args, kwargs, self.argnums).conversion
         out, new_state = conversion.evaluate(slots, state)
         self.last = conversion
         _nnx.update((args, kwargs), new_state)
@@ -85,7 +93,7 @@ class Adapter(_adapters.Adapter):
         )
 
     def conversion(self, fun, options, args, kwargs, argnums):
-        return _GraphConversion(fun, options, args, kwargs)
+        return _GraphConversion(fun, options, args, kwargs, argnums)
 
     def arrays(self, args, kwargs):
         graphdef, state = _nnx.split((args, kwargs))
@@ -98,3 +106,16 @@ class Adapter(_adapters.Adapter):
 def _diff_argnums(argnums) -> tuple[int, ...]:
     nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
     return tuple(a.argnum if isinstance(a, _nnx.DiffState) else a for a in nums)
+
+
+def _first_microbatch(args: tuple, kwargs: dict, argnums, options):
+    """``(args, kwargs)`` with every argument that is not differentiated and holds no module or
+    ``nnx.State`` (the batch) cut to its first microbatch along its leading axis."""
+    diff = {a % len(args) for a in _diff_argnums(argnums)} if args else set()
+    holds_graph = lambda a: any(
+        isinstance(x, (_nnx.Module, _nnx.State, _nnx.Variable))
+        for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, (_nnx.Module, _nnx.State, _nnx.Variable)))
+    )
+    cut = lambda a, where: microbatch_of(a, options.microbatches, name=options.name, where=where)
+    small = tuple(a if i in diff or holds_graph(a) else cut(a, f"argument {i} (not a module)") for i, a in enumerate(args))
+    return small, {k: v if holds_graph(v) else cut(v, f"keyword argument {k!r}") for k, v in kwargs.items()}

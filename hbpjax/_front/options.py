@@ -171,6 +171,22 @@ def check_recompute_layers(name: str, value):
     return int(value)
 
 
+def check_microbatches(name: str, microbatches, layer_axis) -> int | None:
+    """``microbatches`` as an int (or ``None``): it needs a ``layer_axis`` to pipeline over."""
+    if microbatches is None:
+        return None
+    if isinstance(microbatches, bool) or not isinstance(microbatches, numbers.Integral):
+        raise TypeError(f"{name}: `microbatches` must be an int >= 1 or None; got {microbatches!r}.")
+    if microbatches < 1:
+        raise ValueError(f"{name}: `microbatches` must be >= 1; got {microbatches}.")
+    if layer_axis is None:
+        raise ValueError(
+            f"{name}: microbatches={microbatches} pipelines a layer-parallel forward; pass "
+            "layer_axis='<mesh axis name>' with it (without layer_axis there is no pipeline)."
+        )
+    return int(microbatches)
+
+
 class OptionKeywords(TypedDict, total=False):
     """The fields of :class:`Options`, as keywords of the transforms."""
 
@@ -182,6 +198,7 @@ class OptionKeywords(TypedDict, total=False):
     recompute_layers: int | None
     return_report: bool
     layer_axis: str | None
+    microbatches: int | None
     mesh: Any
 
 
@@ -225,6 +242,10 @@ class Options:
         backward ran and the relative change of the last one.
       layer_axis: a mesh axis name: every converted stack whose per-layer inputs are sharded along
         their layer axis over it runs layer-parallel (local sweeps, O(1) collectives per sweep).
+      microbatches: with ``layer_axis``, split the batch (the leading axis of every carry leaf) into
+        this many microbatches and run the layer-parallel forward as a pipeline of ``M + D - 1``
+        ticks (``D`` the axis size), so that the devices work at once; the highway backward sweeps
+        all microbatches together. ``None`` (default): the whole batch passes the devices in turn.
       mesh: the mesh for ``layer_axis`` (default: the one set with ``jax.set_mesh``).
       name: the public function the options were given to, named in error messages (the
         transforms set it; not compared).
@@ -254,6 +275,7 @@ class Options:
     recompute_layers: int | None = None
     return_report: bool = False
     layer_axis: str | None = None
+    microbatches: int | None = None
     mesh: Any = None
     name: str = dataclasses.field(default="hbpjax.Options", repr=False)
 
@@ -276,6 +298,7 @@ class Options:
             raise TypeError(f"{self.name}: `mesh` must be a jax.sharding.Mesh (jax.make_mesh(...)) or None; got {describe(self.mesh)}.")
         if self.mesh is not None and self.layer_axis is None:
             raise ValueError(f"{self.name}: `mesh` is the mesh for `layer_axis`; pass layer_axis='<axis name>' with it.")
+        set_("microbatches", check_microbatches(self.name, self.microbatches, self.layer_axis))
 
     @classmethod
     def given(cls, name: str, options: Options | None, keywords: Mapping[str, Any]) -> Options:
@@ -307,7 +330,7 @@ class Options:
         # A traced number of sweeps compares by identity: a trace made under it serves no other.
         k = id(self.iterations) if self.traced else self.iterations
         return (k, self.tol, self.gamma, self.scans, self.save_linearization, self.recompute_layers, self.return_report,
-                self.layer_axis, self.mesh)
+                self.layer_axis, self.microbatches, self.mesh)
 
     def __eq__(self, other):
         return isinstance(other, Options) and self._key() == other._key()

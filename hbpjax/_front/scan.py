@@ -19,7 +19,6 @@ the active transform.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +31,12 @@ from .._analysis import marks as _marks
 from .._analysis.stacks import scan_stack
 from .._backward import layers
 from .._backward.differentiate import differentiate
+from .._backward.microbatches import check_carry as microbatch_check
+from .._backward.microbatches import split as microbatch_parts
 from .._backward.placements import OnMeshAxis
 from ..residual import additive
 from . import context as _context
-from .options import StackOptions, as_int, describe
+from .options import StackOptions, as_int, check_microbatches, describe
 
 PyTree = Any
 
@@ -55,6 +56,7 @@ def residual_scan(
     layer_axis: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     linearize: str = "vmap",
+    microbatches: int | None = None,
 ) -> tuple[PyTree, PyTree] | tuple[PyTree, PyTree, PyTree]:
     """Runs a residual stack ``h_i = residual(h_{i-1}, block(h_{i-1}, x_i))`` over ``L`` steps.
 
@@ -93,6 +95,12 @@ def residual_scan(
         block closes over must not carry an explicit sharding (JAX does not let a manual region
         trace with them): use ``Auto`` axes, or pass per-layer values through ``xs``.
       mesh: the mesh for ``layer_axis``; defaults to the one set with ``jax.set_mesh``.
+      microbatches: with ``layer_axis``, split the batch (the leading axis of every leaf of
+        ``init``; microbatch ``m`` is rows ``m, m + M, ...``) into ``M`` microbatches and run the
+        forward as a pipeline of ``M + D - 1`` ticks, so that the ``D`` devices work at once. The
+        highway backward sweeps all microbatches together (no pipeline bubble); exact backprop
+        (``iterations=None``, or plain ``jax.grad``) transposes the pipeline. ``xs`` and the values
+        ``block`` closes over are shared by all microbatches.
       linearize: how the highway backward linearizes the layers, all at once: ``"vmap"`` (one
         ``jax.vjp`` of ``vmap(block)``; the default) or ``"unroll"`` (one ``jax.vjp`` per layer,
         still independent of each other). ``"unroll"`` suits short stacks of ops that XLA batches
@@ -122,6 +130,7 @@ def residual_scan(
             f"hbpjax.residual.additive); got {residual!r}."
         )
     options = StackOptions(gamma=gamma, linearize=linearize, name=_NAME)
+    microbatches = check_microbatches(_NAME, microbatches, layer_axis)
     length = _scan_length(xs, length)
     highway = _context.current()  # the active transform's options; None: plain lax.scan
     # The block is a cut of the residual split, whatever it computes: under a transform, marked so.
@@ -142,7 +151,7 @@ def residual_scan(
         converted = highway is not None and length > 0
         run = lambda init, xs: _layer_parallel_scan(
             step, init, xs, options=highway if converted else None, stack_options=options, axis=layer_axis,
-            mesh=mesh, size=size, length=length, unroll=unroll,
+            mesh=mesh, size=size, length=length, unroll=unroll, microbatches=microbatches,
         )
         if converted:  # already Highway-BP inside; marked so the conversion counts and lists it
             run = _marks.mark(run, _marks.StackMark(options, layer_axis=layer_axis, length=length))
@@ -210,7 +219,7 @@ def _scan_length(xs, length) -> int:
 # ----------------------------------------------------------------------- layer parallelism
 
 
-def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, size, length, unroll):
+def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, size, length, unroll, microbatches):
     """``(final carry, per-step outputs)`` of ``lax.scan(step, init, xs)`` split over ``axis``.
 
     Args:
@@ -222,6 +231,8 @@ def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, 
       stack_options: the stack's own options (``gamma``, ``linearize``).
       axis, mesh, size: the mesh axis, the mesh and the axis size ``D``.
       length, unroll: the number of layers and the forward's unrolling.
+      microbatches: ``M`` to pipeline the forward over (:mod:`hbpjax._backward.microbatches`), or
+        ``None``.
     """
     # The values the step closes over enter the shard_map as explicit (replicated) arguments: a
     # closed-over array would keep the outer mesh in its type inside the manual region.
@@ -242,12 +253,31 @@ def _layer_parallel_scan(step, init, xs, *, options, stack_options, axis, mesh, 
         stack, ys_tree = _step_stack(
             converted, consts, init, x0, carry_tree, length=length, unroll=unroll, options=stack_options
         )
-        forward = functools.partial(layers.pipeline, stack, axis=axis, size=size)
+        micro = None
+        if microbatches is not None:  # the step traced again on one microbatch
+            microbatch_check(init, microbatches, name=_NAME)
+            one = [a[0] for a in microbatch_parts(init, microbatches)]
+            try:
+                small, inner = jax.closure_convert(step, jax.tree.unflatten(carry_tree, one), x0)
+                small_consts = tuple(next((a for o, a in zip(outer_consts, const_args) if o is c), c) for c in inner)
+                micro, _ = _step_stack(small, small_consts, one, x0, carry_tree, length=length, unroll=unroll, options=stack_options)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{_NAME}: with microbatches={microbatches} each layer runs on {one[0].shape[0]} rows of the "
+                    "carry, with `xs` and the values `block` closes over unsplit; this block does not "
+                    f"({type(err).__name__}: {str(err).splitlines()[0]}). Microbatches split the carry only: "
+                    "per-step inputs or closed-over values with a batch axis cannot be split."
+                ) from None
+        forward, batches, piped = layers.chunk_forward(
+            stack, init, xs, consts, axis=axis, size=size, microbatches=microbatches, micro=micro, name=_NAME
+        )
         if options is None or not stack.split.has_residual_path:
             final, ys, _, _ = forward(init, xs, consts)
         else:
             placement = lambda: OnMeshAxis(axis, size)
-            final, ys = differentiate(stack, init, xs, consts, options=run_options, forward=forward, placement=placement)
+            final, ys = differentiate(
+                piped, init, xs, consts, options=run_options, forward=forward, placement=placement, microbatches=batches
+            )
         return jax.tree.unflatten(carry_tree, final), jax.tree.unflatten(ys_tree, ys)
 
     return layers.over_devices(local, jax.tree.leaves(init), jax.tree.leaves(xs), outer_consts, k, mesh=mesh, axis=axis)

@@ -1,0 +1,205 @@
+"""Microbatched layer-parallel stacks: the forward as a pipeline, the backward over all microbatches.
+
+With ``microbatches=M`` beside ``layer_axis``, the batch (the leading axis of every carry leaf) is
+split into ``M`` microbatches; microbatch ``m`` takes rows ``m, m + M, m + 2M, ...`` (so a batch
+sharded over a data axis keeps every microbatch sharded the same way). The forward is a loop of
+``M + D - 1`` ticks: at tick ``t`` device ``d`` runs its chunk of layers on microbatch ``t - d`` (when
+there is one) and passes the carry on with one ``ppermute``. Every device keeps each microbatch's
+saved carries and linearization for its own layers.
+
+The Highway-BP backward has no pipeline: it is the backward of one microbatch, ``vmap``-ed over the
+``M`` microbatches (every device sweeps its layers for all of them at once, with the same O(1)
+collective rounds per sweep), the parameters' cotangents summed over microbatches. JAX's transpose
+of the same forward (the exact backward, ``iterations=None``) is a pipeline again, in reverse.
+
+Per-layer inputs ``xs`` and values the layers close over are shared by all microbatches: a stack
+whose per-step inputs carry a batch axis (an RNN's inputs over time) cannot be split this way, and
+gets a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+tmap = jax.tree.map
+
+
+@dataclasses.dataclass(frozen=True)
+class Microbatches:
+    """How one stack's values split into ``count`` microbatches and join again.
+
+    Attributes:
+      count: ``M``.
+      ys_axes: per leaf of the per-step outputs, the axis of one step's value that holds the batch,
+        or ``None`` for an output that does not depend on the carry (the same for every microbatch).
+    """
+
+    count: int
+    ys_axes: tuple
+
+    @classmethod
+    def of(cls, count: int, run, run_one, init: list, *, name: str) -> Microbatches:
+        """The split of a stack whose chunk runs as ``run(init) -> (final, ys, saved, values)`` on
+        the whole batch and as ``run_one`` on one microbatch.
+
+        Raises ``ValueError`` (naming ``name``) for a carry leaf without a leading axis that ``count``
+        divides, and for a per-step output that depends on the batch without a batch axis.
+        """
+        check_carry(init, count, name=name)
+        full = jax.eval_shape(lambda h: run(h)[1], init)
+        if count == 1:  # one microbatch: every output is its own
+            return cls(1, (None,) * len(jax.tree.leaves(full)))
+        parts = split(init, count)
+        first = [a[0] for a in parts]
+        try:
+            final, one = jax.eval_shape(lambda h: run_one(h)[:2], first)
+            if [a.shape for a in final] != [a.shape for a in first]:
+                raise ValueError(f"its carry comes out as {[a.shape for a in final]}")
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{name}: with microbatches={count} each layer runs on {first[0].shape[0]} rows of the carry "
+                f"({type(err).__name__}: {str(err).splitlines()[0]}); the stack traced on one microbatch does "
+                "not. Microbatches split the batch (the arguments that are not differentiated; with "
+                "hbpjax.nnx, the arguments that are not modules) along their leading axis: the carry's "
+                "leading axis must come from it."
+            ) from None
+        axes: list[int | None] = []
+        for i, (f, o) in enumerate(zip(jax.tree.leaves(full), jax.tree.leaves(one))):
+            differ = [a for a in range(1, len(f.shape)) if f.shape[a] != o.shape[a]]
+            if len(differ) == 1 and f.shape[differ[0]] == count * o.shape[differ[0]]:
+                axes.append(differ[0] - 1)
+            elif not differ and not _reads(run_one, parts, i):
+                axes.append(None)
+            else:
+                raise ValueError(
+                    f"{name}: with microbatches={count}, per-step output {i} (shape {tuple(f.shape[1:])} per "
+                    "step) depends on the batch but has no batch axis to split and join it along; return "
+                    "per-example values, or run this stack without microbatches."
+                )
+        return cls(count, tuple(axes))
+
+    def split_carry(self, leaves):
+        """``(M, B / M, ...)`` microbatches of every ``(B, ...)`` leaf."""
+        return split(leaves, self.count)
+
+    def join_carry(self, leaves):
+        """The inverse of :meth:`split_carry`."""
+        return [_join(a, 1) for a in leaves]
+
+    def join_ys(self, ys):
+        """Per-step outputs ``(M, L, ...)`` of every microbatch, as the whole batch's ``(L, ...)``."""
+        leaves, tree = jax.tree.flatten(ys)
+        out = [y[0] if axis is None else _join(y, axis + 2) for y, axis in zip(leaves, self.ys_axes)]
+        return jax.tree.unflatten(tree, out)
+
+    def split_ys(self, ys):
+        """Cotangents of the per-step outputs, per microbatch (those of outputs shared by all
+        microbatches go to the first one)."""
+        leaves, tree = jax.tree.flatten(ys)
+        out = []
+        for y, axis in zip(leaves, self.ys_axes):
+            if axis is None:
+                first = jnp.arange(self.count).reshape((-1,) + (1,) * y.ndim) == 0
+                out.append(jnp.where(first, y[None], jnp.zeros_like(y)[None]))
+            else:
+                out.append(_split(y, axis + 1, self.count))
+        return jax.tree.unflatten(tree, out)
+
+
+def check_carry(init: list, count: int, *, name: str) -> None:
+    """Raises ``ValueError`` unless every carry leaf has a leading axis that ``count`` divides."""
+    for i, a in enumerate(init):
+        if jnp.ndim(a) == 0 or a.shape[0] % count:
+            raise ValueError(
+                f"{name}: microbatches={count} splits the leading (batch) axis of every carry leaf; "
+                f"carry leaf {i} has shape {tuple(jnp.shape(a))}. Use a batch size divisible by {count}."
+            )
+
+
+def split(leaves, count: int):
+    """``(count, B / count, ...)`` of every ``(B, ...)`` leaf: microbatch ``m`` is rows ``m::count``."""
+    return [_split(a, 0, count) for a in leaves]
+
+
+def _split(a, axis: int, count: int):
+    shape = a.shape[:axis] + (a.shape[axis] // count, count) + a.shape[axis + 1 :]
+    return jnp.moveaxis(a.reshape(shape), axis + 1, 0)
+
+
+def _join(a, axis: int):
+    """``a`` with its leading (microbatch) axis joined into axis ``axis`` (counted with it)."""
+    moved = jnp.moveaxis(a, 0, axis)
+    return moved.reshape(moved.shape[: axis - 1] + (-1,) + moved.shape[axis + 1 :])
+
+
+def _reads(run, parts, leaf: int) -> bool:
+    """Whether per-step output ``leaf`` of ``run`` depends on the carry (is batched under a vmap
+    over the microbatches ``parts``)."""
+    try:
+        jax.eval_shape(jax.vmap(lambda h: jax.tree.leaves(run(h)[1])[leaf], out_axes=None), parts)
+    except ValueError:
+        return True
+    return False
+
+
+def pipeline(run, init, *, axis: str, size: int, batches: Microbatches):
+    """The forward of a chunk over all microbatches, ``M + D - 1`` ticks of one ``ppermute`` each.
+
+    Args:
+      run: ``run(h) -> (final, ys, saved, values)``: this device's chunk of layers on one
+        microbatch's carry ``h`` (``values``: ``None`` or ``(per-step values, hoisted values)``).
+      init: the whole batch's initial carry leaves (only device 0's is read).
+      axis, size: the manual mesh axis of the layers and its size ``D``.
+      batches: the split.
+
+    Returns:
+      ``(final, ys, saved, values)``: the whole batch's final carry (on every device) and per-step
+      outputs; ``saved`` and the per-step part of ``values`` with a leading microbatch axis.
+    """
+    M = batches.count
+    index = lax.axis_index(axis)
+    parts = batches.split_carry(init)
+    shapes = jax.eval_shape(run, [p[0] for p in parts])
+    final_s, ys_s, saved_s, values_s = shapes
+    per_step_s, hoisted_s = values_s if values_s is not None else ((), ())
+    state = (
+        [_zeros(s) for s in final_s],  # the carry arriving from the previous device
+        tmap(lambda s: _zeros(s, M), (final_s, ys_s, saved_s, per_step_s)),
+        tmap(_zeros, hoisted_s),
+    )
+    write = lambda bufs, m, new: tmap(lambda b, v: lax.dynamic_update_index_in_dim(b, v, m, 0), bufs, new)
+
+    def tick(t, state):
+        arrived, bufs, hoisted = state
+        m = t - index
+        mb = jnp.clip(m, 0, M - 1)
+        h = [jnp.where(index == 0, lax.dynamic_index_in_dim(p, mb, keepdims=False), a) for p, a in zip(parts, arrived)]
+
+        def work(h, bufs, hoisted):
+            final, ys, saved, values = run(h)
+            per_step, hoisted = values if values is not None else ((), ())
+            return final, write(bufs, mb, (final, ys, saved, per_step)), hoisted
+
+        out, bufs, hoisted = lax.cond((m >= 0) & (m < M), work, lambda *a: a, h, bufs, hoisted)
+        arrived = [lax.ppermute(a, axis, [(i, i + 1) for i in range(size - 1)]) for a in out]
+        return arrived, bufs, hoisted
+
+    _, (finals, ys, saved, per_step), hoisted = lax.fori_loop(0, M + size - 1, tick, state)
+    last = index == size - 1
+    final = [lax.psum(jnp.where(last, a, jnp.zeros_like(a)), axis) for a in batches.join_carry(finals)]
+    values = None if values_s is None else (per_step, hoisted)
+    return final, batches.join_ys(ys), saved, values
+
+
+def _zeros(s: jax.ShapeDtypeStruct, count: int | None = None):
+    """Zeros of ``s``'s type (its explicit sharding kept), with a leading axis of ``count``."""
+    spec = tuple(getattr(getattr(s, "sharding", None), "spec", ()) or ())
+    shape = s.shape if count is None else (count, *s.shape)
+    if not any(p is not None for p in spec):
+        return jnp.zeros(shape, s.dtype)
+    return jnp.zeros(shape, s.dtype, out_sharding=P(*spec) if count is None else P(None, *spec))
