@@ -277,9 +277,9 @@ def sharded_mlp_problem():
     }
     x = jax.random.normal(ks[2], (SHARD_B, SHARD_H))
 
-    def loss(params, x, layer_axis=None, mesh=None):
+    def loss(params, x, layer_axis=None, mesh=None, microbatches=None):
         block = lambda h, p: 0.5 * jnp.tanh(h @ p["W"] + p["b"])
-        h, hs = hbpjax.residual_scan(block, x, params, layer_axis=layer_axis, mesh=mesh)
+        h, hs = hbpjax.residual_scan(block, x, params, layer_axis=layer_axis, mesh=mesh, microbatches=microbatches)
         return jnp.mean(h**2) + 0.1 * jnp.mean(jnp.sin(hs))
 
     return loss, params, x

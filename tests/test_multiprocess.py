@@ -1,6 +1,6 @@
 """A pod is many hosts, one process each: two processes on this machine (``jax.distributed`` on
-localhost, CPU collectives over gloo, 2 devices each) run the highway step data-parallel and
-layer-parallel with the layer axis spanning both processes, each equal to one device
+localhost, CPU collectives over gloo, 2 devices each) run the highway step data-parallel,
+layer-parallel with the layer axis spanning both processes, and pipelined over 4 microbatches, each equal to one device
 (``tests/two_process_worker.py`` does the work; this test starts it twice and reads its verdicts)."""
 
 import socket
@@ -34,4 +34,4 @@ def test_two_processes_match_one_device():
     for i, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
         verdicts = [line for line in out.splitlines() if line.startswith("ok ")]
-        assert len(verdicts) == 6, out[-3000:]  # data- and layer-parallel at k = 0, 2, 16
+        assert len(verdicts) == 9, out[-3000:]  # data-parallel, layer-parallel, pipelined at k = 0, 2, 16

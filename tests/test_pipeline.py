@@ -184,7 +184,8 @@ def _loops_and_collectives(text):
 
 
 def _compiled(D, M, k):
-    W0, x0 = _stack_problem(dtype=jnp.float32)
+    W0, _ = _stack_problem(dtype=jnp.float32)
+    x0 = jax.random.normal(jax.random.key(65), (32, H))  # 4 rows per microbatch or more
     mesh = jax.make_mesh((D,), ("layers",), devices=jax.devices()[:D], axis_types=(AxisType.Auto,))
     with jax.set_mesh(mesh):
         W = jax.device_put(W0, NamedSharding(mesh, P("layers")))

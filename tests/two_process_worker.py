@@ -2,8 +2,9 @@
 
 Joins a 2-process JAX cluster on localhost (CPU collectives over gloo, 2 simulated devices per
 process, 4 in all), runs the highway step of ``helpers.sharded_mlp_problem`` data-parallel (the
-batch over all 4 devices) and layer-parallel (the 16 layers over all 4 devices, so the layer axis
-spans both processes), and compares both with the same step on one local device. Prints one
+batch over all 4 devices), layer-parallel (the 16 layers over all 4 devices, so the layer axis
+spans both processes) and pipelined (the same, with the batch in 4 microbatches), and compares each
+with the same step on one local device. Prints one
 ``ok ...`` line per check; any mismatch raises (exit code 1).
 """
 
@@ -52,6 +53,11 @@ def main(port: str, process_id: int) -> None:
         layered = jax.tree.map(lambda a: global_array(a, mesh, P("layers")), params)
         got = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))(layered, global_array(data, mesh, P()))
         check(f"layer-parallel k={k}", got, expected)
+
+        piped = lambda p, x, mesh=mesh: loss(p, x, layer_axis="layers", mesh=mesh, microbatches=4)
+        fn = hbpjax.highway_value_and_grad(piped, (0, 1), iterations=k)
+        got = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))(layered, global_array(data, mesh, P()))
+        check(f"pipelined k={k}", got, expected)
 
 
 if __name__ == "__main__":  # pytest imports this module for its doctests: nothing may run then
