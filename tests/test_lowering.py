@@ -100,3 +100,13 @@ def test_layer_parallel_step_lowers_for_accelerators():
     fn = hbpjax.highway_value_and_grad(lambda p, x: loss(p, x, layer_axis="layers", mesh=mesh), (0, 1), iterations=2)
     text = _lowered(fn, params, data)
     assert "collective_permute" in text
+
+
+def test_pipelined_step_lowers_for_accelerators():
+    """The same stack pipelined over 4 microbatches: the tick loop, the vmapped sweeps and the
+    accumulation of the parameters' cotangents lower for TPU and GPU."""
+    loss, params, data = sharded_mlp_problem()
+    mesh = jax.make_mesh((4,), ("layers",), devices=jax.devices()[:4])
+    piped = lambda p, x: loss(p, x, layer_axis="layers", mesh=mesh, microbatches=4)
+    text = _lowered(hbpjax.highway_value_and_grad(piped, (0, 1), iterations=2), params, data)
+    assert "collective_permute" in text and "stablehlo.while" in text

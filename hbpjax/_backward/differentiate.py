@@ -14,13 +14,12 @@ from .._front.options import Options
 from .forward_linearization import ForwardLinearization
 from .linearize import Unbatchable, UnbatchableWarning
 from .microbatches import Microbatches
+from .microbatches import backward as microbatched_backward
 from .placements import Placement
 from .stack import Stack
 from .sweeps import highway_backward
 
 PyTree = Any
-
-tmap = jax.tree.map
 
 
 def differentiate(
@@ -83,7 +82,7 @@ def differentiate(
                     forward_linearization=None if lin is None else (plans[-1], lin),
                 )
             else:
-                cts, report = _over_microbatches(
+                cts, report = microbatched_backward(
                     stack, run_options, placement(), microbatches, (init, saved, xs, consts), cotangents,
                     report=slot is not None, forward_linearization=None if lin is None else (plans[-1], lin),
                 )
@@ -104,24 +103,3 @@ def differentiate(
     run.defvjp(fwd, bwd)
     return run(init, xs, consts, k, slot)
 
-
-def _over_microbatches(stack, options, placement, batches, residuals, cotangents, *, report, forward_linearization):
-    """:func:`highway_backward` of every microbatch at once (a ``vmap`` over them): the cotangent
-    of the initial carry joined back into the whole batch, those of ``xs`` and ``consts`` summed."""
-    init, saved, xs, consts = residuals
-    ct_final, ct_ys = cotangents
-    plan, (per_step, hoisted) = forward_linearization or (None, (None, None))
-
-    def one(h0, saved, per_step, ct_final, ct_ys):
-        lin = None if plan is None else (plan, (per_step, hoisted))
-        return highway_backward(
-            stack, options, placement, (h0, saved, xs, consts), (ct_final, ct_ys), report=report, forward_linearization=lin
-        )
-
-    args = (batches.split_carry(init), saved, per_step, batches.split_carry(ct_final), batches.split_ys(ct_ys))
-    (ct_init, ct_xs, ct_consts), done = jax.vmap(one)(*args)
-    ct_init = [None if c is None else batches.join_carry([c])[0] for c in ct_init]
-    ct_xs, ct_consts = tmap(lambda c: jnp.sum(c, axis=0), (ct_xs, ct_consts))
-    if done is not None:  # the most sweeps any microbatch ran, and its largest last change
-        done = jnp.max(done, axis=0)
-    return (ct_init, ct_xs, ct_consts), done

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from .._analysis.forward import scan_steps
+from .._analysis.forward import prepare_steps, scan_steps
 from .differentiate import differentiate
 from .microbatches import Microbatches
 from .microbatches import pipeline as microbatched
@@ -155,7 +155,10 @@ def chunk_forward(stack, init, xs, consts, *, axis, size, microbatches, micro, n
     batches = Microbatches.of(microbatches, chunk(stack, xs, consts, None), chunk(micro, xs, consts, None), list(init), name=name)
 
     def forward(init, xs, consts, lin=None):
-        return microbatched(chunk(micro, xs, consts, lin), init, axis=axis, size=size, batches=batches)
+        # What the layers compute from their parameters alone: once, not once per microbatch.
+        prepared = prepare_steps(micro, [a[0] for a in batches.split_carry(init)], xs, consts, lin=lin)
+        run = lambda h: scan_steps(micro, h, xs, consts, length=local_length, lin=lin, prepared=prepared)
+        return microbatched(run, init, axis=axis, size=size, batches=batches)
 
     return forward, batches, micro
 

@@ -7,10 +7,13 @@ sharded over a data axis keeps every microbatch sharded the same way). The forwa
 there is one) and passes the carry on with one ``ppermute``. Every device keeps each microbatch's
 saved carries and linearization for its own layers.
 
-The Highway-BP backward has no pipeline: it is the backward of one microbatch, ``vmap``-ed over the
-``M`` microbatches (every device sweeps its layers for all of them at once, with the same O(1)
-collective rounds per sweep), the parameters' cotangents summed over microbatches. JAX's transpose
-of the same forward (the exact backward, ``iterations=None``) is a pipeline again, in reverse.
+The Highway-BP backward has no pipeline: its sweeps are one microbatch's, ``vmap``-ed over the ``M``
+microbatches (every device sweeps its layers for all of them at once, with the same O(1) collective
+rounds per sweep). The parameters' cotangents, read off one last VJP of every layer, are then
+accumulated over the microbatches in a loop (one microbatch's VJP of all layers at a time, no
+collective), so a device holds one copy of its layers' parameter cotangents, not ``M``. JAX's
+transpose of the same forward (the exact backward, ``iterations=None``) is a pipeline again, in
+reverse.
 
 Per-layer inputs ``xs`` and values the layers close over are shared by all microbatches: a stack
 whose per-step inputs carry a batch axis (an RNN's inputs over time) cannot be split this way, and
@@ -25,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
+
+from .sweeps import final_read, highway_sweeps
 
 tmap = jax.tree.map
 
@@ -203,3 +208,49 @@ def _zeros(s: jax.ShapeDtypeStruct, count: int | None = None):
     if not any(p is not None for p in spec):
         return jnp.zeros(shape, s.dtype)
     return jnp.zeros(shape, s.dtype, out_sharding=P(*spec) if count is None else P(None, *spec))
+
+
+def backward(stack, options, placement, batches: Microbatches, residuals, cotangents, *, report: bool, forward_linearization):
+    """The Highway-BP backward of a pipelined chunk: ``((ct_init, ct_xs, ct_consts), report)``.
+
+    The sweeps of every microbatch at once (a ``vmap``); then, microbatch by microbatch, one VJP
+    of every layer adds its parameters' cotangents to one accumulator (a loop of ``M`` trips with no
+    collective: ``M`` copies of a device's parameter cotangents would not fit where its parameters
+    barely do).
+    """
+    init, saved, xs, consts = residuals
+    ct_final, ct_ys = cotangents
+    plan, (per_step, hoisted) = forward_linearization or (None, (None, None))
+    lin_of = lambda per_step: None if plan is None else (plan, (per_step, hoisted))
+    inits = batches.split_carry(init)
+
+    def sweeps_one(h0, saved, per_step, ct_final, ct_ys):
+        return highway_sweeps(
+            stack, options, placement, (h0, saved, xs, consts), (ct_final, ct_ys), report=report,
+            forward_linearization=lin_of(per_step),
+        )
+
+    after, k_first, ct_block, done = jax.vmap(sweeps_one)(
+        inits, saved, per_step, batches.split_carry(ct_final), batches.split_ys(ct_ys)
+    )
+
+    def read_one(h0, saved, per_step, after, k_first, ct_block):
+        return final_read(
+            stack, options, placement, (h0, saved, xs, consts), after=after, k_first=k_first, ct_block=ct_block,
+            forward_linearization=lin_of(per_step),
+        )
+
+    per_microbatch = (inits, saved, per_step, after, k_first, ct_block)
+    first = tmap(lambda a: a[0], per_microbatch)
+    _, ct_xs, ct_consts = jax.eval_shape(read_one, *first)
+    zeros = tmap(lambda s: _zeros(s), (ct_xs, ct_consts))
+
+    def accumulate(total, one):
+        ct_init, ct_xs, ct_consts = read_one(*one)
+        return tmap(jnp.add, total, (ct_xs, ct_consts)), ct_init
+
+    (ct_xs, ct_consts), ct_init = lax.scan(accumulate, zeros, per_microbatch)
+    ct_init = [None if c is None else batches.join_carry([c])[0] for c in ct_init]
+    if done is not None:  # the most sweeps any microbatch ran, and its largest last change
+        done = jnp.max(done, axis=0)
+    return (ct_init, ct_xs, ct_consts), done

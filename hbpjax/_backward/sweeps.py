@@ -61,7 +61,37 @@ def highway_backward(
       ``((ct_init, ct_xs, ct_consts), report)``; ``report`` is ``float32[2]``, ``[sweeps run, last
       relative change]`` (NaN when no sweep ran), or ``None`` without ``report``.
     """
+    at, lin, path, sweeps = _start(stack, options, placement, residuals, cotangents, forward_linearization)
+    after, done = sweep(stack, options, placement, at=at, lin=lin, path=path, sweeps=sweeps, report=report)
+    return read_cotangents(stack, placement, residuals[0], after, ct_block=at.ct_block, k_first=path.k_first, lin=lin), done
+
+
+def highway_sweeps(stack: Stack, options: Options, placement: Placement, residuals, cotangents, *, report: bool = False,
+                   forward_linearization=None):
+    """Steps 1-3 of :func:`highway_backward`: ``(after, k_first, ct_block, report)``, what
+    :func:`final_read` needs besides the residuals (all arrays: this part may run under ``vmap``)."""
+    at, lin, path, sweeps = _start(stack, options, placement, residuals, cotangents, forward_linearization)
+    after, done = sweep(stack, options, placement, at=at, lin=lin, path=path, sweeps=sweeps, report=report)
+    return after, path.k_first, at.ct_block, done
+
+
+def final_read(stack: Stack, options: Options, placement: Placement, residuals, *, after, k_first, ct_block,
+               forward_linearization=None):
+    """Step 4 of :func:`highway_backward` after :func:`highway_sweeps`: the layers linearized
+    again from what the forward saved (no collective), then :func:`read_cotangents`."""
     init, saved, xs, consts = residuals
+    plan, values = forward_linearization or (None, None)
+    h_prev, xe, values = _layer_inputs(stack, saved, xs, values)
+    if plan is not None:
+        lin = plan.linearization(h_prev, xe, consts, values)
+    else:
+        lin = linearize(stack, options, h_prev, xe, consts, read_once=False)
+    return read_cotangents(stack, placement, init, after, ct_block=ct_block, k_first=k_first, lin=lin)
+
+
+def _start(stack, options, placement, residuals, cotangents, forward_linearization):
+    """``(at, lin, path, sweeps)``: steps 1 and 2, and the number of sweeps to run."""
+    _, saved, xs, consts = residuals
     plan, values = forward_linearization or (None, None)
     at = incoming(stack, placement, saved, xs, cotangents, values)
     exact_after = max(placement.total_length(saved[0].shape[0]) - 1, 0)  # L-1 sweeps are already exact
@@ -75,9 +105,7 @@ def highway_backward(
     else:
         read_once = not options.traced and sweeps == 0 and not stack.ys_reach_carry
         lin = linearize(stack, options, at.h_prev, at.xe, consts, read_once=read_once)
-    path = residual_path(stack, placement, at.h_prev, lin)
-    after, done = sweep(stack, options, placement, at=at, lin=lin, path=path, sweeps=sweeps, report=report)
-    return read_cotangents(stack, placement, init, after, at=at, lin=lin, path=path), done
+    return at, lin, residual_path(stack, placement, at.h_prev, lin), sweeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +133,9 @@ class Incoming:
 def incoming(stack: Stack, placement: Placement, saved, xs, cotangents, linearization=None) -> Incoming:
     """The layers' inputs and the cotangents from outside, in the order the forward ran."""
     ct_final, ct_ys = cotangents
-    xs = stack.layer_inputs(xs)
     if stack.reverse:  # the same maths on the steps in the order the forward ran them
-        saved, xs, ct_ys = _flip(saved), _flip(xs), _flip(ct_ys)
-        if linearization is not None:
-            linearization = (_flip(linearization[0]), linearization[1])
+        ct_ys = _flip(ct_ys)
+    h_prev, xe, linearization = _layer_inputs(stack, saved, xs, linearization)
     e = [None] * len(stack.diff)
     ct_block = [None] * stack.block_outputs
     for route, ct in zip(stack.y_route, jax.tree.leaves(ct_ys)):
@@ -121,8 +147,17 @@ def incoming(stack: Stack, placement: Placement, saved, xs, cotangents, lineariz
     # and, on the chunk that ends the stack, the last step's output's.
     last = placement.on_last([ct_final[i] for i in stack.diff])
     tail = [lj if ej is None else lj + placement.only_last(_last(ej)) for ej, lj in zip(e, last)]
-    h_prev = [saved[i] for i in stack.diff]
-    return Incoming(h_prev, (xs, [saved[i] for i in stack.state]), e, ct_block, tail, linearization)
+    return Incoming(h_prev, xe, e, ct_block, tail, linearization)
+
+
+def _layer_inputs(stack: Stack, saved, xs, linearization):
+    """``(h_prev, xe, linearization)`` of every layer, in the order the forward ran them."""
+    xs = stack.layer_inputs(xs)
+    if stack.reverse:
+        saved, xs = _flip(saved), _flip(xs)
+        if linearization is not None:
+            linearization = (_flip(linearization[0]), linearization[1])
+    return [saved[i] for i in stack.diff], (xs, [saved[i] for i in stack.state]), linearization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,13 +329,14 @@ def _run_sweeps(sweep, w, sweeps, *, tol, placement, report, straight_line):
     return w, jnp.stack([count.astype(jnp.float32), jnp.where(count > 0, change, jnp.nan)])
 
 
-def read_cotangents(stack: Stack, placement: Placement, init, after, *, at: Incoming, lin: Linearization, path: ResidualPath):
+def read_cotangents(stack: Stack, placement: Placement, init, after, *, ct_block, k_first, lin: Linearization):
     """Step 4: ``(ct_init, ct_xs, ct_consts)`` from the final cotangents ``after`` of every layer's
-    output, through one last VJP of every layer."""
+    output, through one last VJP of every layer (``ct_block``: the cotangents of the block's own
+    per-step outputs; ``k_first``: ``K`` of the first layer)."""
     first = [_first(a) for a in after]  # read before the VJP, which may write over `after` in place
-    ct_h, (ct_xs, _), ct_consts = lin.vjp(after, at.ct_block)
+    ct_h, (ct_xs, _), ct_consts = lin.vjp(after, ct_block)
     # The initial carry gets the full Jacobian of the first layer: (K_0 + J_0)^T after[0].
-    ct_h0 = placement.reduce_first(tmap(lambda k, a, g: k * a + g[0], path.k_first, first, ct_h))
+    ct_h0 = placement.reduce_first(tmap(lambda k, a, g: k * a + g[0], k_first, first, ct_h))
     ct_init = [None] * len(init)
     for i, g in zip(stack.diff, ct_h0):
         ct_init[i] = g
