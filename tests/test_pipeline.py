@@ -252,3 +252,26 @@ def test_nnx_residual_stack_with_microbatches():
     with pytest.raises(ValueError, match=r"hbpjax.nnx.ResidualStack: hbpjax.residual_scan: with microbatches=2, per-step output \d+ \(shape \(8,\) per step\) depends on the batch"):
         with jax.set_mesh(mesh):
             hbpjax.nnx.grad(loss_fn, iterations=2)(batch_norm, x)
+
+
+def test_linen_residual_stack_with_microbatches():
+    """hbpjax.linen.ResidualStack(layer_axis=, microbatches=) on a 2 x 4 Auto mesh: equal to the
+    same module on one device."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return 0.5 * jnp.tanh(nn.Dense(H)(nn.LayerNorm()(h)))
+
+    mesh = jax.make_mesh((2, 4), ("data", "layers"), axis_types=(AxisType.Auto,) * 2)
+    x = jax.random.normal(jax.random.key(66), (B, H))
+    single = hbpjax.linen.ResidualStack(Block, num_layers=8)
+    piped = hbpjax.linen.ResidualStack(Block, num_layers=8, layer_axis="layers", mesh=mesh, microbatches=4)
+    variables = single.init(jax.random.key(67), x)
+    loss = lambda module: lambda v, x: jnp.mean(module.apply(v, x) ** 2 * jnp.arange(1.0, x.shape[0] + 1)[:, None])
+    for k in (None, 1, 8):
+        expected = hbpjax.highway_value_and_grad(loss(single), iterations=k)(variables, x)
+        with jax.set_mesh(mesh):
+            got = jax.jit(hbpjax.highway_value_and_grad(loss(piped), iterations=k))(variables, x)
+        assert_trees_close(got, expected, rtol=2e-5, atol=2e-6)
