@@ -7,6 +7,7 @@ float64 at ``k >= L``); the compiled programs are read for the schedule.
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
