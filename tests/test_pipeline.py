@@ -13,10 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-import hbpjax
 from helpers import SHARD_B as B
 from helpers import SHARD_H as H
 from helpers import (
@@ -25,6 +21,10 @@ from helpers import (
     layer_parallel_variant,
     tree_rel_error,
 )
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import hbpjax
 
 pytestmark = pytest.mark.usefixtures("eight_devices")
 
@@ -258,7 +258,6 @@ def test_nnx_residual_stack_with_microbatches():
 def test_linen_residual_stack_with_microbatches():
     """hbpjax.linen.ResidualStack(layer_axis=, microbatches=) on a 2 x 4 Auto mesh: equal to the
     same module on one device."""
-    import flax.linen as nn
 
     class Block(nn.Module):
         @nn.compact
