@@ -18,7 +18,7 @@ from .._front import context
 from .._front.options import Options
 from .evaluate import Evaluator
 from .info import NoStackWarning, Stacks
-from .plan import Converted
+from .plan import Plan, scans, with_microbatch_stacks
 from .planner import Planner
 from .trace import microbatch_of, trace
 
@@ -39,15 +39,16 @@ class Conversion:
             self.traced = trace(fun, args, kwargs, differentiated=differentiated, unshard=options.layer_axis)
         self.plan = Planner(options).plan(self.traced.closed)
         self.stacks = list(self.plan.reporting)
-        self.micro = {}
-        if options.microbatches is not None:
+        if options.microbatches is not None and any(True for _ in scans(self.plan.program)):
             if small is None:  # the batch: the arrays of the arguments that are not differentiated
-                small = (fun, *_first_microbatch(args, kwargs, differentiated, options))
-            self.micro = self._microbatch_stacks(*small, differentiated=differentiated)
+                diff = {a % len(args) for a in differentiated} if args else set()
+                keep = lambda key, _: key in diff
+                small = (fun, *first_microbatch(args, kwargs, keep, options, batch="not differentiated"))
+            self.plan = self._with_microbatch_stacks(*small, differentiated=differentiated)
 
-    def _microbatch_stacks(self, fun, args, kwargs, *, differentiated) -> dict:
-        """Every converted scan's stack traced again on one microbatch (``options.microbatches``),
-        by the id of its node in :attr:`plan`: what a pipelined layer-parallel forward runs."""
+    def _with_microbatch_stacks(self, fun, args, kwargs, *, differentiated) -> Plan:
+        """:attr:`plan` with every converted scan given its stack traced on one microbatch
+        (``options.microbatches``): what a pipelined layer-parallel forward runs."""
         name, count = self.options.name, self.options.microbatches
         try:
             with context.active(self.options):
@@ -58,20 +59,20 @@ class Conversion:
                 f"each layer's computation on one microbatch; that trace failed ({type(err).__name__}: "
                 f"{str(err).splitlines()[0]})."
             ) from None
-        full, micro = _converted(self.plan.program), _converted(Planner(self.options).plan(small.closed).program)
+        full, micro = list(scans(self.plan.program)), list(scans(Planner(self.options).plan(small.closed).program))
         if len(full) != len(micro) or any(a.stack.length != b.stack.length for a, b in zip(full, micro)):
             raise ValueError(
                 f"{name}: with microbatches={count} the function, traced on 1/{count} of the batch, runs other "
                 f"stacks ({[b.stack.length for b in micro]} layers) than on the whole batch "
                 f"({[a.stack.length for a in full]} layers): its structure must not depend on the batch size."
             )
-        return {id(a): b.stack for a, b in zip(full, micro)}
+        return with_microbatch_stacks(self.plan, [b.stack for b in micro])
 
     def evaluate(self, slots, *args, **kwargs):
         """The function's value at ``(args, kwargs)`` (laid out as the traced ones), its stacks
         converted. ``slots`` is ``None`` or a ``float32[len(stacks), 2]`` that the stacks ignore and
         whose cotangent is their sweep report."""
-        outs = Evaluator(self.options, slots, self.micro).run(self.plan.program, self.traced.inputs(args, kwargs))
+        outs = Evaluator(self.options, slots).run(self.plan.program, self.traced.inputs(args, kwargs))
         return self.traced.unflatten(outs)
 
     def warn(self, stacklevel: int = 2) -> None:
@@ -95,25 +96,13 @@ class Conversion:
         )
 
 
-def _converted(program) -> list:
-    """The converted scans of ``program`` and of the programs it holds, in program order."""
-    found = []
-    for node in program.items:
-        if isinstance(node, Converted):
-            found.append(node)
-        for inner in node.programs:
-            found.extend(_converted(inner))
-    return found
-
-
-def _first_microbatch(args: tuple, kwargs: dict, differentiated, options: Options):
-    """``(args, kwargs)`` with the arrays of the arguments not differentiated (the batch) cut to
-    their first microbatch."""
+def first_microbatch(args: tuple, kwargs: dict, keep: Callable, options: Options, *, batch: str):
+    """``(args, kwargs)`` with the arrays of every argument ``keep(position or keyword, value)``
+    rejects (the batch, the arguments that are ``batch``) cut to their first microbatch."""
     count, name = int(options.microbatches or 1), options.name
-    diff = {a % len(args) for a in differentiated} if args else set()
-    cut = lambda a, where: microbatch_of(a, count, name=name, where=where)
-    small = tuple(a if i in diff else cut(a, f"argument {i} (not differentiated)") for i, a in enumerate(args))
-    return small, cut(kwargs, "the keyword arguments")
+    cut = lambda key, a, where: a if keep(key, a) else microbatch_of(a, count, name=name, where=f"{where} ({batch})")
+    small = tuple(cut(i, a, f"argument {i}") for i, a in enumerate(args))
+    return small, {k: cut(k, v, f"keyword argument {k!r}") for k, v in kwargs.items()}
 
 
 def find_stacks(fun: Callable, *args: Any, **kwargs: Any) -> Stacks:

@@ -31,14 +31,11 @@ class Evaluator:
       options: the transform's options (``iterations``, ``layer_axis``, ...).
       slots: ``None``, or one ``float32[2]`` input per reporting stack, whose cotangent is that
         stack's sweep report (:mod:`hbpjax._front.report`).
-      micro: with ``options.microbatches``, each converted scan's stack traced on one microbatch,
-        by the id of its node (what its pipelined layer-parallel forward runs).
     """
 
-    def __init__(self, options: Options, slots=None, micro=None):
+    def __init__(self, options: Options, slots=None):
         self.options = options
         self.slots = slots
-        self.micro = micro or {}
 
     def run(self, program: Program, args: Sequence) -> list:
         """The values of ``program.outvars`` given the jaxpr's inputs ``args``."""
@@ -72,7 +69,7 @@ def _converted(ev: Evaluator, node: Converted, invals: list) -> list:
     """A scan as a Highway-BP stack (layer-parallel where the transform asks and its inputs are
     sharded so); under exact backprop only layer-parallel stacks run differently."""
     init, xs, consts = _scan_operands(node.eqn, invals)
-    parallel = _layer_parallel(ev.options, node.stack, init, xs, consts, micro=ev.micro.get(id(node)))
+    parallel = _layer_parallel(ev.options, node.stack, init, xs, consts, micro=node.micro)
     if parallel is not None:
         return parallel
     if not ev.options.highway:

@@ -17,7 +17,7 @@ Nodes hold the equations they stand for; nothing is looked up again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from jax.extend import core
@@ -78,9 +78,11 @@ class StackNode(Node):
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Converted(StackNode):
-    """A scan equation run as a :class:`~hbpjax._analysis.stacks.ScanStack`."""
+    """A scan equation run as a :class:`~hbpjax._analysis.stacks.ScanStack`; ``micro``: with
+    ``microbatches``, the same scan's stack traced on one microbatch (:func:`with_microbatch_stacks`)."""
 
     eqn: core.JaxprEqn
+    micro: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -168,3 +170,28 @@ class Plan:
         """Whether a :class:`hbpjax.NoStackWarning` is due: Highway-BP asked for, no stack converted,
         and no ``residual_scan`` of length 0 or 1 or :func:`hbpjax.exact` region that explains it."""
         return self.highway and not self.program.converts and not self.program.quiet
+
+
+def scans(program: Program) -> Iterator[Converted]:
+    """The converted scans of ``program`` and of the programs its nodes hold, in program order."""
+    for node in program.items:
+        if isinstance(node, Converted):
+            yield node
+        for inner in node.programs:
+            yield from scans(inner)
+
+
+def with_microbatch_stacks(plan: Plan, stacks: Sequence) -> Plan:
+    """``plan`` with its converted scans, in the order of :func:`scans`, given ``stacks`` as their
+    ``micro`` stacks (the same function traced on one microbatch)."""
+    given = iter(stacks)
+
+    def attach(program: Program) -> Program:
+        items = []
+        for node in program.items:
+            micro = {"micro": next(given)} if isinstance(node, Converted) else {}
+            inner = tuple(attach(p) for p in node.programs)
+            items.append(dataclasses.replace(node, programs=inner, **micro))
+        return dataclasses.replace(program, items=tuple(items))
+
+    return dataclasses.replace(plan, program=attach(plan.program))

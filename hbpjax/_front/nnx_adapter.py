@@ -11,7 +11,6 @@ import jax
 from flax import nnx as _nnx
 
 from .._analysis import conversion as _conversion
-from .._analysis.trace import microbatch_of
 from . import adapters as _adapters
 from .options import describe
 from .transform import ValueAndGrad
@@ -108,14 +107,12 @@ def _diff_argnums(argnums) -> tuple[int, ...]:
     return tuple(a.argnum if isinstance(a, _nnx.DiffState) else a for a in nums)
 
 
+
 def _first_microbatch(args: tuple, kwargs: dict, argnums, options):
     """``(args, kwargs)`` with every argument that is not differentiated and holds no module or
     ``nnx.State`` (the batch) cut to its first microbatch along its leading axis."""
     diff = {a % len(args) for a in _diff_argnums(argnums)} if args else set()
-    holds_graph = lambda a: any(
-        isinstance(x, (_nnx.Module, _nnx.State, _nnx.Variable))
-        for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, (_nnx.Module, _nnx.State, _nnx.Variable)))
-    )
-    cut = lambda a, where: microbatch_of(a, options.microbatches, name=options.name, where=where)
-    small = tuple(a if i in diff or holds_graph(a) else cut(a, f"argument {i} (not a module)") for i, a in enumerate(args))
-    return small, {k: v if holds_graph(v) else cut(v, f"keyword argument {k!r}") for k, v in kwargs.items()}
+    graph = (_nnx.Module, _nnx.State, _nnx.Variable)
+    holds_graph = lambda a: any(isinstance(x, graph) for x in jax.tree.leaves(a, is_leaf=lambda x: isinstance(x, graph)))
+    keep = lambda key, a: key in diff or holds_graph(a)
+    return _conversion.first_microbatch(args, kwargs, keep, options, batch="not a module")
