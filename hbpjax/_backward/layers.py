@@ -151,8 +151,7 @@ def chunk_forward(stack, init, xs, consts, *, axis, size, microbatches, micro, n
     if microbatches is None:
         return functools.partial(pipeline, stack, axis=axis, size=size), None, stack
     local_length = stack.length // size
-    chunk = lambda stack, xs, consts, lin: lambda h: scan_steps(stack, h, xs, consts, length=local_length, lin=lin)
-    batches = Microbatches.of(microbatches, chunk(stack, xs, consts, None), chunk(micro, xs, consts, None), list(init), name=name)
+    batches = Microbatches.of(microbatches, stack, micro, list(init), name=name)
 
     def forward(init, xs, consts, lin=None):
         # What the layers compute from their parameters alone: once, not once per microbatch.

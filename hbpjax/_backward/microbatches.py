@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from .._analysis.jaxprs import depends_on
 from .sweeps import final_read, highway_sweeps
 
 tmap = jax.tree.map
@@ -48,41 +49,39 @@ class Microbatches:
     ys_axes: tuple
 
     @classmethod
-    def of(cls, count: int, run, run_one, init: list, *, name: str) -> Microbatches:
-        """The split of a stack whose chunk runs as ``run(init) -> (final, ys, saved, values)`` on
-        the whole batch and as ``run_one`` on one microbatch.
+    def of(cls, count: int, stack, micro, init: list, *, name: str) -> Microbatches:
+        """The split of a :class:`~hbpjax._analysis.stacks.ScanStack` ``stack`` (traced on the whole
+        batch) whose ``micro`` is the same stack traced on one microbatch, read off their steps' types.
 
         Raises ``ValueError`` (naming ``name``) for a carry leaf without a leading axis that ``count``
-        divides, and for a per-step output that depends on the batch without a batch axis.
+        divides, a ``micro`` whose carry is not one microbatch's, and a per-step output that depends
+        on the batch without a batch axis.
         """
         check_carry(init, count, name=name)
-        full = jax.eval_shape(lambda h: run(h)[1], init)
+        full, one = _ys(stack), _ys(micro)
         if count == 1:  # one microbatch: every output is its own
-            return cls(1, (None,) * len(jax.tree.leaves(full)))
-        parts = split(init, count)
-        first = [a[0] for a in parts]
-        try:
-            final, one = jax.eval_shape(lambda h: run_one(h)[:2], first)
-            if [a.shape for a in final] != [a.shape for a in first]:
-                raise ValueError(f"its carry comes out as {[a.shape for a in final]}")
-        except (TypeError, ValueError) as err:
+            return cls(1, (None,) * len(full))
+        rows = init[0].shape[0] // count
+        shapes = [v.aval.shape for v in _carry(micro)]
+        if shapes != [(a.shape[0] // count, *a.shape[1:]) for a in init]:
             raise ValueError(
-                f"{name}: with microbatches={count} each layer runs on {first[0].shape[0]} rows of the carry "
-                f"({type(err).__name__}: {str(err).splitlines()[0]}); the stack traced on one microbatch does "
-                "not. Microbatches split the batch (the arguments that are not differentiated; with "
-                "hbpjax.nnx, the arguments that are not modules) along their leading axis: the carry's "
-                "leading axis must come from it."
-            ) from None
+                f"{name}: with microbatches={count} each layer runs on {rows} rows of the carry; the stack "
+                f"traced on one microbatch has a carry of shapes {shapes}. Microbatches split the batch (the "
+                "arguments that are not differentiated; with hbpjax.nnx, the arguments that are not modules) "
+                "along their leading axis: the carry's leading axis must come from it."
+            )
+        eqns = micro.body.jaxpr.eqns
         axes: list[int | None] = []
-        for i, (f, o) in enumerate(zip(jax.tree.leaves(full), jax.tree.leaves(one))):
-            differ = [a for a in range(1, len(f.shape)) if f.shape[a] != o.shape[a]]
-            if len(differ) == 1 and f.shape[differ[0]] == count * o.shape[differ[0]]:
-                axes.append(differ[0] - 1)
-            elif not differ and not _reads(run_one, parts, i):
+        for i, (f, o) in enumerate(zip(full, one)):
+            f_shape, o_shape = f.aval.shape, o.aval.shape
+            differ = [a for a in range(len(f_shape)) if f_shape[a] != o_shape[a]]
+            if len(differ) == 1 and f_shape[differ[0]] == count * o_shape[differ[0]]:
+                axes.append(differ[0])
+            elif not differ and not depends_on(eqns, _carry(micro), [o]):
                 axes.append(None)
             else:
                 raise ValueError(
-                    f"{name}: with microbatches={count}, per-step output {i} (shape {tuple(f.shape[1:])} per "
+                    f"{name}: with microbatches={count}, per-step output {i} (shape {tuple(f_shape)} per "
                     "step) depends on the batch but has no batch axis to split and join it along; return "
                     "per-example values, or run this stack without microbatches."
                 )
@@ -142,14 +141,14 @@ def _join(a, axis: int):
     return moved.reshape(moved.shape[: axis - 1] + (-1,) + moved.shape[axis + 1 :])
 
 
-def _reads(run, parts, leaf: int) -> bool:
-    """Whether per-step output ``leaf`` of ``run`` depends on the carry (is batched under a vmap
-    over the microbatches ``parts``)."""
-    try:
-        jax.eval_shape(jax.vmap(lambda h: jax.tree.leaves(run(h)[1])[leaf], out_axes=None), parts)
-    except ValueError:
-        return True
-    return False
+def _carry(stack) -> list:
+    """The carry inputs of a scan stack's step."""
+    return stack.body.jaxpr.invars[stack.num_consts : stack.num_consts + stack.num_carry]
+
+
+def _ys(stack) -> list:
+    """The per-step outputs of a scan stack's step (atoms with their types)."""
+    return stack.body.jaxpr.outvars[stack.num_carry :]
 
 
 def pipeline(run, init, *, axis: str, size: int, batches: Microbatches):
