@@ -33,8 +33,12 @@ PyTree = Any
 __all__ = ["additive", "gated", "relu"]
 
 
+class Misfit(ValueError):
+    """A block's output that does not fit the carry (raised while a stack is traced)."""
+
+
 def check_layout(h: PyTree, other: PyTree, *, structure: str, shape: str) -> None:
-    """Raises ``ValueError`` unless ``other`` has the tree structure and leaf shapes of the carry ``h``.
+    """Raises :class:`Misfit` (a ``ValueError``) unless ``other`` has the tree structure and leaf shapes of the carry ``h``.
 
     ``structure`` and ``shape`` are the messages, with ``{carry}`` and ``{got}`` filled in with the
     carry's and the other's tree structure (or first differing leaf shape).
@@ -42,10 +46,10 @@ def check_layout(h: PyTree, other: PyTree, *, structure: str, shape: str) -> Non
     h_tree: Any = jax.tree.structure(h)
     other_tree = jax.tree.structure(other)
     if h_tree != other_tree:
-        raise ValueError(structure.format(carry=h_tree, got=other_tree))
+        raise Misfit(structure.format(carry=h_tree, got=other_tree))
     for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(other)):
         if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(shape.format(carry=jnp.shape(a), got=jnp.shape(b)))
+            raise Misfit(shape.format(carry=jnp.shape(a), got=jnp.shape(b)))
 
 
 def apply(residual, h: PyTree, z: PyTree, *, name: str) -> PyTree:
@@ -56,7 +60,7 @@ def apply(residual, h: PyTree, z: PyTree, *, name: str) -> PyTree:
         try:
             check(h, z)
         except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+            raise Misfit(f"{name}: {err}") from None
     h_new = residual(h, z)
     what = f"{name}: residual {getattr(residual, '__name__', repr(residual))}(h, z)"
     check_layout(

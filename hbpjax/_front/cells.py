@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .. import residual as _residual
 from ..residual import gated
 from .scan import residual_scan
 
@@ -85,16 +86,16 @@ def check_split_cell(name: str, cell: Any, suggestion: str) -> None:
 
 
 def stack(name: str, block: Callable, init: PyTree, xs: PyTree, **options):
-    """:func:`hbpjax.residual_scan` for a Flax module named ``name``: a block that does not fit the
-    residual is reported under the module's name."""
+    """:func:`hbpjax.residual_scan` for a Flax module named ``name``: its errors are reported under
+    the module's name (a block that does not fit the residual says so)."""
     try:
         return residual_scan(block, init, xs, **options)
+    except _residual.Misfit as err:
+        raise ValueError(f"{name}: the block does not fit the residual. {err}") from None
     except ValueError as err:
         if not str(err).startswith("hbpjax."):
             raise
-        if "microbatches=" in str(err):
-            raise ValueError(f"{name}: {err}") from None
-        raise ValueError(f"{name}: the block does not fit the residual. {err}") from None
+        raise ValueError(f"{name}: {err}") from None
 
 
 def to_time_major(inputs: jax.Array, time_major: bool) -> tuple[jax.Array, int]:
