@@ -11,22 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-import hbpjax
 from helpers import SHARD_B as B
 from helpers import SHARD_H as H
 from helpers import SHARD_L as L
 from helpers import (
-    assert_trees_close,
     ScannedTransformer,
+    assert_trees_close,
     highway_value_and_grads,
     layer_parallel_variant,
     sharded_gru_problem,
     sharded_mlp_problem,
     tree_rel_error,
 )
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import hbpjax
 
 RTOL, ATOL = 2e-5, 2e-6
 
@@ -273,12 +273,15 @@ def test_transform_layer_axis_leaves_unsharded_stacks_alone():
         hbpjax.highway_grad(_scan_loss, mesh=mesh)
 
 
-def test_transform_layer_axis_on_an_nnx_scan_transformer():
+@pytest.mark.parametrize("microbatches", [None, 2])
+def test_transform_layer_axis_on_an_nnx_scan_transformer(microbatches):
     """`hbpjax.nnx.grad(layer_axis="layers")` on an nnx.scan pre-LN Transformer whose stacked
     parameters are sharded P("layers") on a 2 x 4 mesh: equal to one device at k = 2 and k >= L,
-    gradients sharded like the parameters."""
+    gradients sharded like the parameters; also pipelined over 2 microbatches (nnx.scan returns
+    each layer's state as a per-step output, the same for every microbatch). The loss weighs every
+    example differently, so a microbatch joined back in the wrong order changes it."""
     L, dim, heads = 8, 8, 2
-    loss_fn = lambda model, h: jnp.mean(jnp.sin(model(h)))
+    loss_fn = lambda model, h: jnp.mean(jnp.sin(model(h)) * jnp.arange(1.0, h.shape[0] + 1)[:, None, None])
     with jax.enable_x64(True):
         h0 = jax.random.normal(jax.random.key(53), (4, 5, dim), jnp.float64)
         single = ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
@@ -290,7 +293,8 @@ def test_transform_layer_axis_on_an_nnx_scan_transformer():
             nnx.update(model.layers, jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("layers"))), layers))
             h = jax.device_put(h0, NamedSharding(mesh, P("data")))
             for k in (2, L):
-                got = nnx.jit(hbpjax.nnx.grad(loss_fn, iterations=k, layer_axis="layers"))(model, h)
+                grad = hbpjax.nnx.grad(loss_fn, iterations=k, layer_axis="layers", microbatches=microbatches)
+                got = nnx.jit(grad)(model, h)
                 kernel = got["layers"]["fc1"]["kernel"][...]
                 assert kernel.sharding.spec[0] == "layers" and kernel.addressable_shards[0].data.shape[0] == L // 4
                 expected = hbpjax.nnx.grad(loss_fn, iterations=k)(single, h0)

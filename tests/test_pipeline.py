@@ -2,7 +2,8 @@
 
 The forward runs as a pipeline of ``M + D - 1`` ticks; the highway backward sweeps all microbatches
 at once. Every result is compared with the same computation on one device (and with ``jax.grad`` in
-float64 at ``k >= L``); the compiled programs are read for the schedule.
+float64 at ``k >= L``); the compiled programs are read for the schedule. (The nnx.scan Transformer
+pipelined is in test_layers.py, beside its layer-parallel form.)
 """
 
 import re
@@ -16,7 +17,6 @@ from flax import nnx
 from helpers import SHARD_B as B
 from helpers import SHARD_H as H
 from helpers import (
-    ScannedTransformer,
     assert_trees_close,
     layer_parallel_variant,
     tree_rel_error,
@@ -101,27 +101,6 @@ def test_transform_microbatches_on_an_unmodified_scan_with_a_data_axis(axis_type
                     assert got.sharding.spec[0] == "layers"
                     expected = exact if k in (L, None) else hbpjax.highway_grad(_scan_loss, iterations=k)(W0, x0)
                     assert_trees_close(np.asarray(got), expected, rtol=1e-10, atol=1e-11)
-
-
-def test_transform_microbatches_on_an_nnx_scan_transformer():
-    """An nnx.scan pre-LN Transformer (Flax's own modules; nnx.scan returns each layer's state as
-    a per-step output, the same for every microbatch) with 2 microbatches on 2 x 4 devices."""
-    L, dim, heads = 8, 8, 2
-    loss_fn = lambda model, h: jnp.mean(jnp.sin(model(h)) * jnp.arange(1.0, h.shape[0] + 1)[:, None, None])
-    with jax.enable_x64(True):
-        h0 = jax.random.normal(jax.random.key(62), (4, 5, dim), jnp.float64)
-        single = ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
-        exact = nnx.grad(loss_fn)(single, h0)
-        mesh = jax.make_mesh((2, 4), ("data", "layers"))
-        with jax.set_mesh(mesh):
-            model = ScannedTransformer(L, dim, heads, rngs=nnx.Rngs(0))
-            layers = nnx.state(model.layers)
-            nnx.update(model.layers, jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("layers"))), layers))
-            h = jax.device_put(h0, NamedSharding(mesh, P("data")))
-            for k in (2, L):
-                got = nnx.jit(hbpjax.nnx.grad(loss_fn, iterations=k, layer_axis="layers", microbatches=2))(model, h)
-                assert_trees_close(jax.tree.map(np.asarray, got), hbpjax.nnx.grad(loss_fn, iterations=k)(single, h0))
-        assert_trees_close(jax.tree.map(np.asarray, got), exact)
 
 
 def test_microbatches_errors():
