@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import hbpjax
-from helpers import assert_trees_close, fixture_over_cases, model_grad, source_file, tree_rel_error
+from helpers import assert_trees_close, count, equations, fixture_over_cases, model_grad, source_file, tree_rel_error
 
 B, T, D = 2, 6, 8
 f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
@@ -382,3 +382,76 @@ def test_chain_backward_has_no_loop_over_the_layers():
 
     found = loops(jax.make_jaxpr(hbpjax.highway_grad(loss, iterations=2))(W, h0))
     assert all(length != 12 for _, length in found), found  # the forward is the user's straight-line code
+
+
+# ------------------------------------------------------------------ how the layers are linearized
+
+
+def _matmuls_batched_over(closed_jaxpr, size: int) -> int:
+    """How many matmuls of a program are batched over a dimension of ``size``: the layers' matmuls
+    vmapped into one."""
+    found = 0
+    for eqn in equations(closed_jaxpr):
+        if eqn.primitive.name == "dot_general":
+            (_, _), (batch, _) = eqn.params["dimension_numbers"]
+            found += any(eqn.invars[0].aval.shape[d] == size for d in batch)
+    return found
+
+
+def _linen_decoder_of_3():
+    model = _LinenDecoder(layers=3)  # lm1b's decoder: the Dense matmuls, attention's in einsum calls
+    tokens = jax.random.randint(jax.random.key(44), (B, T), 0, 11)
+    params = model.init(jax.random.key(45), tokens)["params"]
+    return Case(lambda params, tokens: jnp.mean(jnp.sin(model.apply({"params": params}, tokens))), (params, tokens), L=3)
+
+
+def _jitted_layers_of_5():
+    layer = jax.jit(lambda x, w: x + jnp.tanh(x @ w["a"]) @ w["b"])  # the matmuls inside a call
+    params = [{"a": _normal(46 + i, (D, D), 0.4), "b": _normal(56 + i, (D, D), 0.4)} for i in range(5)]
+
+    def loss(params, x):
+        for w in params:
+            x = layer(x, w)
+        return jnp.sum(jnp.sin(x))
+
+    return Case(loss, (params, _normal(66, (B, D))), L=5)
+
+
+@pytest.mark.parametrize("build", [_linen_decoder_of_3, _jitted_layers_of_5])
+def test_short_chains_of_matmuls_are_linearized_layer_by_layer_on_cpu(build, monkeypatch):
+    """On a CPU, a short stack whose layers multiply by matrices of their own (here inside calls:
+    attention's einsums, a jitted layer) is linearized one layer at a time: its backward holds no
+    matmul batched over the layers. Vmapped (the rule switched off) it does; both are exact at
+    k >= L."""
+    from hbpjax._analysis import findings
+
+    with jax.enable_x64(True):
+        case = build()
+        exact = case.grad()
+        batched, default = {}, findings.UNROLL_MATMULS
+        for limit in (default, 0):
+            monkeypatch.setattr(findings, "UNROLL_MATMULS", limit)
+            assert_trees_close(case.grad(case.L), exact)
+            program = jax.make_jaxpr(hbpjax.highway_grad(case.loss, 0, iterations=0))(*case.args)
+            batched[limit] = _matmuls_batched_over(program, case.L)
+    assert batched[default] == 0 and batched[0] > 0, batched
+
+
+def test_shared_weights_stay_vmapped():
+    """An RNN's step multiplies by weights every step shares: vmapped, its matmuls fold into one
+    plain matmul, so the rule leaves it vmapped (the same program with the rule switched off)."""
+    from hbpjax._analysis import findings
+
+    W, U = _normal(40, (D, D), 0.3, jnp.float32), _normal(41, (D, D), 0.3, jnp.float32)
+    xs, h0 = _normal(42, (5, B, D), 1.0, jnp.float32), _normal(43, (B, D), 1.0, jnp.float32)
+
+    def loss(W, U, xs, h0):
+        h, _ = jax.lax.scan(lambda h, x: (h + jnp.tanh(h @ W + x @ U), None), h0, xs)
+        return jnp.sum(h)
+
+    grad = hbpjax.highway_grad(loss, (0, 1), iterations=0)
+    default = jax.make_jaxpr(grad)(W, U, xs, h0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(findings, "UNROLL_MATMULS", 0)
+        switched_off = jax.make_jaxpr(grad)(W, U, xs, h0)
+    assert count(default, "dot_general") == count(switched_off, "dot_general")

@@ -18,7 +18,7 @@ from .._front.options import StackOptions
 from . import chains as _chains
 from . import marks, primitives
 from .info import StackInfo
-from .jaxprs import depends_on, is_float, sub_jaxprs
+from .jaxprs import is_float, operand_labels, sub_jaxprs
 from .sources import user_source
 from .split import NONE
 from .stacks import scan_stack
@@ -48,13 +48,14 @@ def scan(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.JaxprEqn 
     length = eqn.params["length"]
     num_consts, num_carry, body = primitives.scan_layout(eqn)
     carry_avals = [v.aval for v in body.jaxpr.invars[num_consts : num_consts + num_carry]]
-    if mark is None:
-        options = _linearize_for(options, body.jaxpr, body.jaxpr.invars[num_consts + num_carry :], length)
     split, stack = scan_stack(
         body, num_consts=num_consts, num_carry=num_carry, length=length, reverse=eqn.params["reverse"],
         unroll=eqn.params["unroll"], options=mark.options if mark else options,
         opaque=marks.is_block if mark else (lambda e: False),
     )
+    if mark is None:
+        invars = body.jaxpr.invars
+        stack = _linearized_for(stack, body.jaxpr, invars[num_consts : num_consts + num_carry], invars[num_consts + num_carry :])
     kinds = iter(split.kinds)
     residual = tuple(next(kinds) if is_float(a) else NONE for a in carry_avals)
     converted = split.has_residual_path and length >= 2
@@ -83,9 +84,10 @@ def chain(chain: _chains.Chain, *, options: StackOptions) -> Found:
     body = chain.body.jaxpr
     split, stack = scan_stack(
         chain.body, num_consts=len(chain.shared), num_carry=1, length=chain.length,
-        options=_linearize_for(options, body, body.invars[len(chain.shared) + 1 :], chain.length),
-        kind=_chains.ChainStack,
+        options=options, kind=_chains.ChainStack,
     )
+    shared = len(chain.shared)
+    stack = _linearized_for(stack, body, body.invars[shared : shared + 1], body.invars[shared + 1 :])
     aval: Any = chain.init.aval
     layers = f"{chain.length} layers" if chain.period == 1 else f"{chain.length} groups of {chain.period} blocks"
     reason = f"{layers} written one after the other, {user_source(first)} to {user_source(last)}"
@@ -119,18 +121,32 @@ def miss(miss: _chains.Miss) -> StackInfo:
 #: Automatic stacks of this many layers or fewer that convolve with a kernel per layer are
 #: linearized layer by layer on a CPU.
 UNROLL_CONVOLUTIONS = 64
+#: Automatic stacks of this many layers or fewer that multiply by a matrix per layer are
+#: linearized layer by layer on a CPU.
+UNROLL_MATMULS = 16
+_LAYER, _CARRY = 1, 2
 
 
-def _linearize_for(options: StackOptions, body, per_layer, length: int) -> StackOptions:
-    """The options of an automatic stack: vmapped linearization, except for short stacks that
-    convolve with a kernel per layer on a CPU, where vmapping makes grouped convolutions, which
-    XLA's CPU backend runs many times slower than the separate ones (layer by layer instead)."""
-    if jax.default_backend() != "cpu" or length > UNROLL_CONVOLUTIONS:
-        return options
-    kernels = [k for k in map(primitives.convolution_kernel, body.eqns) if k is not None]
-    if kernels and depends_on(body.eqns, per_layer, kernels):
-        return dataclasses.replace(options, linearize="unroll")
-    return options
+def _linearized_for(stack, body, carry, per_layer):
+    """An automatic stack, linearized as suits the backend: vmapped, except on a CPU for short
+    stacks whose layers convolve with a kernel of their own, or multiply by a matrix of their own
+    (at any depth of the step: inside its calls, scans and conds). Vmapped, those become grouped
+    convolutions and batched matmuls, which XLA's CPU backend runs slower than the separate ones:
+    the layers are linearized one by one instead, still independently of each other. Steps under a
+    checkpoint keep their own way for matmuls (a group of layers at a time, as their policy says:
+    measured faster on a CPU than layer by layer, on the remat'd scanned GPT of
+    ``benchmarks/real_models.py``)."""
+    if jax.default_backend() != "cpu":
+        return stack
+    labels = {**{v: _CARRY for v in carry}, **{v: _LAYER for v in per_layer}}
+    for eqn, (lhs, rhs, *_) in operand_labels(body.eqns, labels, ("conv_general_dilated", "dot_general")):
+        if eqn.primitive.name == "conv_general_dilated":
+            own = rhs & _LAYER and stack.length <= UNROLL_CONVOLUTIONS
+        else:  # a matmul by the layer's own matrix: both operands differ from layer to layer
+            own = (lhs | rhs) & _LAYER and lhs and rhs and stack.length <= UNROLL_MATMULS and stack.remat is None
+        if own:
+            return dataclasses.replace(stack, options=dataclasses.replace(stack.options, linearize="unroll"))
+    return stack
 
 
 def _no_path_reason(stack) -> str:

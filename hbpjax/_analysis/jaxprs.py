@@ -154,6 +154,70 @@ def _reached(eqns: Sequence[core.JaxprEqn], reached: set) -> set:
     return reached
 
 
+def operand_labels(
+    eqns: Sequence[core.JaxprEqn], labels: dict, primitive_names: Iterable[str]
+) -> list[tuple[core.JaxprEqn, tuple[int, ...]]]:
+    """Which sources every equation of some primitives reads, at any depth.
+
+    ``labels`` maps input variables to bit flags. For every equation binding one of
+    ``primitive_names``, in ``eqns`` or inside the calls, scans and conds they hold, the result has
+    the equation and, per operand, the union of the flags of the inputs that operand is computed
+    from (0: from none of them). A scan's carry takes the flags its step gives it on any trip; a
+    ``cond``'s outputs those of every branch and of the index; the outputs of other loops those of
+    all their operands (their insides are not read).
+
+    Example: with ``labels = {w: 1, h: 2}``, a ``dot_general(h, w)`` inside a ``jit`` of the
+    equations is found with ``(2, 1)``.
+    """
+    found: list = []
+    _label(eqns, {v: f for v, f in labels.items() if f}, frozenset(primitive_names), found)
+    return found
+
+
+def _label(eqns, labels: dict, names: frozenset, found: list) -> dict:
+    labels = dict(labels)
+    for eqn in eqns:
+        ins = [labels.get(a, 0) if isinstance(a, core.Var) else 0 for a in eqn.invars]
+        if eqn.primitive.name in names:
+            found.append((eqn, tuple(ins)))
+        outs = _label_through(eqn, ins, names, found)
+        labels.update((v, f) for v, f in zip(eqn.outvars, outs) if f)
+    return labels
+
+
+def _label_through(eqn, ins: list, names: frozenset, found: list) -> list:
+    """The flags of an equation's outputs, recording the equations found inside it."""
+
+    def inside(jaxpr, flags) -> list:
+        out = _label(jaxpr.eqns, dict(zip(jaxpr.invars, flags)), names, found)
+        return [out.get(o, 0) if isinstance(o, core.Var) else 0 for o in jaxpr.outvars]
+
+    aligned = primitives.aligned_inner(eqn)
+    if aligned is not None:
+        return inside(aligned, ins)
+    if primitives.is_scan(eqn):
+        num_consts, num_carry, body = primitives.scan_layout(eqn)
+        body = getattr(body, "jaxpr", body)
+        flags, carry = list(ins), slice(num_consts, num_consts + num_carry)
+        while True:  # flags only grow: the carry's settle within a few trips
+            trial: list = []
+            out = _label(body.eqns, dict(zip(body.invars, flags)), names, trial)
+            new = [f | out.get(o, 0) if isinstance(o, core.Var) else f for f, o in zip(flags[carry], body.outvars)]
+            if new == flags[carry]:
+                found.extend(trial)
+                return [out.get(o, 0) if isinstance(o, core.Var) else 0 for o in body.outvars]
+            flags[carry] = new
+    if primitives.is_cond(eqn):
+        outs = [0] * len(eqn.outvars)
+        for jaxpr, _ in primitives.branches(eqn):
+            outs = [a | b for a, b in zip(outs, inside(jaxpr, ins[1:]))]
+        return [f | ins[0] for f in outs]
+    every = 0
+    for f in ins:
+        every |= f
+    return [every] * len(eqn.outvars)
+
+
 def evaluate(
     eqns: Sequence[core.JaxprEqn],
     env: dict,

@@ -262,11 +262,6 @@ def passes_value(eqn: core.JaxprEqn) -> bool:
     return rounds_to_own_precision(eqn)
 
 
-def convolution_kernel(eqn: core.JaxprEqn):
-    """The kernel operand of a convolution, else ``None``."""
-    return eqn.invars[1] if eqn.primitive.name == "conv_general_dilated" else None
-
-
 def _shape(atom) -> tuple:
     return tuple(getattr(atom.aval, "shape", ()))
 
