@@ -420,21 +420,45 @@ def _jitted_layers_of_5():
 @pytest.mark.parametrize("build", [_linen_decoder_of_3, _jitted_layers_of_5])
 def test_short_chains_of_matmuls_are_linearized_layer_by_layer_on_cpu(build, monkeypatch):
     """On a CPU, a short stack whose layers multiply by matrices of their own (here inside calls:
-    attention's einsums, a jitted layer) is linearized one layer at a time: its backward holds no
-    matmul batched over the layers. Vmapped (the rule switched off) it does; both are exact at
-    k >= L."""
+    attention's einsums, a jitted layer) is linearized one layer at a time when its matmuls are
+    large enough (here: any size): its backward holds no matmul batched over the layers. Vmapped
+    (matmuls this small by default; or the rule switched off) it does. All are exact at k >= L."""
     from hbpjax._analysis import findings
 
+    settings = {"unrolled": dict(UNROLL_MATMUL_FLOPS=0), "small, by default": {}, "rule off": dict(UNROLL_MATMUL_FLOPS=0, UNROLL_MATMULS=0)}
     with jax.enable_x64(True):
         case = build()
         exact = case.grad()
-        batched, default = {}, findings.UNROLL_MATMULS
-        for limit in (default, 0):
-            monkeypatch.setattr(findings, "UNROLL_MATMULS", limit)
-            assert_trees_close(case.grad(case.L), exact)
-            program = jax.make_jaxpr(hbpjax.highway_grad(case.loss, 0, iterations=0))(*case.args)
-            batched[limit] = _matmuls_batched_over(program, case.L)
-    assert batched[default] == 0 and batched[0] > 0, batched
+        batched = {}
+        for name, setting in settings.items():
+            with monkeypatch.context() as patch:
+                for attribute, value in setting.items():
+                    patch.setattr(findings, attribute, value)
+                assert_trees_close(case.grad(case.L), exact)
+                program = jax.make_jaxpr(hbpjax.highway_grad(case.loss, 0, iterations=0))(*case.args)
+                batched[name] = _matmuls_batched_over(program, case.L)
+    assert batched["unrolled"] == 0 and batched["small, by default"] > 0 and batched["rule off"] > 0, batched
+
+
+def test_operand_labels_follow_values_through_scan_carries_and_conds():
+    """What the rule reads: which inputs each matmul's operands are computed from, inside a jit, a
+    scan (a value reaches the carry on the first trip and the matmul on the second) and a cond."""
+    from hbpjax._analysis.jaxprs import operand_labels
+
+    def f(w, h, p):
+        def body(c, _):
+            return c + h, jnp.tanh(c) @ w  # c reads h from the second trip on
+
+        _, ys = jax.lax.scan(body, jnp.zeros_like(h), None, length=3)
+        inner = jax.jit(lambda a, b: a @ b)(h, w)
+        picked = jax.lax.cond(p > 0, lambda: h @ h.T, lambda: w @ w.T)
+        return ys, inner, picked
+
+    W, H = jnp.ones((4, 4)), jnp.ones((4, 4))
+    jaxpr = jax.make_jaxpr(f)(W, H, 1.0).jaxpr
+    w, h, p = jaxpr.invars
+    found = [labels[:2] for _, labels in operand_labels(jaxpr.eqns, {w: 1, h: 2, p: 4}, ["dot_general"])]
+    assert found == [(2, 1), (2, 1), (1, 1), (2, 2)], found  # a cond lists its false branch first
 
 
 def test_shared_weights_stay_vmapped():
@@ -450,8 +474,9 @@ def test_shared_weights_stay_vmapped():
         return jnp.sum(h)
 
     grad = hbpjax.highway_grad(loss, (0, 1), iterations=0)
-    default = jax.make_jaxpr(grad)(W, U, xs, h0)
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(findings, "UNROLL_MATMUL_FLOPS", 0)  # whatever their size
+        default = jax.make_jaxpr(grad)(W, U, xs, h0)
         patch.setattr(findings, "UNROLL_MATMULS", 0)
         switched_off = jax.make_jaxpr(grad)(W, U, xs, h0)
     assert count(default, "dot_general") == count(switched_off, "dot_general")

@@ -121,32 +121,41 @@ def miss(miss: _chains.Miss) -> StackInfo:
 #: Automatic stacks of this many layers or fewer that convolve with a kernel per layer are
 #: linearized layer by layer on a CPU.
 UNROLL_CONVOLUTIONS = 64
-#: Automatic stacks of this many layers or fewer that multiply by a matrix per layer are
-#: linearized layer by layer on a CPU.
+#: Automatic stacks of this many layers or fewer that multiply by matrices of their own, of at
+#: least ``UNROLL_MATMUL_FLOPS`` floating-point operations per layer, are linearized layer by layer
+#: on a CPU.
 UNROLL_MATMULS = 16
+UNROLL_MATMUL_FLOPS = 2**23
 _LAYER, _CARRY = 1, 2
 
 
 def _linearized_for(stack, body, carry, per_layer):
     """An automatic stack, linearized as suits the backend: vmapped, except on a CPU for short
-    stacks whose layers convolve with a kernel of their own, or multiply by a matrix of their own
-    (at any depth of the step: inside its calls, scans and conds). Vmapped, those become grouped
-    convolutions and batched matmuls, which XLA's CPU backend runs slower than the separate ones:
-    the layers are linearized one by one instead, still independently of each other. Steps under a
-    checkpoint keep their own way for matmuls (a group of layers at a time, as their policy says:
-    measured faster on a CPU than layer by layer, on the remat'd scanned GPT of
-    ``benchmarks/real_models.py``)."""
+    stacks whose layers convolve with a kernel of their own, or multiply by matrices of their own
+    (at any depth of the step: inside its calls, scans and conds) large enough for the matmuls to
+    dominate. Vmapped, those become grouped convolutions and batched matmuls, which XLA's CPU
+    backend runs slower than the separate ones: the layers are linearized one by one instead,
+    still independently of each other. Small matmuls stay vmapped (one op for all layers instead
+    of one per layer), and so do the matmuls of steps under a checkpoint, which keep their own way
+    (a group of layers at a time, as their policy says). Measured in ``benchmarks/real_models.py``
+    and ``benchmarks/chains.py``."""
     if jax.default_backend() != "cpu":
         return stack
     labels = {**{v: _CARRY for v in carry}, **{v: _LAYER for v in per_layer}}
+    flops = 0
     for eqn, (lhs, rhs, *_) in operand_labels(body.eqns, labels, ("conv_general_dilated", "dot_general")):
         if eqn.primitive.name == "conv_general_dilated":
-            own = rhs & _LAYER and stack.length <= UNROLL_CONVOLUTIONS
-        else:  # a matmul by the layer's own matrix: both operands differ from layer to layer
-            own = (lhs | rhs) & _LAYER and lhs and rhs and stack.length <= UNROLL_MATMULS and stack.remat is None
-        if own:
-            return dataclasses.replace(stack, options=dataclasses.replace(stack.options, linearize="unroll"))
+            if rhs & _LAYER and stack.length <= UNROLL_CONVOLUTIONS:
+                return _unrolled(stack)
+        elif (lhs | rhs) & _LAYER and lhs and rhs:  # a matmul by the layer's own matrix
+            flops += primitives.matmul_flops(eqn)
+    if flops >= UNROLL_MATMUL_FLOPS and stack.length <= UNROLL_MATMULS and stack.remat is None:
+        return _unrolled(stack)
     return stack
+
+
+def _unrolled(stack):
+    return dataclasses.replace(stack, options=dataclasses.replace(stack.options, linearize="unroll"))
 
 
 def _no_path_reason(stack) -> str:

@@ -11,6 +11,7 @@ to this module alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -260,6 +261,13 @@ def passes_value(eqn: core.JaxprEqn) -> bool:
     if label == "convert_element_type":
         return _dtype(eqn.invars[0]) == _dtype(eqn.outvars[0])
     return rounds_to_own_precision(eqn)
+
+
+def matmul_flops(eqn: core.JaxprEqn) -> int:
+    """The floating-point operations of one ``dot_general`` (two per multiply-add)."""
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = _shape(eqn.invars[0])
+    return 2 * math.prod(_shape(eqn.outvars[0])) * math.prod(lhs[d] for d in contract)
 
 
 def _shape(atom) -> tuple:
