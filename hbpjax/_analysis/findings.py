@@ -9,6 +9,7 @@ or not).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -125,7 +126,7 @@ UNROLL_CONVOLUTIONS = 64
 #: least ``UNROLL_MATMUL_FLOPS`` floating-point operations per layer, are linearized layer by layer
 #: on a CPU.
 UNROLL_MATMULS = 16
-UNROLL_MATMUL_FLOPS = 2**23
+UNROLL_MATMUL_FLOPS = 2**24
 _LAYER, _CARRY = 1, 2
 
 
@@ -137,21 +138,31 @@ def _linearized_for(stack, body, carry, per_layer):
     backend runs slower than the separate ones: the layers are linearized one by one instead,
     still independently of each other. Small matmuls stay vmapped (one op for all layers instead
     of one per layer), and so do the matmuls of steps under a checkpoint, which keep their own way
-    (a group of layers at a time, as their policy says). Measured in ``benchmarks/real_models.py``
-    and ``benchmarks/chains.py``."""
+    (a group of layers at a time, as their policy says). The bounds come from
+    ``benchmarks/real_models.py`` (unrolled faster at 17 to 470 MFLOP per layer), ``chains.py`` and
+    ``compile_cost.py`` (slower, and slower to compile, at 2 to 8 MFLOP per layer); see
+    docs/performance.md."""
     if jax.default_backend() != "cpu":
         return stack
-    labels = {**{v: _CARRY for v in carry}, **{v: _LAYER for v in per_layer}}
+    labels = {**dict.fromkeys(carry, _CARRY), **dict.fromkeys(per_layer, _LAYER)}
     flops = 0
-    for eqn, (lhs, rhs, *_) in operand_labels(body.eqns, labels, ("conv_general_dilated", "dot_general")):
-        if eqn.primitive.name == "conv_general_dilated":
+    for eqn, (lhs, rhs, *_) in operand_labels(body.eqns, labels, (primitives.CONVOLUTION, primitives.MATMUL)):
+        if eqn.primitive.name == primitives.CONVOLUTION:
             if rhs & _LAYER and stack.length <= UNROLL_CONVOLUTIONS:
                 return _unrolled(stack)
         elif (lhs | rhs) & _LAYER and lhs and rhs:  # a matmul by the layer's own matrix
-            flops += primitives.matmul_flops(eqn)
+            flops += _matmul_flops(eqn)
     if flops >= UNROLL_MATMUL_FLOPS and stack.length <= UNROLL_MATMULS and stack.remat is None:
         return _unrolled(stack)
     return stack
+
+
+def _matmul_flops(eqn: core.JaxprEqn) -> int:
+    """The floating-point operations of one ``dot_general`` (two per multiply-add)."""
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs: Any = eqn.invars[0].aval
+    out: Any = eqn.outvars[0].aval
+    return 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
 
 
 def _unrolled(stack):

@@ -11,7 +11,6 @@ to this module alone.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,6 +51,8 @@ CALLS = {
     "custom_vjp_call": Call("call_jaxpr", RULE),
 }
 _SCAN, _COND, _WHILE = "scan", "cond", "while"
+#: Operations that may read a layer's own weights (kernel, matrix): how a stack is linearized.
+CONVOLUTION, MATMUL = "conv_general_dilated", "dot_general"
 #: custom_jvp functions whose rule is the derivative of their body (so the body can be analysed).
 _KNOWN_CUSTOM_JVP = frozenset({"relu", "relu6"})
 #: Parameters that say how to differentiate an equation, or that are made afresh at every call of
@@ -261,13 +262,6 @@ def passes_value(eqn: core.JaxprEqn) -> bool:
     if label == "convert_element_type":
         return _dtype(eqn.invars[0]) == _dtype(eqn.outvars[0])
     return rounds_to_own_precision(eqn)
-
-
-def matmul_flops(eqn: core.JaxprEqn) -> int:
-    """The floating-point operations of one ``dot_general`` (two per multiply-add)."""
-    (contract, _), _ = eqn.params["dimension_numbers"]
-    lhs = _shape(eqn.invars[0])
-    return 2 * math.prod(_shape(eqn.outvars[0])) * math.prod(lhs[d] for d in contract)
 
 
 def _shape(atom) -> tuple:
