@@ -417,10 +417,20 @@ def _jitted_layers_of_5():
     return Case(loss, (params, _normal(66, (B, D))), L=5)
 
 
-@pytest.mark.parametrize("build", [_linen_decoder_of_3, _jitted_layers_of_5])
+def _scanned_layers_of_5():
+    params = {"a": _normal(67, (5, D, D), 0.4), "b": _normal(68, (5, D, D), 0.4)}  # a scan over layers
+
+    def loss(params, x):
+        h, _ = jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w["a"]) @ w["b"], None), x, params)
+        return jnp.sum(jnp.sin(h))
+
+    return Case(loss, (params, _normal(69, (B, D))), L=5)
+
+
+@pytest.mark.parametrize("build", [_linen_decoder_of_3, _jitted_layers_of_5, _scanned_layers_of_5])
 def test_short_chains_of_matmuls_are_linearized_layer_by_layer_on_cpu(build, monkeypatch):
-    """On a CPU, a short stack whose layers multiply by matrices of their own (here inside calls:
-    attention's einsums, a jitted layer) is linearized one layer at a time when its matmuls are
+    """On a CPU, a short stack whose layers multiply by matrices of their own (chains with them
+    inside calls: attention's einsums, a jitted layer; a scan over layers) is linearized one layer at a time when its matmuls are
     large enough (here: any size): its backward holds no matmul batched over the layers. Vmapped
     (matmuls this small by default; or the rule switched off) it does. All are exact at k >= L."""
     from hbpjax._analysis import findings
