@@ -55,8 +55,7 @@ def scan(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.JaxprEqn 
         opaque=marks.is_block if mark else (lambda e: False),
     )
     if mark is None:
-        invars = body.jaxpr.invars
-        stack = _linearized_for(stack, body.jaxpr, invars[num_consts : num_consts + num_carry], invars[num_consts + num_carry :])
+        stack = _linearized_for(stack)
     kinds = iter(split.kinds)
     residual = tuple(next(kinds) if is_float(a) else NONE for a in carry_avals)
     converted = split.has_residual_path and length >= 2
@@ -82,13 +81,10 @@ def scan(eqn: core.JaxprEqn, *, options: StackOptions, marked_by: core.JaxprEqn 
 def chain(chain: _chains.Chain, *, options: StackOptions) -> Found:
     """A chain analysed: converted where it has a residual path and its stacked inputs fit."""
     first, last = chain.layers[0][0], chain.layers[-1][0]
-    body = chain.body.jaxpr
     split, stack = scan_stack(
-        chain.body, num_consts=len(chain.shared), num_carry=1, length=chain.length,
-        options=options, kind=_chains.ChainStack,
+        chain.body, num_consts=len(chain.shared), num_carry=1, length=chain.length, options=options, kind=_chains.ChainStack
     )
-    shared = len(chain.shared)
-    stack = _linearized_for(stack, body, body.invars[shared : shared + 1], body.invars[shared + 1 :])
+    stack = _linearized_for(stack)
     aval: Any = chain.init.aval
     layers = f"{chain.length} layers" if chain.period == 1 else f"{chain.length} groups of {chain.period} blocks"
     reason = f"{layers} written one after the other, {user_source(first)} to {user_source(last)}"
@@ -130,7 +126,7 @@ UNROLL_MATMUL_FLOPS = 2**24
 _LAYER, _CARRY = 1, 2
 
 
-def _linearized_for(stack, body, carry, per_layer):
+def _linearized_for(stack):
     """An automatic stack, linearized as suits the backend: vmapped, except on a CPU for short
     stacks whose layers convolve with a kernel of their own, or multiply by matrices of their own
     (at any depth of the step: inside its calls, scans and conds) large enough for the matmuls to
@@ -144,7 +140,9 @@ def _linearized_for(stack, body, carry, per_layer):
     docs/performance.md."""
     if jax.default_backend() != "cpu":
         return stack
-    labels = {**dict.fromkeys(carry, _CARRY), **dict.fromkeys(per_layer, _LAYER)}
+    body = stack.body.jaxpr
+    carry = stack.num_consts + stack.num_carry
+    labels = {**dict.fromkeys(body.invars[stack.num_consts : carry], _CARRY), **dict.fromkeys(body.invars[carry:], _LAYER)}
     flops = 0
     for eqn, (lhs, rhs, *_) in operand_labels(body.eqns, labels, (primitives.CONVOLUTION, primitives.MATMUL)):
         if eqn.primitive.name == primitives.CONVOLUTION:

@@ -133,85 +133,75 @@ def depends_on(eqns: Sequence[core.JaxprEqn], sources: Iterable[core.Var], targe
 
     Calls whose inner jaxpr lines up with the equation (``jit``, checkpoints, ``custom_jvp`` calls)
     are followed inside: an output depends on the inputs its inner computation reads, not on every
-    input of the call.
+    input of the call. Every output of a scan or a ``cond`` depends on all of its inputs.
     """
-    reached = _reached(eqns, set(sources))
+    reached = _label(eqns, dict.fromkeys(sources, 1), frozenset(), [], into_loops=False)
     return any(isinstance(a, core.Var) and a in reached for a in targets)
-
-
-def _reached(eqns: Sequence[core.JaxprEqn], reached: set) -> set:
-    reached = set(reached)
-    for eqn in eqns:
-        hit = [isinstance(a, core.Var) and a in reached for a in eqn.invars]
-        if not any(hit):
-            continue
-        inner = primitives.aligned_inner(eqn)
-        if inner is None:
-            reached.update(eqn.outvars)
-            continue
-        inside = _reached(inner.eqns, {v for v, h in zip(inner.invars, hit) if h})
-        reached.update(o for o, io in zip(eqn.outvars, inner.outvars) if isinstance(io, core.Var) and io in inside)
-    return reached
 
 
 def operand_labels(
     eqns: Sequence[core.JaxprEqn], labels: dict, primitive_names: Iterable[str]
 ) -> list[tuple[core.JaxprEqn, tuple[int, ...]]]:
-    """Which sources every equation of some primitives reads, at any depth.
+    """Which sources the equations of some primitives read, at any depth.
 
     ``labels`` maps input variables to bit flags. For every equation binding one of
-    ``primitive_names``, in ``eqns`` or inside the calls, scans and conds they hold, the result has
-    the equation and, per operand, the union of the flags of the inputs that operand is computed
-    from (0: from none of them). A scan's carry takes the flags its step gives it on any trip; a
-    ``cond``'s outputs those of every branch and of the index; the outputs of other loops those of
-    all their operands (their insides are not read).
+    ``primitive_names`` that reads a labelled value, in ``eqns`` or inside the calls, scans and
+    conds they hold, the result has the equation and, per operand, the union of the flags of the
+    inputs that operand is computed from (0: from none of them). A scan's carry takes the flags its
+    step gives it on any trip; a ``cond``'s outputs those of every branch and of the index; the
+    outputs of other loops those of all their operands (their insides are not read).
 
     Example: with ``labels = {w: 1, h: 2}``, a ``dot_general(h, w)`` inside a ``jit`` of the
     equations is found with ``(2, 1)``.
     """
     found: list = []
-    _label(eqns, {v: f for v, f in labels.items() if f}, frozenset(primitive_names), found)
+    _label(eqns, {v: f for v, f in labels.items() if f}, frozenset(primitive_names), found, into_loops=True)
     return found
 
 
-def _label(eqns, labels: dict, names: frozenset, found: list) -> dict:
+def _label(eqns, labels: dict, names: frozenset, found: list, *, into_loops: bool) -> dict:
+    """``labels`` (variable -> nonzero flags) grown by the equations' outputs."""
     labels = dict(labels)
     for eqn in eqns:
         ins = [labels.get(a, 0) if isinstance(a, core.Var) else 0 for a in eqn.invars]
+        if not any(ins):
+            continue
         if eqn.primitive.name in names:
             found.append((eqn, tuple(ins)))
-        outs = _label_through(eqn, ins, names, found)
+        outs = _label_through(eqn, ins, names, found, into_loops=into_loops)
         labels.update((v, f) for v, f in zip(eqn.outvars, outs) if f)
     return labels
 
 
-def _label_through(eqn, ins: list, names: frozenset, found: list) -> list:
+def _label_through(eqn, ins: list, names: frozenset, found: list, *, into_loops: bool) -> list:
     """The flags of an equation's outputs, recording the equations found inside it."""
 
-    def inside(jaxpr, flags) -> list:
-        out = _label(jaxpr.eqns, dict(zip(jaxpr.invars, flags)), names, found)
-        return [out.get(o, 0) if isinstance(o, core.Var) else 0 for o in jaxpr.outvars]
+    def inside(jaxpr, flags, found=found) -> dict:
+        return _label(jaxpr.eqns, dict(zip(jaxpr.invars, flags)), names, found, into_loops=into_loops)
+
+    def outputs(jaxpr, labels) -> list:
+        return [labels.get(o, 0) if isinstance(o, core.Var) else 0 for o in jaxpr.outvars]
 
     aligned = primitives.aligned_inner(eqn)
     if aligned is not None:
-        return inside(aligned, ins)
-    if primitives.is_scan(eqn):
+        return outputs(aligned, inside(aligned, ins))
+    if into_loops and primitives.is_scan(eqn):
         num_consts, num_carry, body = primitives.scan_layout(eqn)
         body = getattr(body, "jaxpr", body)
         flags, carry = list(ins), slice(num_consts, num_consts + num_carry)
         while True:  # flags only grow: the carry's settle within a few trips
             trial: list = []
-            out = _label(body.eqns, dict(zip(body.invars, flags)), names, trial)
-            new = [f | out.get(o, 0) if isinstance(o, core.Var) else f for f, o in zip(flags[carry], body.outvars)]
+            out = outputs(body, inside(body, flags, trial))
+            new = [f | o for f, o in zip(flags[carry], out)]
             if new == flags[carry]:
                 found.extend(trial)
-                return [out.get(o, 0) if isinstance(o, core.Var) else 0 for o in body.outvars]
+                return out
             flags[carry] = new
-    if primitives.is_cond(eqn):
-        outs = [0] * len(eqn.outvars)
+    if into_loops and primitives.is_cond(eqn):
+        outs = [ins[0]] * len(eqn.outvars)
         for jaxpr, _ in primitives.branches(eqn):
-            outs = [a | b for a, b in zip(outs, inside(jaxpr, ins[1:]))]
-        return [f | ins[0] for f in outs]
+            outs = [a | b for a, b in zip(outs, outputs(jaxpr, inside(jaxpr, ins[1:])))]
+        return outs
     every = 0
     for f in ins:
         every |= f
