@@ -211,18 +211,23 @@ def case_linen_remat_per_layer():
     return Case(lambda params, tokens: jnp.mean(jnp.sin(model.apply({"params": params}, tokens))), (params, tokens), L=3)
 
 
-def case_checkpoint_with_a_policy_per_layer():
-    """``jax.checkpoint`` around each whole layer, with a policy that saves the matmuls."""
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    layer = jax.checkpoint(lambda x, w: x + jnp.tanh(x @ w["a"]) @ w["b"], policy=policy)
-    params = [{"a": _normal(15 + i, (D, D), 0.4), "b": _normal(25 + i, (D, D), 0.4)} for i in range(5)]
+def _loop_of_5(wrap, seed):
+    """Five two-matmul residual layers, each wrapped in ``wrap`` (a checkpoint, a jit), in a loop."""
+    layer = wrap(lambda x, w: x + jnp.tanh(x @ w["a"]) @ w["b"])
+    params = [{"a": _normal(seed + i, (D, D), 0.4), "b": _normal(seed + 10 + i, (D, D), 0.4)} for i in range(5)]
 
     def loss(params, x):
         for w in params:
             x = layer(x, w)
         return jnp.sum(jnp.sin(x))
 
-    return Case(loss, (params, _normal(35, (B, D))), L=5)
+    return Case(loss, (params, _normal(seed + 20, (B, D))), L=5)
+
+
+def case_checkpoint_with_a_policy_per_layer():
+    """``jax.checkpoint`` around each whole layer, with a policy that saves the matmuls."""
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return _loop_of_5(lambda f: jax.checkpoint(f, policy=policy), seed=15)
 
 
 case = fixture_over_cases(globals())
@@ -406,15 +411,7 @@ def _linen_decoder_of_3():
 
 
 def _jitted_layers_of_5():
-    layer = jax.jit(lambda x, w: x + jnp.tanh(x @ w["a"]) @ w["b"])  # the matmuls inside a call
-    params = [{"a": _normal(46 + i, (D, D), 0.4), "b": _normal(56 + i, (D, D), 0.4)} for i in range(5)]
-
-    def loss(params, x):
-        for w in params:
-            x = layer(x, w)
-        return jnp.sum(jnp.sin(x))
-
-    return Case(loss, (params, _normal(66, (B, D))), L=5)
+    return _loop_of_5(jax.jit, seed=46)  # the matmuls inside a call
 
 
 def _scanned_layers_of_5():
@@ -430,9 +427,10 @@ def _scanned_layers_of_5():
 @pytest.mark.parametrize("build", [_linen_decoder_of_3, _jitted_layers_of_5, _scanned_layers_of_5])
 def test_short_chains_of_matmuls_are_linearized_layer_by_layer_on_cpu(build, monkeypatch):
     """On a CPU, a short stack whose layers multiply by matrices of their own (chains with them
-    inside calls: attention's einsums, a jitted layer; a scan over layers) is linearized one layer at a time when its matmuls are
-    large enough (here: any size): its backward holds no matmul batched over the layers. Vmapped
-    (matmuls this small by default; or the rule switched off) it does. All are exact at k >= L."""
+    inside calls: attention's einsums, a jitted layer; a scan over layers) is linearized one layer
+    at a time when its matmuls are large enough (here: any size): its backward holds no matmul
+    batched over the layers. Vmapped (matmuls this small by default; or the rule switched off) it
+    does. All are exact at k >= L."""
     from hbpjax._analysis import findings
 
     settings = {"unrolled": dict(UNROLL_MATMUL_FLOPS=0), "small, by default": {}, "rule off": dict(UNROLL_MATMUL_FLOPS=0, UNROLL_MATMULS=0)}
@@ -471,7 +469,7 @@ def test_operand_labels_follow_values_through_scan_carries_and_conds():
     assert found == [(2, 1), (2, 1), (1, 1), (2, 2)], found  # a cond lists its false branch first
 
 
-def test_shared_weights_stay_vmapped():
+def test_shared_weights_stay_vmapped(monkeypatch):
     """An RNN's step multiplies by weights every step shares: vmapped, its matmuls fold into one
     plain matmul, so the rule leaves it vmapped (the same program with the rule switched off)."""
     from hbpjax._analysis import findings
@@ -484,9 +482,8 @@ def test_shared_weights_stay_vmapped():
         return jnp.sum(h)
 
     grad = hbpjax.highway_grad(loss, (0, 1), iterations=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(findings, "UNROLL_MATMUL_FLOPS", 0)  # whatever their size
-        default = jax.make_jaxpr(grad)(W, U, xs, h0)
-        patch.setattr(findings, "UNROLL_MATMULS", 0)
-        switched_off = jax.make_jaxpr(grad)(W, U, xs, h0)
+    monkeypatch.setattr(findings, "UNROLL_MATMUL_FLOPS", 0)  # whatever their size
+    default = jax.make_jaxpr(grad)(W, U, xs, h0)
+    monkeypatch.setattr(findings, "UNROLL_MATMULS", 0)
+    switched_off = jax.make_jaxpr(grad)(W, U, xs, h0)
     assert count(default, "dot_general") == count(switched_off, "dot_general")
