@@ -487,3 +487,47 @@ def test_shared_weights_stay_vmapped(monkeypatch):
     monkeypatch.setattr(findings, "UNROLL_MATMULS", 0)
     switched_off = jax.make_jaxpr(grad)(W, U, xs, h0)
     assert count(default, "dot_general") == count(switched_off, "dot_general")
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+@pytest.mark.parametrize("gamma", [0.0, 0.3])
+def test_k0_on_a_loop_of_residual_layers_discounts_the_last_cotangent(gamma, unrolled, monkeypatch):
+    """k = 0 on a Python loop ``h = h + f_j(h)`` against the definition written out by hand:
+    layer ``j`` (of ``L``) gets ``a_j = (1 - gamma) ** (L - 1 - j) * g``, ``g`` the cotangent of
+    the last ``h``; its weights get their VJP at ``a_j``, a weight shared by the layers the sum of
+    theirs, and the input ``h0`` gets ``a_0 + J_0^T a_0``. Layers linearized vmapped (small
+    matmuls, the default) and one by one (the CPU rule's bound set to 0)."""
+    from hbpjax._analysis import findings
+
+    if unrolled:
+        monkeypatch.setattr(findings, "UNROLL_MATMUL_FLOPS", 0)
+    L, d = 6, 4
+    block = lambda h, w, s: jnp.tanh((h * s) @ w)
+
+    def loss(W, s, h0):
+        h = h0
+        for j in range(L):
+            h = h + block(h, W[j], s)
+        return jnp.sum(jnp.sin(h) * h)
+
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.key(21), 3)
+        W = (0.6 / np.sqrt(d)) * jax.random.normal(ks[0], (L, d, d), jnp.float64)
+        s = 1.0 + 0.1 * jax.random.normal(ks[1], (d,), jnp.float64)
+        h0 = jax.random.normal(ks[2], (3, d), jnp.float64)
+        got = jax.jit(hbpjax.highway_grad(loss, (0, 1, 2), iterations=0, gamma=gamma))(W, s, h0)
+
+        hs = [h0]
+        for j in range(L):
+            hs.append(hs[-1] + block(hs[-1], W[j], s))
+        g = jax.grad(lambda h: jnp.sum(jnp.sin(h) * h))(hs[-1])
+        gW, gs = [], jnp.zeros_like(s)
+        for j in range(L):
+            a = (1.0 - gamma) ** (L - 1 - j) * g
+            dh, dw, ds = jax.vjp(block, hs[j], W[j], s)[1](a)
+            gW.append(dw)
+            gs = gs + ds
+            gh0 = a + dh if j == 0 else gh0
+        assert_trees_close(got, (jnp.stack(gW), gs, gh0))
+        # Not backprop: the layers' block paths do not reach each other at k = 0.
+        assert tree_rel_error(got, jax.grad(loss, (0, 1, 2))(W, s, h0)) > 1e-3

@@ -19,17 +19,19 @@ is the one ``jax.custom_vjp`` built on it, used by single-device and layer-paral
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .._front.options import Options
 from .linearize import Linearization, linearize, recomputes
 from .placements import Placement
-from .prefix import own_buffer
+from .prefix import own_buffer, sharding_spec
 from .prefix import prepare_jitted as _prepare
 from .stack import BLOCK, CARRY, Stack
 
@@ -268,8 +270,8 @@ def sweep(stack: Stack, options: Options, placement: Placement, *, at: Incoming,
     # sweep from y = 0); without them the first estimate is the residual path alone, solve(b).
     if at.ct_block and stack.ys_reach_carry:
         after = one_sweep(tmap(jnp.zeros_like, at.h_prev))
-    elif path.k_scan is None and not path.gamma and all(ej is None for ej in at.e):
-        after = outputs(tmap(lambda h, t: jnp.broadcast_to(t, h.shape), at.h_prev, at.tail))  # K = 1, b = 0 but at h_L
+    elif path.k_scan is None and all(ej is None for ej in at.e):
+        after = tmap(functools.partial(_discounted, 1.0 - path.gamma), at.h_prev, at.tail)  # K = 1, b = 0 but at h_L
     else:
         after = outputs(path.solve(b))
     straight_line = not options.traced and (
@@ -352,6 +354,23 @@ def _none_if_float0(ct):
     if ct is None or getattr(ct, "dtype", None) == jax.dtypes.float0:
         return None
     return ct
+
+
+def _discounted(discount: float, h, tail):
+    """The first estimate where ``K' = discount`` is constant and only the stack's end receives a
+    cotangent (``tail``): every layer's output gets ``discount ** (layers after it) * tail``.
+
+    This is ``outputs(solve(b))`` in closed form: no prefix scan, and no stacked array of
+    cotangents that the layers' VJPs would each copy a slice out of (a broadcast, which XLA fuses
+    into each layer's transpose). The powers are constants, computed in float64 when tracing.
+    """
+    n = h.shape[0]
+    if jnp.ndim(tail) and sharding_spec(tail)[0] is None:  # computed once (XLA would otherwise compute it
+        tail = own_buffer(tail)  # again inside every layer's read); own_buffer slices the first axis
+    if discount == 1.0:
+        return jnp.broadcast_to(tail, h.shape)
+    powers = np.float64(discount) ** np.arange(n - 1, -1, -1, dtype=np.float64)
+    return jnp.asarray(powers, tail.dtype).reshape((n,) + (1,) * tail.ndim) * tail[None]
 
 
 def _unit(k):
