@@ -531,3 +531,42 @@ def test_k0_on_a_loop_of_residual_layers_discounts_the_last_cotangent(gamma, unr
         assert_trees_close(got, (jnp.stack(gW), gs, gh0))
         # Not backprop: the layers' block paths do not reach each other at k = 0.
         assert tree_rel_error(got, jax.grad(loss, (0, 1, 2))(W, s, h0)) > 1e-3
+
+
+def test_layers_linearized_one_by_one_are_transposed_in_order_on_cpu(monkeypatch):
+    """Unrolled on a CPU, the layers' transposes run one after the other as backprop's do, so the
+    backward holds one layer's temporaries at a time. Each layer here runs a Python-unrolled
+    selective recurrence (as mamba-minimal-jax writes it): left free, XLA's scheduler interleaved
+    the layers' transposes and held every layer's per-step cotangents at once (4.3x backprop's
+    temporary memory at k = 0). Compiled memory from XLA's buffer assignment; exact at k >= L."""
+    from hbpjax._analysis import findings
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the order is a CPU rule")
+    monkeypatch.setattr(findings, "UNROLL_MATMUL_FLOPS", 0)
+    L, b, T, d, n = 6, 4, 16, 32, 8
+
+    def layer(h, w, a_log):
+        delta = jax.nn.softplus(h @ w)  # (b, T, d)
+        decay = jnp.exp(-delta[..., None] * jnp.exp(a_log))  # (b, T, d, n)
+        drive = (delta * h)[..., None] * jnp.ones(n)
+        x, ys = jnp.zeros((b, d, n), h.dtype), []
+        for i in range(T):
+            x = decay[:, i] * x + drive[:, i]
+            ys.append(x.sum(-1))
+        return jnp.stack(ys, 1)
+
+    def loss(W, a_log, h):
+        for j in range(L):
+            h = h + layer(h, W[j], a_log[j])
+        return jnp.sum(h**2)
+
+    ks = jax.random.split(jax.random.key(22), 3)
+    args = (0.1 * jax.random.normal(ks[0], (L, d, d)), 0.1 * jax.random.normal(ks[1], (L, d, n)), jax.random.normal(ks[2], (b, T, d)))
+    temp = lambda f: jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    exact = temp(jax.grad(loss, (0, 1, 2)))
+    for k in (0, 2):
+        assert temp(hbpjax.highway_grad(loss, (0, 1, 2), iterations=k)) <= 1.5 * exact, k
+    with jax.enable_x64(True):
+        args = jax.tree.map(lambda a: a.astype(jnp.float64), args)
+        assert_trees_close(hbpjax.highway_grad(loss, (0, 1, 2), iterations=L)(*args), jax.grad(loss, (0, 1, 2))(*args))

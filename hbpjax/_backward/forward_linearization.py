@@ -21,6 +21,7 @@ from .linearize import (
     group_size,
     grouped_vjp,
     holds_complex,
+    layer_by_layer,
     layers_at_once,
     lean,
     recomputes,
@@ -253,9 +254,10 @@ def _transposed_in_groups(apply, per_layer, primals, at_once: int):
 
 
 def _transposed_layers(apply, per_layer, primals):
-    """:func:`_transposed` for ``linearize="unroll"``: one transpose per layer, independent of each
-    other, instead of one of the vmapped map (for ops XLA batches poorly, such as convolutions with
-    per-layer kernels on a CPU). The layers' cotangents of the shared inputs are summed."""
+    """:func:`_transposed` for ``linearize="unroll"``: one transpose per layer instead of one of the
+    vmapped map (for ops XLA batches poorly, such as convolutions with per-layer kernels on a CPU),
+    applied as :func:`~hbpjax._backward.linearize.layer_by_layer` says. The layers' cotangents of
+    the shared inputs are summed."""
     dh, dx, dc = primals
     length = dh[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
@@ -265,7 +267,7 @@ def _transposed_layers(apply, per_layer, primals):
     ]
 
     def transposed(ct):
-        grads = [t(at(ct, j)) for j, t in enumerate(layers)]
+        grads = layer_by_layer(layers, [at(ct, j) for j in range(length)])
         return stacked([g[0] for g in grads]), stacked([g[1] for g in grads]), summed([g[2] for g in grads])
 
     return transposed

@@ -40,6 +40,7 @@ from jax import lax
 from .._analysis import jaxprs as _jaxpr
 from .._analysis import primitives
 from .._front.options import Options
+from .prefix import sharding_spec
 from .stack import Stack
 
 PyTree = Any
@@ -280,8 +281,8 @@ def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
     """``z`` of every layer and a VJP of ``path`` from one ``vjp`` per layer instead of one of
     ``vmap(path)``: L independent linearizations.
 
-    Nothing chains them, so the backward stays parallel; XLA sees L separate ops instead of one
-    batched op, and compile time grows with L.
+    XLA sees L separate ops instead of one batched op (applied as :func:`layer_by_layer` says), and
+    compile time grows with L.
     """
     length = h_prev[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
@@ -292,11 +293,45 @@ def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
         vjps.append(vjp_j)
 
     def vjp_all(ct_out):
-        grads = [vjp_j(at(ct_out, j)) for j, vjp_j in enumerate(vjps)]
+        grads = layer_by_layer(vjps, [at(ct_out, j) for j in range(length)])
         ct_xe = stacked([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
         return stacked([g[0] for g in grads]), ct_xe, summed([g[2] for g in grads])
 
     return stacked(zs), vjp_all
+
+
+def layer_by_layer(vjps: list, cts: list) -> list:
+    """``[vjp(ct) for vjp, ct in zip(vjps, cts)]``, the layers' VJPs (each returning the carry's
+    cotangent first); on a CPU, in backprop's order: the last layer's first, each of the others
+    started once the one after it is done.
+
+    The VJPs are independent of each other. Left free, XLA's CPU scheduler interleaves them and
+    holds the temporaries of all of them at once (mamba-minimal-jax, eight blocks: k = 0 took
+    147 MiB of temporaries against backprop's 36, and ran at 0.74x its speed; in order, 36 MiB and
+    1.09x), while a CPU runs them one at a time anyway, each op on all cores. The order is a data
+    dependence: each layer's cotangent adds zero times one element of the carry's cotangent of the
+    layer after it (XLA keeps ``0 * x`` for floats; a NaN there would reach this layer's
+    cotangents, as backprop's cotangent of the carry does). On an accelerator they stay independent.
+    """
+    if jax.default_backend() != "cpu":
+        return [vjp(ct) for vjp, ct in zip(vjps, cts)]
+    out: list = [None] * len(vjps)
+    for j in reversed(range(len(vjps))):
+        ct = cts[j]
+        if j + 1 < len(vjps):
+            ct = _once_done(ct, out[j + 1][0])
+        out[j] = vjps[j](ct)
+    return out
+
+
+def _once_done(tree, done):
+    """``tree`` plus a zero read from one element of ``done`` (a float leaf without an explicit
+    sharding; else ``tree`` as it is)."""
+    leaf = next((a for a in jax.tree.leaves(done) if jnp.issubdtype(a.dtype, jnp.inexact) and a.size), None)
+    if leaf is None or any(s is not None for s in sharding_spec(leaf)):
+        return tree
+    zero = jnp.real(leaf.reshape(-1)[0]) * 0
+    return tmap(lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
 
 
 def stacked(trees: list) -> PyTree:
