@@ -204,8 +204,8 @@ class ForwardLinearization:
             tangent_map = lambda dh, dx, dc: jax.vmap(apply, in_axes=(0, 0, 0, None))((per_step, h_prev, x, s), dh, dx, dc)
             transposed = _transposed(tangent_map, primals)
 
-        def vjp(after, ct_block):
-            ct_h, ct_fx, ct_fc = transposed((after, ct_block))
+        def vjp(after, ct_block, carry_only=False):
+            ct_h, ct_fx, ct_fc = transposed((after, ct_block), carry_only) if self.unroll else transposed((after, ct_block))
             ct_x = [np.zeros(a.shape, jax.dtypes.float0) for a in x]
             for i, ct in zip(fx, ct_fx):
                 ct_x[i] = ct
@@ -266,8 +266,8 @@ def _transposed_layers(apply, per_layer, primals):
         for j in range(length)
     ]
 
-    def transposed(ct):
-        grads = layer_by_layer(layers, [at(ct, j) for j in range(length)])
+    def transposed(ct, carry_only=False):
+        grads = layer_by_layer(layers, [at(ct, j) for j in range(length)], carry_only=carry_only)
         return stacked([g[0] for g in grads]), stacked([g[1] for g in grads]), summed([g[2] for g in grads])
 
     return transposed
