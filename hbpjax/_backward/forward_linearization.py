@@ -21,7 +21,6 @@ from .linearize import (
     group_size,
     grouped_vjp,
     holds_complex,
-    layer_by_layer,
     layers_at_once,
     lean,
     recomputes,
@@ -204,8 +203,8 @@ class ForwardLinearization:
             tangent_map = lambda dh, dx, dc: jax.vmap(apply, in_axes=(0, 0, 0, None))((per_step, h_prev, x, s), dh, dx, dc)
             transposed = _transposed(tangent_map, primals)
 
-        def vjp(after, ct_block, carry_only=False):
-            ct_h, ct_fx, ct_fc = transposed((after, ct_block), carry_only) if self.unroll else transposed((after, ct_block))
+        def vjp(after, ct_block):
+            ct_h, ct_fx, ct_fc = transposed((after, ct_block))
             ct_x = [np.zeros(a.shape, jax.dtypes.float0) for a in x]
             for i, ct in zip(fx, ct_fx):
                 ct_x[i] = ct
@@ -254,10 +253,9 @@ def _transposed_in_groups(apply, per_layer, primals, at_once: int):
 
 
 def _transposed_layers(apply, per_layer, primals):
-    """:func:`_transposed` for ``linearize="unroll"``: one transpose per layer instead of one of the
-    vmapped map (for ops XLA batches poorly, such as convolutions with per-layer kernels on a CPU),
-    applied as :func:`~hbpjax._backward.linearize.layer_by_layer` says. The layers' cotangents of
-    the shared inputs are summed."""
+    """:func:`_transposed` for ``linearize="unroll"``: one transpose per layer, independent of each
+    other, instead of one of the vmapped map (for ops XLA batches poorly, such as convolutions with
+    per-layer kernels on a CPU). The layers' cotangents of the shared inputs are summed."""
     dh, dx, dc = primals
     length = dh[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
@@ -266,8 +264,8 @@ def _transposed_layers(apply, per_layer, primals):
         for j in range(length)
     ]
 
-    def transposed(ct, carry_only=False):
-        grads = layer_by_layer(layers, [at(ct, j) for j in range(length)], carry_only=carry_only)
+    def transposed(ct):
+        grads = [t(at(ct, j)) for j, t in enumerate(layers)]
         return stacked([g[0] for g in grads]), stacked([g[1] for g in grads]), summed([g[2] for g in grads])
 
     return transposed

@@ -40,7 +40,6 @@ from jax import lax
 from .._analysis import jaxprs as _jaxpr
 from .._analysis import primitives
 from .._front.options import Options
-from .prefix import sharding_spec
 from .stack import Stack
 
 PyTree = Any
@@ -55,9 +54,8 @@ class Linearization:
       z_of: computes the block's values of every layer (what the residual reads; ``K`` comes from
         them) when called, or ``None`` where the forward computed ``K`` itself. A function, so that
         a stack that never needs ``z`` (``K = 1``) never computes it.
-      vjp: ``vjp(after, ct_block, carry_only=False) -> (ct_h, ct_xe, ct_consts)``: the cotangents
-        of every layer's inputs, given those of its output (``after[j]``) and of its per-step block
-        outputs; ``carry_only``: the caller reads ``ct_h`` alone (a sweep; :func:`layer_by_layer`).
+      vjp: ``vjp(after, ct_block) -> (ct_h, ct_xe, ct_consts)``: the cotangents of every layer's
+        inputs, given those of its output (``after[j]``) and of its per-step block outputs.
       k_diag: ``K`` of every layer, where the forward computed it (else ``None``).
     """
 
@@ -127,8 +125,8 @@ def _linearize(stack, options, h_prev, xe, consts, *, read_once, unroll) -> Line
     if unroll:
         whole = read_once or holds_complex(path, *(tmap(lambda a: a[0], t) for t in (h_prev, xe)), consts)
         block, vjp_of = (path, jax.vjp) if whole else (lean(path), vjp_unrounded)
-        z, vjp_all = _unrolled(block, h_prev, xe, consts, vjp=vjp_of)
-        return Linearization(lambda: z, lambda after, ct_block, carry_only=False: vjp_all((after, ct_block), carry_only=carry_only))
+        z, vjp = _unrolled(block, h_prev, xe, consts, vjp=vjp_of)
+        z_of = lambda: z
     elif recomputes(stack, options):
         z_of, vjp = _in_groups(path, h_prev, xe, consts, groups=groups(stack, options, h_prev[0].shape[0]))
     else:
@@ -136,7 +134,7 @@ def _linearize(stack, options, h_prev, xe, consts, *, read_once, unroll) -> Line
         block, vjp_of = (path, jax.vjp) if whole else (lean(path), vjp_unrounded)
         _, vjp, z = vjp_of(jax.vmap(block, in_axes=(0, 0, None)), h_prev, xe, consts, has_aux=True)
         z_of = lambda: z
-    return Linearization(z_of, lambda after, ct_block, carry_only=False: vjp((after, ct_block)))
+    return Linearization(z_of, lambda after, ct_block: vjp((after, ct_block)))
 
 
 def recomputes(stack: Stack, options: Options) -> bool:
@@ -282,8 +280,8 @@ def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
     """``z`` of every layer and a VJP of ``path`` from one ``vjp`` per layer instead of one of
     ``vmap(path)``: L independent linearizations.
 
-    XLA sees L separate ops instead of one batched op (applied as :func:`layer_by_layer` says), and
-    compile time grows with L.
+    Nothing chains them, so the backward stays parallel; XLA sees L separate ops instead of one
+    batched op, and compile time grows with L.
     """
     length = h_prev[0].shape[0]
     at = lambda tree, j: tmap(lambda a: a[j], tree)
@@ -293,58 +291,12 @@ def _unrolled(path, h_prev, xe, consts, *, vjp=jax.vjp):
         zs.append(z_j)
         vjps.append(vjp_j)
 
-    def vjp_all(ct_out, carry_only=False):
-        grads = layer_by_layer(vjps, [at(ct_out, j) for j in range(length)], carry_only=carry_only)
+    def vjp_all(ct_out):
+        grads = [vjp_j(at(ct_out, j)) for j, vjp_j in enumerate(vjps)]
         ct_xe = stacked([g[1] for g in grads]) if jax.tree.leaves(xe) else xe
         return stacked([g[0] for g in grads]), ct_xe, summed([g[2] for g in grads])
 
     return stacked(zs), vjp_all
-
-
-def layer_by_layer(vjps: list, cts: list, *, carry_only: bool = False) -> list:
-    """``[vjp(ct) for vjp, ct in zip(vjps, cts)]``, the layers' VJPs (each returning the cotangents
-    of ``(carry, per-layer inputs, shared inputs)``); on a CPU in backprop's order, the last layer's
-    first, at most :data:`LAYERS_IN_FLIGHT` at a time: layer ``j``'s starts once layer
-    ``j + LAYERS_IN_FLIGHT``'s is done.
-
-    The VJPs are independent of each other. Left free, XLA's CPU scheduler interleaves them and
-    holds the temporaries of all of them at once: on mamba-minimal-jax (eight blocks, each a
-    Python-unrolled selective scan) k = 0 took 147 MiB of temporaries against backprop's 36 and ran
-    at 0.73x of its speed; one at a time, 36 MiB and 1.10x; two at a time, 52 MiB and 0.94x. Two,
-    because on small layers one op does not fill the cores: one at a time, `real_models.py`'s
-    Mamba-2 loop ran k = 0 at 0.83x, two at a time 0.91x, free 0.95x (S5 loop: 0.97x, 1.06x, 1.10x).
-    The order is a data dependence on cotangents the caller reads anyway, so that XLA still drops
-    the ones it does not: the carry's, for a sweep (``carry_only``); else the weights' (at k = 0
-    only the first layer's carry cotangent is read), or the carry's for a layer with none. Each
-    layer's cotangent adds a zero made from one element of each of those of the layer it waits for
-    (a NaN or an infinity there gives zero too). On an accelerator the VJPs stay independent.
-    """
-    if jax.default_backend() != "cpu":
-        return [vjp(ct) for vjp, ct in zip(vjps, cts)]
-    out: list = [None] * len(vjps)
-    for j in reversed(range(len(vjps))):
-        ct = cts[j]
-        if j + LAYERS_IN_FLIGHT < len(vjps):
-            done = out[j + LAYERS_IN_FLIGHT]
-            ct = _once_done(ct, done[0] if carry_only else done[1:], fallback=done[0])
-        out[j] = vjps[j](ct)
-    return out
-
-
-#: How many layers' VJPs :func:`layer_by_layer` lets run at once on a CPU.
-LAYERS_IN_FLIGHT = 2
-
-
-def _once_done(tree, done, *, fallback):
-    """``tree`` plus a zero made from one element of each leaf of ``done`` (of ``fallback`` if it
-    has none) that is a float without an explicit sharding (``tree`` as it is if none is)."""
-    usable = lambda a: jnp.issubdtype(a.dtype, jnp.inexact) and a.size and all(s is None for s in sharding_spec(a))
-    leaves = [a for a in jax.tree.leaves(done) if usable(a)] or [a for a in jax.tree.leaves(fallback) if usable(a)]
-    if not leaves:
-        return tree
-    firsts = [jnp.real(a.reshape(-1)[0]) for a in leaves]
-    zero = sum(jnp.where(jnp.isfinite(x), x, 0) * 0 for x in firsts)  # XLA keeps 0 * x for floats
-    return tmap(lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
 
 
 def stacked(trees: list) -> PyTree:

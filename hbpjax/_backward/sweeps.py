@@ -258,7 +258,7 @@ def sweep(stack: Stack, options: Options, placement: Placement, *, at: Incoming,
         return tmap(lambda a, n, t: _shift_up(a, n + t), y, nxt, at.tail)
 
     def one_sweep(after):
-        terms = lin.vjp(after, at.ct_block, carry_only=True)[0]
+        terms = lin.vjp(after, at.ct_block)[0]
         rest = path.rest(after)
         if rest is not None:
             terms = tmap(jnp.add, terms, rest)

@@ -103,10 +103,8 @@ def residual_scan(
         ``block`` closes over are shared by all microbatches.
       linearize: how the highway backward linearizes the layers, all at once: ``"vmap"`` (one
         ``jax.vjp`` of ``vmap(block)``; the default) or ``"unroll"`` (one ``jax.vjp`` per layer,
-        independent of each other; on a CPU run in backprop's order, at most two at a time, so
-        that few layers' temporaries are alive at once). ``"unroll"`` suits short stacks of ops
-        that XLA batches poorly (convolutions with per-layer kernels on a CPU); compile time grows
-        with ``L``.
+        still independent of each other). ``"unroll"`` suits short stacks of ops that XLA batches
+        poorly (convolutions with per-layer kernels on a CPU); compile time grows with ``L``.
 
     Returns:
       ``(final_carry, carries)``: ``h_L`` and ``h_1..h_L`` stacked on a leading axis of length ``L``;
