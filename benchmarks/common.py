@@ -49,6 +49,35 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: np.asarray(t) for name, t in times.items()}
 
 
+# glibc told to keep the memory it is given: no ``mmap`` per large allocation, one arena, never
+# trimmed. XLA's CPU runtime allocates each execution's temporary buffer anew; with glibc's defaults a
+# buffer that large is a fresh ``mmap``, so every page of it is faulted in (and zeroed by the kernel)
+# on every call, about 1 us per 4 KiB page on this machine. A program with more temporary memory then
+# pays for it in time although it does no more work. Set before the process starts (glibc reads it once).
+MEMORY_KEPT_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
+
+
+def memory_kept() -> bool:
+    """Whether this process runs with :data:`MEMORY_KEPT_ENV`."""
+    return all(os.environ.get(k) == v for k, v in MEMORY_KEPT_ENV.items())
+
+
+def page_faults_per_call(fn: Callable[[], object], calls: int = 5) -> float:
+    """Minor page faults of this process per call of ``fn`` (after one warm-up call)."""
+    import resource
+
+    jax.block_until_ready(fn())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        jax.block_until_ready(fn())
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def compiled_memory(fn: Callable, *args) -> dict:
     """Compiled memory of ``jax.jit(fn)(*args)`` from XLA's buffer assignment, in bytes."""
     stats = jax.jit(fn).lower(*args).compile().memory_analysis()

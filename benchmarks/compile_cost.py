@@ -140,7 +140,7 @@ def _ssm_loop(L):
 
         def __call__(self, h):
             u = self.inp(self.norm(h))
-            a = jax.nn.sigmoid(self.decay.value)
+            a = jax.nn.sigmoid(self.decay[...])
 
             def step(s, u_t):
                 s = a * s + u_t
