@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -69,8 +70,6 @@ def memory_kept() -> bool:
 
 def page_faults_per_call(fn: Callable[[], object], calls: int = 5) -> float:
     """Minor page faults of this process per call of ``fn`` (after one warm-up call)."""
-    import resource
-
     jax.block_until_ready(fn())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(calls):

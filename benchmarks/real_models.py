@@ -327,14 +327,17 @@ def matmul_flops(hlo: str) -> float:
 
 
 def measure(name, make, repeats, *, counts=True):
-    """Per method: median ms and page faults per call; with ``counts``, temporary memory and matmul FLOPs."""
+    """Per method: the median ms; with ``counts``, also the page faults per call, temporary memory
+    and matmul FLOPs (the kept-memory pass reads the times alone)."""
     fns, args = make()
     compiled = {method: fn.lower(*args).compile() for method, fn in fns.items()}
-    result = {}
-    for method, c in compiled.items():
-        result[method] = {"faults": common.page_faults_per_call(lambda c=c: c(*args))}
-        if counts:
-            result[method].update(temp_bytes=int(c.memory_analysis().temp_size_in_bytes), matmul_flops=float(matmul_flops(c.as_text())))
+    result = {method: {} for method in compiled}
+    for method, c in compiled.items() if counts else ():
+        result[method] = {
+            "faults": common.page_faults_per_call(lambda c=c: c(*args)),
+            "temp_bytes": int(c.memory_analysis().temp_size_in_bytes),
+            "matmul_flops": float(matmul_flops(c.as_text())),
+        }
     times = common.time_round_robin({m: (lambda c=c: c(*args)) for m, c in compiled.items()}, repeats)
     for method, t in times.items():
         result[method]["ms"] = float(np.median(t)) * 1e3
@@ -390,7 +393,7 @@ def report(data):
     rows_, met_all, worst, worst_kept = [], True, None, None
     for name, r in data["results"].items():
         bp, k0, k2, fwd = (r[m]["ms"] for m in ("backprop", "k=0", "k=2", "forward"))
-        speed0, speed2 = bp / k0, bp / k2
+        speed0, speed2 = _speed(r, None, "k=0"), _speed(r, None, "k=2")
         sweep_ok = k2 <= k0 + 2 * (k0 - fwd)
         mem = r["k=2"]["temp_bytes"] / max(r["backprop"]["temp_bytes"], 1)
         flops = r["k=0"]["matmul_flops"] / r["backprop"]["matmul_flops"]
@@ -399,8 +402,7 @@ def report(data):
         worst = (name, speed0) if worst is None or speed0 < worst[1] else worst
         kept = "not run"
         if "memory_kept" in r:
-            kept_bp = r["memory_kept"]["backprop"]["ms"]
-            kept0, kept2 = kept_bp / r["memory_kept"]["k=0"]["ms"], kept_bp / r["memory_kept"]["k=2"]["ms"]
+            kept0, kept2 = _speed(r, "memory_kept", "k=0"), _speed(r, "memory_kept", "k=2")
             worst_kept = (name, kept0) if worst_kept is None or kept0 < worst_kept[1] else worst_kept
             kept = f"{kept0:.2f}x / {kept2:.2f}x"
         rows_.append([name, f"{fwd:.1f}", f"{bp:.1f}", f"{k0:.1f} ({speed0:.2f}x)", f"{k2:.1f} ({speed2:.2f}x)",
