@@ -39,14 +39,19 @@ def sharding_spec(a) -> tuple:
 
 
 def own_buffer(a: jax.Array) -> jax.Array:
-    """``a``, computed into a buffer of its own: a no-op in-place update of its first row.
+    """``a``, computed into a buffer of its own: a no-op in-place update of its first row along
+    its first axis without an explicit sharding (``a`` as it is if it has none: a scalar, or every
+    axis sharded).
 
     An in-place ``dynamic_update_slice`` needs its operand in memory, so XLA computes ``a`` once
     instead of fusing ``a``'s producers into the ops that read it (which can keep their larger
     inputs alive for as long as those ops run, or recompute them many times).
     ``lax.optimization_barrier`` does not do this: XLA removes barriers before it fuses.
     """
-    return jax.lax.dynamic_update_index_in_dim(a, a[0], 0, 0)
+    axis = next((i for i, s in enumerate(sharding_spec(a)) if s is None), None)
+    if axis is None:
+        return a
+    return jax.lax.dynamic_update_index_in_dim(a, jax.lax.index_in_dim(a, 0, axis, keepdims=False), 0, axis)
 
 
 def _reshape_leading(a, shape):

@@ -31,7 +31,7 @@ from jax import lax
 from .._front.options import Options
 from .linearize import Linearization, linearize, recomputes
 from .placements import Placement
-from .prefix import own_buffer, sharding_spec
+from .prefix import own_buffer
 from .prefix import prepare_jitted as _prepare
 from .stack import BLOCK, CARRY, Stack
 
@@ -365,8 +365,7 @@ def _discounted(discount: float, h, tail):
     into each layer's transpose). The powers are constants, computed in float64 when tracing.
     """
     n = h.shape[0]
-    if jnp.ndim(tail) and sharding_spec(tail)[0] is None:  # computed once (XLA would otherwise compute it
-        tail = own_buffer(tail)  # again inside every layer's read); own_buffer slices the first axis
+    tail = own_buffer(tail)  # once: XLA would compute it again inside every layer's read
     if discount == 1.0:
         return jnp.broadcast_to(tail, h.shape)
     powers = np.float64(discount) ** np.arange(n - 1, -1, -1, dtype=np.float64)
